@@ -1,0 +1,328 @@
+"""Configs are dataclasses; one shape everywhere: a nested dict of sections, resolved against the registries.
+
+A run's config has five sections. ``model``, ``task``, ``optimizer`` and ``schedule`` each carry a ``name``
+that picks a registry entry; the entry's config dataclass gives the section's other keys. ``trainer`` is
+:class:`TrainerConfig`. An optimizer whose config has a ``base`` field (the update rules) also takes the keys
+of its base optimizer's config, flat: ``optimizer.name=sam optimizer.base=adam optimizer.lr=1e-4``.
+
+Overrides are dotted ``key=value`` strings; values are parsed as YAML and coerced to the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from fabric_tram.registry import MODELS, OPTIMIZERS, SCHEDULES, TASKS, Registry, load_builtins
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and what would be valid."""
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 through ModelParallelStrategy)
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
+    accelerator: str = "auto"  # auto | cpu | cuda | ...
+    devices: Union[int, str] = "auto"  # `fabric run --devices N` overrides this
+    num_nodes: int = 1  # `fabric run --num-nodes M` overrides this
+    micro_batch_size: int = 8  # sequences per micro-batch per device
+    accumulate: int = 1  # micro-batches per optimizer step on each device
+    max_steps: int = 100
+    grad_clip: float = 1.0  # max global L2 norm of the (descent) gradient; 0 disables
+    activation_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 0  # 0: the whole evaluation split
+    eval_splits: list = field(default_factory=lambda: ["validation"])
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 3
+    resume: Optional[str] = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: Any
+    task: Any
+    optimizer: Any
+    schedule: Any
+    trainer: TrainerConfig
+
+
+SECTION_REGISTRIES: dict[str, Registry] = {"model": MODELS, "task": TASKS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+DEFAULT_NAMES = {"schedule": "constant"}
+_section_classes: dict[tuple, type] = {}
+
+
+# ------------------------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=10)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        set_dotted(nested, key.strip(), value)
+    return nested
+
+
+def set_dotted(nested: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge; a section's ``name`` change drops the keys that belonged to the old entry."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            old = out[key]
+            if "name" in value and value["name"] != old.get("name") and key in SECTION_REGISTRIES:
+                old = {k: v for k, v in old.items() if k in _shared_keys(key, old.get("name"), value["name"])}
+            out[key] = merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _shared_keys(section: str, old_name, new_name) -> set:
+    """Keys that stay meaningful when a section switches entry (e.g. lr when adam becomes sam)."""
+    try:
+        return {f.name for f in dataclasses.fields(section_class(section, new_name, None))}
+    except (KeyError, ConfigError):
+        return set()
+
+
+# ------------------------------------------------------------------------------------------- resolution
+
+
+def section_class(section: str, name: str, base: Optional[str]) -> type:
+    """The dataclass of one section: the entry's config plus ``name`` (and the base optimizer's keys)."""
+    registry = SECTION_REGISTRIES[section]
+    try:
+        entry = registry.get(name)
+    except KeyError as err:
+        raise ConfigError(f"{section}.name: {err.args[0]}") from None
+    key = (section, name, base)
+    if key not in _section_classes:
+        config_cls = entry.config
+        fields_: list = [("name", str, field(default=name))]
+        hints = dict(typing.get_type_hints(config_cls)) if config_cls else {}
+        if base is not None:
+            base_cls = section_class(section, base, None)
+            own = {f.name for f in dataclasses.fields(config_cls)} | {"name"}
+            fields_ += [(f.name, f.type, _field_default(f)) for f in dataclasses.fields(base_cls) if f.name not in own]
+            hints = {**base_cls._hints, **hints}
+        cls_name = f"{section.capitalize()}Section_{name}".replace("-", "_").replace("+", "_")
+        ns = {"__module__": config_cls.__module__ if config_cls else __name__}
+        # subclass the entry's config so that its methods (e.g. GPT2Config.sizes) stay available
+        cls = dataclasses.make_dataclass(cls_name, fields_, bases=(config_cls,) if config_cls else (), namespace=ns)
+        cls._hints = {**hints, "name": str}
+        _section_classes[key] = cls
+    return _section_classes[key]
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return field(default=f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory)
+    return field()
+
+
+def resolve(raw: dict) -> Config:
+    """Turn a nested dict into a :class:`Config`, validating every key and coercing every value."""
+    load_builtins()
+    unknown = set(raw) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ConfigError(_unknown_message("", sorted(unknown)[0], [f.name for f in dataclasses.fields(Config)]))
+    sections = {}
+    for section in SECTION_REGISTRIES:
+        values = dict(raw.get(section) or {})
+        name = values.get("name", DEFAULT_NAMES.get(section))
+        if name is None:
+            raise ConfigError(f"{section}.name is missing; choose one of: {', '.join(SECTION_REGISTRIES[section].names())}")
+        base = None
+        if section == "optimizer":
+            entry_cfg = OPTIMIZERS.get(name).config if name in OPTIMIZERS else None
+            if entry_cfg is not None and "base" in {f.name for f in dataclasses.fields(entry_cfg)}:
+                base = values.get("base") or next(f.default for f in dataclasses.fields(entry_cfg) if f.name == "base")
+        sections[section] = build_dataclass(section_class(section, name, base), values, section)
+    sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def build_dataclass(cls: type, values: dict, prefix: str):
+    hints = getattr(cls, "_hints", None) or typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(_unknown_message(prefix, key, names))
+        kwargs[key] = coerce(value, hints.get(key, Any), f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"section {prefix!r}: {err}") from None
+
+
+def _unknown_message(prefix: str, key: str, valid: list[str]) -> str:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?" if close else ""
+    return f"unknown config key {full!r}.{hint} Valid keys{' of ' + prefix if prefix else ''}: {', '.join(valid)}"
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML-parsed value to the annotated type, or raise naming the key and the expected type."""
+    if tp is Any or tp is typing.Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value.replace("(", "[").replace(")", "]"))
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list like [a, b], got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [coerce(v, item_tp, key) for v in value]
+        return tuple(items) if (origin or tp) is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+            raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args) or str(tp)
+
+
+def validate(config: Config) -> None:
+    t = config.trainer
+    if t.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key in ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
+    if isinstance(t.devices, str) and t.devices != "auto":
+        raise ConfigError(f"trainer.devices must be an integer or 'auto', got {t.devices!r}")
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def to_dict(config: Config) -> dict:
+    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def dump_yaml(config: Config, path: str | Path) -> None:
+    text = yaml.safe_dump(_plain(to_dict(config)), sort_keys=False)
+    Path(path).write_text(text)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | Path) -> dict:
+    """A recipe is a Python file defining ``RECIPE``, a nested dict of sections (raw, unresolved)."""
+    import runpy
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+    namespace = runpy.run_path(str(path), run_name="__recipe__")
+    if not isinstance(namespace.get("RECIPE"), dict):
+        raise ConfigError(f"recipe {str(path)!r} defines no RECIPE dict")
+    return namespace["RECIPE"]
+
+
+def load_raw(source: str | Path | dict | None) -> dict:
+    """A recipe (.py), a config file (.yaml/.yml), a run folder (its config.yaml) or a dict."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if path.suffix == ".py":
+        return load_recipe(path)
+    return load_yaml(path)
+
+
+def load_config(source=None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    return resolve(merge(load_raw(source), parse_overrides(overrides)))

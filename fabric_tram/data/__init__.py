@@ -1,0 +1,1 @@
+"""Data: text corpora per domain, tokenisation, packing, step-exact batching."""

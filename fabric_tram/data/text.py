@@ -1,0 +1,65 @@
+"""Text corpora laid out one folder per domain: ``DATA/<domain>/<split>.txt`` or ``.jsonl``.
+
+``.txt``: documents separated by blank lines. ``.jsonl``: one JSON object per line with a text field.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+SPLIT_SUFFIXES = (".jsonl", ".txt")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file (and line) and the fix."""
+
+
+def discover_domains(data_dir: str | Path) -> list[str]:
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist; set task.data_dir to a folder with one sub-folder per domain")
+    domains = sorted(p.name for p in root.iterdir() if p.is_dir() and any(split_file(p, s, must_exist=False) for s in ("train", "validation", "test")))
+    if not domains:
+        raise DataError(
+            f"data folder {str(root)!r} holds no domain: expected <domain>/train.txt (or .jsonl), validation, test files"
+        )
+    return domains
+
+
+def split_file(domain_dir: Path, split: str, must_exist: bool = True) -> Path | None:
+    for suffix in SPLIT_SUFFIXES:
+        path = domain_dir / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    if must_exist:
+        raise DataError(
+            f"domain {domain_dir.name!r} has no {split} split: expected {domain_dir / (split + '.txt')} or .jsonl"
+        )
+    return None
+
+
+def read_documents(path: Path, text_key: str = "text") -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)")
+                yield record[text_key]
+    else:
+        document: list[str] = []
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    document.append(line.rstrip("\n"))
+                elif document:
+                    yield "\n".join(document)
+                    document = []
+        if document:
+            yield "\n".join(document)

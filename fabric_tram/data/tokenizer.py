@@ -1,0 +1,37 @@
+"""GPT-2 byte-level BPE through the `tokenizers` package, from the files bundled with fabric_tram or a folder."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+GPT2_EOT = 50256  # <|endoftext|>
+
+
+def bundled_tokenizer_dir(name: str = "gpt2") -> Path:
+    return Path(str(files("fabric_tram") / "assets" / "tokenizers" / name))
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str = "gpt2"):
+    """``"gpt2"``: the bundled GPT-2 BPE; a folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        folder = bundled_tokenizer_dir(name_or_path)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return ByteLevelBPETokenizer.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    raise FileNotFoundError(
+        f"tokenizer {name_or_path!r}: no bundled tokenizer of that name and no folder with tokenizer.json or "
+        "vocab.json + merges.txt; use task.tokenizer=gpt2 or a path to such a folder"
+    )
+
+
+def tokenizer_fingerprint(name_or_path: str = "gpt2") -> str:
+    """Identifies a tokenizer's vocabulary (for caches): size plus the ids of a fixed probe string."""
+    tok = load_tokenizer(name_or_path)
+    return f"{tok.get_vocab_size()}:{tok.encode('fabric_tram probe: Hello world, 1234!').ids}"

@@ -1,0 +1,66 @@
+"""Shard-aware reductions: the scalars that shape a step must be identical on every rank.
+
+Under FSDP2 every parameter and gradient is a DTensor holding one shard: sums of squares are taken over the
+local shard and all-reduced over the shard group. Under DDP gradients are replicated after the backward, so a
+local sum is already the global one.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (a DTensor's local shard, or the tensor itself)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_group(tensors: Iterable[torch.Tensor]) -> Optional[dist.ProcessGroup]:
+    """The process group over which the DTensors among ``tensors`` are sharded (None if none is)."""
+    for t in tensors:
+        if is_dtensor(t):
+            mesh = t.device_mesh
+            return mesh.get_group() if mesh.ndim == 1 else mesh.get_group(0)
+    return None
+
+
+def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
+    """Σ t² over every element of every tensor, across all shards, in float32; the same on every rank."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.zeros(())
+    total = torch.zeros((), dtype=torch.float32, device=local(tensors[0]).device)
+    for t in tensors:
+        total += local(t).detach().float().pow(2).sum()
+    group = shard_group(tensors)
+    if group is not None:  # sharded: each rank holds a slice of the vector
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def global_norm(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
+    return sum_of_squares(tensors).sqrt()
+
+
+def all_reduce_sum(fabric, value: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (data-parallel reduction of counts, losses, divergence sums)."""
+    if fabric.world_size == 1:
+        return value
+    return fabric.all_reduce(value.detach().clone(), reduce_op="sum")
+
+
+def reshard_after_no_grad_forward(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root group unsharded after a forward without backward: reshard every FSDP module."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

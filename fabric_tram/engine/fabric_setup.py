@@ -1,0 +1,95 @@
+"""Fabric set-up: strategy (auto | ddp | fsdp = FSDP2), precision, devices decided by `fabric run` or the config."""
+from __future__ import annotations
+
+import os
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import ModelParallelStrategy
+
+from fabric_tram.config import ConfigError, TrainerConfig
+
+
+class ShardedDataParallel(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) with data-parallel size = world size and tensor-parallel size = 1.
+
+    ModelParallelStrategy's ``"auto"`` mesh makes data-parallel size = number of nodes, so ``--devices 4`` on one
+    node would shard nothing and feed every rank the same data (DESIGN.md). Fix the mesh at launch instead.
+    """
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
+def shard_per_block(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+    """``fully_shard`` every transformer block (the model's ``block_class``), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    block_class = getattr(model, "block_class", None)
+    if block_class is not None:
+        for module in model.modules():
+            if isinstance(module, block_class):
+                fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def launched_by_fabric_cli() -> bool:
+    return os.environ.get("LT_CLI_USED") == "1"
+
+
+def check_device_conflicts(config: TrainerConfig) -> None:
+    """`fabric run --devices/--num-nodes` decide; a different explicit value in the config is an error."""
+    if not launched_by_fabric_cli():
+        return
+    for key, env in (("devices", "LT_DEVICES"), ("num_nodes", "LT_NUM_NODES")):
+        ours, theirs = getattr(config, key), os.environ.get(env)
+        if theirs is None or ours in ("auto", None) or (key == "num_nodes" and ours == 1):
+            continue
+        if str(ours) != str(theirs):
+            flag = "--devices" if key == "devices" else "--num-nodes"
+            raise ConfigError(
+                f"trainer.{key}={ours} in the config conflicts with `fabric run {flag} {theirs}`: "
+                f"drop trainer.{key} from the config (fabric run decides) or launch with {flag} {ours}"
+            )
+    strategy = os.environ.get("LT_STRATEGY")
+    if strategy == "fsdp":
+        raise ConfigError(
+            "`fabric run --strategy fsdp` selects Lightning's FSDP1 (GPU only); leave --strategy out and set "
+            "trainer.strategy=fsdp, which uses FSDP2 on CPU and GPU"
+        )
+
+
+def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
+    check_device_conflicts(config)
+    if config.strategy == "fsdp" and config.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed is refused with trainer.strategy=fsdp (no all-reduced overflow check for "
+            "sharded loss scaling yet); use bf16-mixed, or ddp with 16-mixed"
+        )
+    if config.strategy == "fsdp":
+        strategy = ShardedDataParallel(parallelize_fn=shard_per_block)
+    elif config.strategy == "ddp":
+        strategy = "ddp"
+    else:
+        strategy = "auto"
+    kwargs = {}
+    if not launched_by_fabric_cli():  # `fabric run` passes devices and nodes through the environment
+        kwargs = dict(devices=config.devices, num_nodes=config.num_nodes)
+    precision = config.precision
+    if plugins is None and precision == "16-mixed" and _resolved_accelerator(config) == "cpu":
+        # Fabric turns "16-mixed" on CPU into bf16 autocast without a scaler; ask for a real fp16 GradScaler
+        from lightning.fabric.plugins import MixedPrecision
+
+        plugins, precision = [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))], None
+    return Fabric(accelerator=config.accelerator, strategy=strategy, precision=precision, plugins=plugins,
+                  loggers=loggers, **kwargs)
+
+
+def _resolved_accelerator(config: TrainerConfig) -> str:
+    if config.accelerator != "auto":
+        return config.accelerator
+    return "cuda" if torch.cuda.is_available() else "cpu"

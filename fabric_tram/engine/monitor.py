@@ -1,0 +1,50 @@
+"""What a run shows and records: rank-0 progress bar, CSV (always) and TensorBoard (when installed) loggers,
+throughput and MFU counting every forward and backward an update rule runs."""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+
+
+def build_loggers(run_dir: str | Path) -> list:
+    loggers = [CSVLogger(root_dir=str(run_dir), name="logs", version="csv")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="logs", version="tensorboard"))
+    return loggers
+
+
+def flops_per_step(model, tokens: float, seq_len: int, rule) -> float | None:
+    """FLOPs of one optimizer step on this device: forward = F, backward = 2F per pass the rule runs."""
+    per_token = getattr(model, "forward_flops_per_token", None)
+    if per_token is None:
+        return None
+    forward = per_token(seq_len) * tokens
+    return forward * (rule.forward_passes + rule.no_grad_forward_passes) + 2 * forward * rule.backward_passes
+
+
+class Progress:
+    """tqdm bar on rank 0 (step, loss, lr, tokens/s); silent elsewhere or when disabled."""
+
+    def __init__(self, fabric, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled and fabric.is_global_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

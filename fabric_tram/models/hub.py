@@ -1,0 +1,57 @@
+"""Hugging Face checkpoints: a hub id (through huggingface_hub and its cache) or a local folder.
+
+Weights are read from safetensors only: nothing downloaded is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+
+
+def resolve_checkpoint_folder(name_or_path: str, revision: Optional[str] = None) -> Path:
+    """A local folder as is; anything else is a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint folder {name_or_path!r} does not exist or is not a folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as err:  # offline without a cached copy, unknown repo, ...
+        raise FileNotFoundError(
+            f"could not get checkpoint {name_or_path!r} from the Hugging Face hub or its cache ({type(err).__name__}: {err}). "
+            "Pass a local folder holding config.json and model.safetensors, or go online once to fill the cache."
+        ) from err
+
+
+def load_hf_state_dict(name_or_path: str, revision: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (state dict, config.json as a dict) of a Hugging Face checkpoint, read from safetensors."""
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint_folder(name_or_path, revision)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
+    hf_config = json.loads(config_file.read_text())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        found = ", ".join(sorted(p.name for p in folder.iterdir()))
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors (found: {found}). Only safetensors weights are read, never pickles "
+            "(pytorch_model.bin); convert the checkpoint with `save_pretrained(..., safe_serialization=True)`."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state, hf_config

@@ -1,0 +1,64 @@
+"""Learning-rate schedules: pure functions of the 1-based step, so a resumed run needs no scheduler state.
+
+Warm-up (decision, ALGORITHMS.md): linear, ``lr * s / W`` for ``s = 1..W``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fabric_tram.registry import SCHEDULES, register_schedule
+
+
+@dataclass
+class ConstantConfig:
+    warmup_steps: int = 0
+
+
+@dataclass
+class PolynomialConfig:
+    warmup_steps: int = 0
+    power: float = 1.0  # 1: linear decay
+    end_factor: float = 0.0  # lr at the last step, as a fraction of the peak
+
+
+@dataclass
+class CosineConfig:
+    warmup_steps: int = 0
+    end_factor: float = 0.0
+
+
+def _warmup(step: int, warmup: int) -> float | None:
+    return step / warmup if step <= warmup else None
+
+
+@register_schedule("constant", config=ConstantConfig, description="constant lr after an optional linear warm-up")
+def constant(step: int, max_steps: int, config: ConstantConfig) -> float:
+    w = _warmup(step, config.warmup_steps)
+    return 1.0 if w is None else w
+
+
+@register_schedule("polynomial", config=PolynomialConfig, description="linear warm-up, then polynomial decay to end_factor at the last step (paper, LM)")
+def polynomial(step: int, max_steps: int, config: PolynomialConfig) -> float:
+    w = _warmup(step, config.warmup_steps)
+    if w is not None:
+        return w
+    span = max(max_steps - config.warmup_steps, 1)
+    remaining = max(0.0, 1.0 - (step - config.warmup_steps) / span)
+    return config.end_factor + (1.0 - config.end_factor) * remaining ** config.power
+
+
+@register_schedule("cosine", config=CosineConfig, description="linear warm-up, then cosine decay to end_factor at the last step (paper, vision)")
+def cosine(step: int, max_steps: int, config: CosineConfig) -> float:
+    w = _warmup(step, config.warmup_steps)
+    if w is not None:
+        return w
+    progress = min(1.0, (step - config.warmup_steps) / max(max_steps - config.warmup_steps, 1))
+    return config.end_factor + (1.0 - config.end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_factor(section, step: int, max_steps: int) -> float:
+    """The factor multiplying the peak lr at 1-based ``step`` under the schedule named by ``section.name``."""
+    if section.warmup_steps < 0:
+        raise ValueError(f"schedule.warmup_steps must be >= 0, got {section.warmup_steps}")
+    return SCHEDULES.get(section.name).target(step, max_steps, section)

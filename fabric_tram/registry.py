@@ -1,0 +1,118 @@
+"""One generic registry, filled by decorators (fairseq-style, without its silent-duplicate trap).
+
+    @register_model("gpt2", config=GPT2Config, description="GPT-2 (nanoGPT-style) ...")
+    class GPT2(nn.Module): ...
+
+Every entry carries its config dataclass and a one-line description; a duplicate name raises.
+Plugins are explicit imports: ``--plugin my_pkg.tasks`` or the entry-point group ``fabric_tram.plugins``.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Optional
+
+PLUGIN_ENTRY_POINT_GROUP = "fabric_tram.plugins"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: Any  # the registered class or function
+    config: Optional[type]  # its config dataclass (None: takes no options)
+    description: str
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, config: Optional[type] = None, description: str = "") -> Callable:
+        def decorator(target):
+            if name in self._entries:
+                previous = self._entries[name].target
+                raise ValueError(
+                    f"duplicate {self.kind} name {name!r}: already registered by "
+                    f"{previous.__module__}.{getattr(previous, '__qualname__', previous)}; choose another name"
+                )
+            doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
+            self._entries[name] = Entry(name, target, config, description or (doc[0] if doc else ""))
+            return target
+
+        return decorator
+
+    def get(self, name: str) -> Entry:
+        if name not in self._entries:
+            close = difflib.get_close_matches(str(name), list(self._entries), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(
+                f"unknown {self.kind} {name!r}.{hint} Valid {self.kind} names: {', '.join(sorted(self._entries))}"
+            )
+        return self._entries[name]
+
+    def build(self, name: str, *args, **kwargs):
+        return self.get(name).target(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for tests and interactive re-definition); unknown names raise."""
+        self.get(name)
+        del self._entries[name]
+
+
+MODELS = Registry("model")
+TASKS = Registry("task")
+OPTIMIZERS = Registry("optimizer")
+DIVERGENCES = Registry("divergence")
+SCHEDULES = Registry("schedule")
+REGISTRIES = {"models": MODELS, "tasks": TASKS, "optimizers": OPTIMIZERS, "divergences": DIVERGENCES, "schedules": SCHEDULES}
+
+register_model = MODELS.register
+register_task = TASKS.register
+register_optimizer = OPTIMIZERS.register
+register_divergence = DIVERGENCES.register
+register_schedule = SCHEDULES.register
+
+_builtins_loaded = False
+_loaded_plugins: set[str] = set()
+
+
+def load_builtins() -> None:
+    """Import our own modules so that their decorators fill the registries (idempotent)."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        importlib.import_module("fabric_tram.models")
+        importlib.import_module("fabric_tram.tasks")
+        importlib.import_module("fabric_tram.optim")
+
+
+def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> None:
+    """Import plugin modules named on the command line and every ``fabric_tram.plugins`` entry point."""
+    load_builtins()
+    for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
+        if ep.value not in _loaded_plugins:
+            _loaded_plugins.add(ep.value)
+            ep.load()
+    for module in modules:
+        if module in _loaded_plugins:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"plugin module {module!r} could not be imported ({err}); pass an importable dotted module path "
+                "(is its folder on PYTHONPATH, or its package installed?)"
+            ) from err
+        _loaded_plugins.add(module)
