@@ -114,7 +114,7 @@ def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_sect
     path = Path(path)
     meta = read_meta(path)
     check_compatible(meta, model_section, path)
-    if meta["world_size"] != fabric.world_size and (rule.state_dict() or fabric.world_size > 1 or meta["world_size"] > 1):
+    if optimizer is not None and meta["world_size"] != fabric.world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {meta['world_size']} processes, this run has {fabric.world_size}: "
             "per-rank RNG and data positions would not continue the same run; resume with the same --devices/--num-nodes"

@@ -64,3 +64,17 @@ def reshard_after_no_grad_forward(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies of every parameter and buffer (under FSDP2 gathered; only rank 0 gets values).
+
+    ``model`` may be Fabric-wrapped. Meant for exports and equivalence checks, not the hot path.
+    """
+    module = getattr(model, "_forward_module", model)
+    module = getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+    if any(is_dtensor(p) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

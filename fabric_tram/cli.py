@@ -1,0 +1,98 @@
+"""``fabric-tram``: train, evaluate, list.
+
+    fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
+    fabric-tram evaluate runs/tiny/checkpoints/step-00000050
+    fabric-tram list
+    fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from fabric_tram.config import ConfigError, load_config, merge, parse_overrides, resolve
+from fabric_tram.registry import REGISTRIES, load_plugins
+
+plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+                             help="import MODULE first, so its @register_* decorators add models/tasks/optimizers")
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(f"{type(err).__name__}: {err}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Fine-tune pre-trained models with TRAM and its baselines on Lightning Fabric."""
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("source", required=False)
+@click.argument("overrides", nargs=-1)
+@plugin_option
+def train(source, overrides, plugins):
+    """Train from SOURCE (a recipe .py, a config .yaml or a run folder) plus dotted key=value OVERRIDES."""
+    from fabric_tram.engine.trainer import train as run_training
+
+    if source is not None and "=" in source:  # no source, only overrides
+        source, overrides = None, (source, *overrides)
+    try:
+        load_plugins(plugins)
+        config = load_config(source, overrides)
+        run_training(config)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        _fail(err)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("checkpoint")
+@click.argument("overrides", nargs=-1)
+@click.option("--split", "splits", multiple=True, help="split(s) to score (default: the config's trainer.eval_splits)")
+@plugin_option
+def evaluate(checkpoint, overrides, splits, plugins):
+    """Score CHECKPOINT (a checkpoint folder, or a run folder: its newest checkpoint) on the evaluation splits."""
+    from fabric_tram.engine.evaluation import evaluate_checkpoint
+
+    try:
+        load_plugins(plugins)
+        results = evaluate_checkpoint(checkpoint, overrides, splits)
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        _fail(err)
+    from fabric_tram.engine.trainer import format_results
+
+    click.echo(format_results(results))
+
+
+@main.command(name="list")
+@plugin_option
+def list_registries(plugins):
+    """Print every registry: models, tasks, optimizers (base and update rules), divergences, schedules."""
+    load_plugins(plugins)
+    for kind, registry in REGISTRIES.items():
+        click.echo(f"{kind}:")
+        for entry in registry.entries():
+            click.echo(f"  {entry.name:<14} {entry.description}")
+
+
+def run_recipe(recipe: dict, argv: list[str] | None = None) -> None:
+    """Entry point of ``python recipes/X.py [overrides]`` and ``fabric run recipes/X.py [overrides]``.
+
+    ``--plugin MODULE`` may be given; every other argument is a dotted ``key=value`` override.
+    """
+    from fabric_tram.engine.trainer import train as run_training
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
+    overrides = [a for i, a in enumerate(argv) if a != "--plugin" and (i == 0 or argv[i - 1] != "--plugin")]
+    try:
+        load_plugins(plugins)
+        config = resolve(merge(recipe, parse_overrides(overrides)))
+    except (ConfigError, KeyError, ValueError, ModuleNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    run_training(config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,57 @@
+"""Run by tests/test_distributed.py as ``fabric run --devices 2 tests/dist_worker.py STRATEGY DATA OUT``.
+
+One launch per strategy covers: equivalence runs (sgd, adam), a checkpoint round trip with dropout (per-rank
+RNG matters), and the FSDP2 facts of DESIGN.md (mesh size, shard sizes, resharding after no-grad forwards).
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import small_config, trajectory  # noqa: E402
+
+from fabric_tram.engine.distributed import is_dtensor, local, reshard_after_no_grad_forward  # noqa: E402
+from fabric_tram.engine.trainer import evaluate, train  # noqa: E402
+
+strategy, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+results = {}
+
+for optimizer in ("sgd", "adam"):
+    run = train(small_config(data, out / f"eq-{optimizer}", optimizer, micro=2, accumulate=2, strategy=strategy))
+    results[optimizer] = trajectory(run)
+    n_local = torch.tensor([s["n_local"] for s in run.history])
+    results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
+    results["world_size"] = run.fabric.world_size
+
+if strategy == "ddp":  # negative control: forgetting the factor W leaves g / W, which SGD does not hide
+    from fabric_tram.engine.step import StepContext
+
+    original = StepContext.world_size
+    StepContext.world_size = property(lambda self: 1)
+    results["sgd_without_W"] = trajectory(train(small_config(data, out / "no-w", "sgd", micro=2, accumulate=2, strategy=strategy)))
+    StepContext.world_size = original
+
+# checkpoint round trip: 4 uninterrupted steps saving at 2, then a fresh run resumed from step 2
+extra = ["model.dropout=0.1", "trainer.save_every=2"]
+a = train(small_config(data, out / "ckpt-a", "adam", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra))
+results["uninterrupted"] = trajectory(a)
+b = train(small_config(data, out / "ckpt-b", "adam", micro=2, accumulate=2, steps=4, strategy=strategy,
+                       extra=extra + [f"trainer.resume={out / 'ckpt-a' / 'checkpoints' / 'step-00000002'}"]))
+results["resumed"] = trajectory(b)
+
+if strategy == "fsdp":
+    model = b.model
+    wte = model.transformer.wte.weight
+    results["wte_local_rows"] = local(wte).shape[0]
+    results["wte_rows"] = wte.shape[0]
+    with torch.no_grad():  # a forward without backward leaves the root group gathered...
+        model(torch.zeros(1, 4, dtype=torch.long))
+    results["root_sharded_after_no_grad_forward"] = is_dtensor(next(model.parameters()))
+    reshard_after_no_grad_forward(model)  # ...until resharded explicitly
+    results["root_sharded_after_reshard"] = is_dtensor(next(model.parameters()))
+    evaluate(b, "validation", 1)
+    results["sharded_after_evaluate"] = all(is_dtensor(p) for p in model.parameters())
+
+if b.fabric.global_rank == 0:
+    torch.save(results, out / "results.pt")
