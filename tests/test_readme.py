@@ -1,0 +1,53 @@
+"""The README's example runs verbatim, as a script and as a plugin (--plugin and entry points); .ci/run runs
+exactly the README's install and test commands."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def run(cmd, cwd, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_plugin_example_trains_and_registers(tmp_path):
+    (block,) = python_blocks()
+    (tmp_path / "my_parity.py").write_text(block)
+    out = run([sys.executable, "my_parity.py"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loss = float(out.stdout.strip().splitlines()[-1].split()[-1])
+    assert 0 < loss < 0.6931 + 0.05  # at most chance (ln 2) plus noise: it trained without error
+    assert (tmp_path / "runs" / "parity" / "results.json").is_file()
+    listed = run([sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "my_parity"], tmp_path, {"PYTHONPATH": str(tmp_path)})
+    assert listed.returncode == 0, listed.stderr
+    for name in ("bag-of-embeddings", "parity", "signsgd"):
+        assert name in listed.stdout
+
+
+def test_entry_point_plugins_load_without_flags(tmp_path):
+    (block,) = python_blocks()
+    (tmp_path / "my_parity.py").write_text(block)
+    dist = tmp_path / "my_parity-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-parity\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fabric_tram.plugins]\nparity = my_parity\n")
+    listed = run([sys.executable, "-m", "fabric_tram.cli", "list"], tmp_path, {"PYTHONPATH": str(tmp_path)})
+    assert listed.returncode == 0, listed.stderr
+    assert "signsgd" in listed.stdout and "parity" in listed.stdout
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    setup_block = re.search(r"```bash\n(pip install torch.*?)```", README, flags=re.S).group(1).splitlines()
+    readme_install_and_test = [c for c in setup_block if c.startswith("pip ") or "pytest" in c]
+    assert ci == readme_install_and_test
