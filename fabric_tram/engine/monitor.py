@@ -10,7 +10,13 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 
 
 def build_loggers(run_dir: str | Path) -> list:
-    loggers = [CSVLogger(root_dir=str(run_dir), name="logs", version="csv")]
+    """CSV into ``logs/csv`` (``logs/csv-2``, ... for resumed runs: Lightning's CSV writer would delete an
+    existing metrics file) and TensorBoard into ``logs/tensorboard`` (it appends new event files)."""
+    version, n = "csv", 1
+    while (Path(run_dir) / "logs" / version / "metrics.csv").exists():
+        n += 1
+        version = f"csv-{n}"
+    loggers = [CSVLogger(root_dir=str(run_dir), name="logs", version=version)]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="logs", version="tensorboard"))
     return loggers

@@ -1,0 +1,97 @@
+"""Data pipeline: the true GPT-2 tokenizer offline, domains and splits, packing, padding, errors, batching."""
+import json
+
+import pytest
+import torch
+
+from fabric_tram.config import load_config
+from fabric_tram.data.batching import StepSampler, eval_batches
+from fabric_tram.data.text import DataError
+from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer
+from fabric_tram.tasks.language_modeling import LanguageModelingTask, pack_blocks
+
+
+def lm(data_dir, *overrides):
+    config = load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adam", f"task.data_dir={data_dir}", *overrides])
+    return LanguageModelingTask(config.task)
+
+
+def test_bundled_gpt2_tokenizer_gives_gpt2_ids():
+    tok = load_tokenizer("gpt2")
+    assert tok.get_vocab_size() == 50257
+    assert tok.encode("Hello world").ids == [15496, 995]  # GPT-2's published ids
+    assert tok.decode([15496, 995, 0]) == "Hello world!"
+
+
+def test_domains_splits_and_packing(corpus):
+    task = lm(corpus, "task.block_size=16", "task.train_domains=[alpha]")
+    assert task.domains == ["alpha", "beta"] and task.train_domains == ["alpha"] and task.eval_domains == ["alpha", "beta"]
+    assert all(len(s) == 17 for s in task.train_set)  # block + 1 shifted target
+    tokens = load_tokenizer("gpt2")
+    first_doc = (corpus / "alpha" / "train.txt").read_text().split("\n\n")[0]
+    expected = tokens.encode(first_doc).ids + [GPT2_EOT]
+    assert task.train_set[0].tolist() == expected[:17]
+    batch = task.collate(task.train_set[:2], [0, 1])
+    assert torch.equal(batch["labels"][0], task.train_set[0][1:]) and torch.equal(batch["input_ids"][0], task.train_set[0][:-1])
+
+
+def test_pack_blocks_keeps_token_order_and_drops_the_tail():
+    blocks = pack_blocks([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=3)
+    assert [b.tolist() for b in blocks] == [[1, 2, 3, 4], [4, 5, 6, 7]]
+
+
+def test_unpacked_documents_are_padded_and_masked(corpus):
+    task = lm(corpus, "task.packing=false", "task.block_size=32")
+    lengths = {len(s) for s in task.train_set}
+    assert len(lengths) > 3 and max(lengths) <= 33
+    examples = sorted(task.train_set[:4], key=len)
+    batch = task.collate(examples, [0, 1, 2, 3])
+    assert (batch["labels"] != -100).sum(1).tolist() == [len(s) - 1 for s in examples]
+
+
+def test_jsonl_and_corrupt_line_reported_with_file_and_line(tmp_path):
+    folder = tmp_path / "d" / "news"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text(json.dumps({"text": "a b c " * 50}) + "\n" + '{"text": "broken\n')
+    with pytest.raises(DataError, match=r"train.jsonl:2: corrupt JSON line"):
+        lm(tmp_path / "d")
+    (folder / "train.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: expected an object with a string field 'text'"):
+        lm(tmp_path / "d")
+
+
+def test_missing_empty_and_too_small_data(tmp_path, corpus):
+    with pytest.raises(DataError, match="does not exist; set task.data_dir"):
+        lm(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no domain"):
+        lm(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"domain\(s\) \['gamma'\] not found.*available: alpha, beta"):
+        lm(corpus, "task.train_domains=[gamma]")
+    small = tmp_path / "small" / "tiny"
+    small.mkdir(parents=True)
+    (small / "train.txt").write_text("just a few words\n")
+    with pytest.raises(DataError, match="too little text for one sequence of block_size=128"):
+        lm(tmp_path / "small")
+
+
+def test_step_sampler_splits_the_same_examples_whatever_the_layout():
+    def step_examples(micro, accumulate, world):
+        out = []
+        for step in range(5):
+            per_rank = [StepSampler(37, micro, accumulate, world, r, seed=3).step_indices(step) for r in range(world)]
+            out.append(sorted(i for rank in per_rank for mb in rank for i in mb))
+        return out
+
+    reference = step_examples(8, 1, 1)
+    assert step_examples(2, 4, 1) == reference == step_examples(2, 2, 2) == step_examples(4, 1, 2)
+    assert reference[0] != reference[1]  # successive steps move on through the permutation
+    single = StepSampler(37, 8, 1, 1, 0, seed=3)
+    stream = [i for step in range(5) for i in single.step_indices(step)[0]]
+    assert sorted(stream[:37]) == list(range(37))  # one epoch visits every example once
+
+
+def test_eval_batches_equal_count_per_rank_and_cover_everything():
+    per_rank = [eval_batches(11, 2, 3, r) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1  # FSDP: every rank joins every forward
+    assert sorted(i for b in per_rank for mb in b for i in mb) == list(range(11))

@@ -1,0 +1,99 @@
+"""Precision modes, activation checkpointing, and the set-up refusals (strategy/precision/devices, CLI)."""
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fabric_tram.cli import main
+from fabric_tram.config import ConfigError
+from fabric_tram.engine.fabric_setup import build_fabric
+from fabric_tram.engine.trainer import train
+from helpers import max_param_diff, small_config, trajectory
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-mixed"])
+def test_precision_modes_train(corpus, tmp_path, precision):
+    config = small_config(corpus, tmp_path / precision, "adam", steps=2, extra=[f"trainer.precision={precision}"])
+    start = None
+
+    def remember_start(run, stats):
+        nonlocal start
+        start = start or stats
+
+    run = train(config, callbacks=(remember_start,))
+    assert all(math.isfinite(s["loss"]) for s in run.history)
+    params = trajectory(run)["params"]
+    assert all(torch.isfinite(p.float()).all() for p in params.values())
+    if precision == "16-mixed":  # a real fp16 loss scaler on CPU, stepped through Fabric
+        scaler = run.fabric.strategy.precision.scaler
+        assert scaler is not None and scaler.get_scale() > 1
+    if precision == "bf16-true":
+        assert params["transformer.wte.weight"].dtype == torch.bfloat16
+
+
+def test_16_mixed_overflow_skips_the_step_and_backs_off(corpus, tmp_path, monkeypatch):
+    from fabric_tram.engine import step as step_module
+
+    real = step_module.StepContext.forward_backward
+
+    def poisoned(self, *a, **k):
+        result = real(self, *a, **k)
+        if self.step == 1:
+            next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(step_module.StepContext, "forward_backward", poisoned)
+    config = small_config(corpus, tmp_path / "fp16", "sgd", steps=1, extra=["trainer.precision=16-mixed"])
+    before = {}
+    run = train(config, callbacks=(lambda run, s: before.update(scale=run.fabric.strategy.precision.scaler.get_scale()),))
+    assert run.history[0]["skipped"] is True
+    assert before["scale"] < 2.0 ** 16  # backed off from GradScaler's initial scale
+    assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())
+
+
+def test_activation_checkpointing_gives_the_same_updates(corpus, tmp_path):
+    plain = trajectory(train(small_config(corpus, tmp_path / "plain", "adam", steps=2)))
+    ckpt = trajectory(train(small_config(corpus, tmp_path / "ac", "adam", steps=2, extra=["trainer.activation_checkpointing=true"])))
+    assert max_param_diff(plain["params"], ckpt["params"]) < 1e-6
+
+
+def test_fsdp_with_fp16_is_refused_at_setup(corpus, tmp_path):
+    config = small_config(corpus, tmp_path / "r", "adam", strategy="fsdp", extra=["trainer.precision=16-mixed"])
+    with pytest.raises(ConfigError, match="16-mixed is refused with trainer.strategy=fsdp"):
+        build_fabric(config.trainer)
+
+
+def test_devices_conflicting_with_fabric_run_are_refused(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LT_CLI_USED", "1")
+    monkeypatch.setenv("LT_DEVICES", "4")
+    config = small_config(corpus, tmp_path / "r", "adam", extra=["trainer.devices=2"])
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 in the config conflicts with `fabric run --devices 4`"):
+        build_fabric(config.trainer)
+    monkeypatch.setenv("LT_STRATEGY", "fsdp")
+    config = small_config(corpus, tmp_path / "r", "adam")
+    with pytest.raises(ConfigError, match="leave --strategy out and set trainer.strategy=fsdp"):
+        build_fabric(config.trainer)
+
+
+def test_cli_reports_bad_input_clearly(corpus, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "recipes/tiny_sample.py", "optimizer.name=adma"])
+    assert result.exit_code != 0 and "Valid optimizer names: adam, adamw, sgd" in result.output
+    result = runner.invoke(main, ["train", "recipes/tiny_sample.py", f"task.data_dir={tmp_path / 'nothing'}",
+                                  f"trainer.run_dir={tmp_path / 'run'}"])
+    assert result.exit_code != 0 and "does not exist; set task.data_dir" in result.output
+    result = runner.invoke(main, ["train", "no_such_recipe.py"])
+    assert result.exit_code != 0 and "recipe 'no_such_recipe.py' does not exist" in result.output
+
+
+def test_cli_trains_and_evaluates_a_recipe(corpus, tmp_path):
+    runner = CliRunner()
+    run_dir = tmp_path / "cli"
+    args = ["train", "recipes/tiny_sample.py", f"task.data_dir={corpus}", f"trainer.run_dir={run_dir}",
+            "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress_bar=false"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "results.json").is_file() and (run_dir / "logs" / "csv" / "metrics.csv").is_file()
+    result = runner.invoke(main, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0 and "alpha" in result.output and "ppl=" in result.output

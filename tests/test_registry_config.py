@@ -1,0 +1,86 @@
+"""Registries (duplicates, lookups) and config (overrides, errors naming keys and types, YAML round trip)."""
+
+import pytest
+
+from fabric_tram.config import ConfigError, dump_yaml, load_config, load_yaml, parse_overrides, to_dict
+from fabric_tram.registry import MODELS, OPTIMIZERS, Registry, load_builtins
+
+load_builtins()
+
+
+def test_duplicate_name_raises_and_keeps_the_first():
+    registry = Registry("thing")
+
+    @registry.register("a", description="first")
+    def first():
+        return 1
+
+    with pytest.raises(ValueError, match="duplicate thing name 'a'"):
+        registry.register("a")(lambda: 2)
+    assert registry.build("a") == 1
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(KeyError, match=r"Did you mean 'adam'.*Valid optimizer names: adam, adamw, sgd"):
+        OPTIMIZERS.get("adma")
+    with pytest.raises(ConfigError, match=r"model.name: unknown model 'gtp2'.*gpt2"):
+        load_config(None, ["model.name=gtp2", "task.name=lm", "optimizer.name=adam"])
+
+
+def test_entries_carry_config_and_description():
+    entry = MODELS.get("gpt2")
+    assert entry.config.__name__ == "GPT2Config" and entry.description
+
+
+BASE = ["model.name=gpt2", "task.name=lm", "optimizer.name=adam"]
+
+
+def test_overrides_are_typed():
+    config = load_config(None, BASE + ["optimizer.lr=1e-4", "optimizer.betas=[0.9,0.95]", "trainer.max_steps=7",
+                                       "trainer.activation_checkpointing=true", "model.pretrained=null"])
+    assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
+    assert config.optimizer.betas == [0.9, 0.95]
+    assert config.trainer.max_steps == 7 and config.trainer.activation_checkpointing is True
+    assert config.model.pretrained is None and config.model.sizes()["n_layer"] == 2  # methods of GPT2Config kept
+
+
+def test_unknown_key_names_the_closest_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.lrr'. Did you mean 'optimizer.lr'"):
+        load_config(None, BASE + ["optimizer.lrr=1"])
+    with pytest.raises(ConfigError, match=r"'trainer.max_step'.*'trainer.max_steps'"):
+        load_config(None, BASE + ["trainer.max_step=3"])
+
+
+def test_wrong_type_names_the_expected_type():
+    with pytest.raises(ConfigError, match=r"'trainer.max_steps' expects an integer, got 'many'"):
+        load_config(None, BASE + ["trainer.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"'optimizer.lr' expects a number"):
+        load_config(None, BASE + ["optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match="strategy='fdsp' is not one of auto, ddp, fsdp"):
+        load_config(None, BASE + ["trainer.strategy=fdsp"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["trainer.max_steps"])
+
+
+def test_switching_optimizer_keeps_shared_keys_and_drops_foreign_ones(tmp_path):
+    recipe = tmp_path / "r.py"
+    recipe.write_text("RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
+                      " 'optimizer': {'name': 'adam', 'lr': 0.1, 'betas': [0.8, 0.9]}}\n")
+    config = load_config(recipe, ["optimizer.name=sgd"])
+    assert config.optimizer.name == "sgd" and config.optimizer.lr == 0.1 and not hasattr(config.optimizer, "betas")
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(None, BASE + ["optimizer.lr=3e-4", "task.train_domains=[licenses]", "trainer.devices=2"])
+    dump_yaml(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(config)
+    assert load_yaml(tmp_path / "config.yaml")["optimizer"]["lr"] == 3e-4
+    assert to_dict(load_config(tmp_path)) == to_dict(config)  # a run folder loads through its config.yaml
+
+
+def test_plugin_import_error_is_clear():
+    from fabric_tram.registry import load_plugins
+
+    with pytest.raises(ModuleNotFoundError, match="plugin module 'no_such_pkg.tasks' could not be imported"):
+        load_plugins(["no_such_pkg.tasks"])
