@@ -30,6 +30,14 @@ def shard_group(tensors: Iterable[torch.Tensor]) -> Optional[dist.ProcessGroup]:
     return None
 
 
+def shard_sum(local_total: torch.Tensor, like: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Complete a sum taken over local shards: all-reduce over the shard group of ``like`` (if sharded)."""
+    group = shard_group(like)
+    if group is not None:  # sharded: each rank holds a slice of the vector
+        dist.all_reduce(local_total, op=dist.ReduceOp.SUM, group=group)
+    return local_total
+
+
 def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
     """Σ t² over every element of every tensor, across all shards, in float32; the same on every rank."""
     tensors = [t for t in tensors if t is not None]
@@ -38,10 +46,7 @@ def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=local(tensors[0]).device)
     for t in tensors:
         total += local(t).detach().float().pow(2).sum()
-    group = shard_group(tensors)
-    if group is not None:  # sharded: each rank holds a slice of the vector
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total
+    return shard_sum(total, tensors)
 
 
 def global_norm(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""Input noise z for tram-x, tram-fisher and r3f: a deterministic function of (seed, step, example index).
+
+So k = 1 vs k = 4, 1 vs 2 processes and a resumed run all draw the same z for the same example. z is added to
+the output of the model's token-embedding lookup, through the model's ``input_noise`` forward argument when it
+has one, or by a forward hook on the embedding module the user names.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def example_seed(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed mixing (seed, step, example index) (splitmix64-style, so nearby triples do not collide)."""
+    x = (seed * _MIX[0] + step * _MIX[1] + index * _MIX[2]) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * _MIX[1]) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * _MIX[2]) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class NoiseSource:
+    """Draws z per example: ``normal`` (std σ) or ``uniform`` in [-σ, σ].
+
+    Each example's noise is drawn for ``max_len`` positions (the model's context length when known) and cut to
+    the micro-batch's padded length, so that padding never changes the noise of a real position.
+    """
+
+    sigma: float = 0.1
+    kind: str = "normal"
+    seed: int = 0
+    max_len: Optional[int] = None
+
+    def __post_init__(self):
+        if self.sigma < 0:
+            raise ValueError(f"noise sigma must be >= 0, got {self.sigma}")
+        if self.kind not in ("normal", "uniform"):
+            raise ValueError(f"noise kind {self.kind!r} is not one of normal, uniform")
+
+    def sample(self, step: int, example_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Noise shaped like ``like`` (batch, length, dim) for the examples ``example_index`` at ``step``."""
+        batch, length = like.shape[0], like.shape[1]
+        rows = max(self.max_len or length, length)
+        out = []
+        for index in example_index.tolist():
+            g = torch.Generator().manual_seed(example_seed(self.seed, step, int(index)))
+            if self.kind == "normal":
+                z = torch.randn((rows, *like.shape[2:]), generator=g) * self.sigma
+            else:
+                z = (torch.rand((rows, *like.shape[2:]), generator=g) * 2 - 1) * self.sigma
+            out.append(z[:length])
+        assert len(out) == batch, "one example index per row of the batch"
+        return torch.stack(out).to(device=like.device, dtype=like.dtype)
+
+
+def batch_example_index(batch: dict, offset: int = 0) -> torch.Tensor:
+    """The global example indices of a batch (``example_index``), or positions within it for user batches."""
+    if isinstance(batch, dict) and "example_index" in batch:
+        return batch["example_index"]
+    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return torch.arange(len(first)) + offset
+
+
+def accepts_input_noise(model: torch.nn.Module) -> bool:
+    module = getattr(model, "module", model)
+    module = getattr(module, "_original_module", module)
+    try:
+        return "input_noise" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def find_embedding(model: torch.nn.Module, name: Optional[str]) -> Optional[torch.nn.Module]:
+    """The module whose output gets the noise: ``name`` if given, else the model's ``input_embedding``."""
+    if name:
+        for module_name, module in model.named_modules():
+            if module_name == name or module_name.endswith("." + name) or module_name.endswith("module." + name):
+                return module
+        raise ValueError(f"embedding module {name!r} not found in the model; pass the dotted name of its "
+                         "token-embedding module (e.g. 'embeddings.word_embeddings')")
+    for candidate in (model, getattr(model, "module", None), getattr(model, "_original_module", None)):
+        if candidate is not None and isinstance(getattr(type(candidate), "input_embedding", None), property):
+            return candidate.input_embedding
+    return None
+
+
+class NoiseInjector:
+    """Applies ``fn(embeddings) -> noised embeddings`` to the model's input embeddings during a forward."""
+
+    def __init__(self, model: torch.nn.Module, embedding_module: Optional[str] = None):
+        self.use_kwarg = embedding_module is None and accepts_input_noise(model)
+        self.module = None if self.use_kwarg else find_embedding(model, embedding_module)
+        if not self.use_kwarg and self.module is None:
+            raise ValueError(
+                "this update rule adds noise to the input embeddings, but the model's forward has no input_noise "
+                "argument and no embedding module was named: set optimizer.embedding_module to the dotted name of "
+                "its token-embedding module"
+            )
+
+    @contextlib.contextmanager
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """Yields the forward kwargs to pass (``input_noise=fn``), or installs a hook and yields none."""
+        if self.use_kwarg:
+            yield {"input_noise": fn}
+            return
+        handle = self.module.register_forward_hook(lambda module, args, output: fn(output))
+        try:
+            yield {}
+        finally:
+            handle.remove()
+
+
+class InputNoise:
+    """z for one rule: its source (σ, kind, seed) and how it reaches the model (kwarg or hook)."""
+
+    def __init__(self, model: torch.nn.Module, sigma: float, kind: str = "normal", seed: int = 0,
+                 embedding_module: Optional[str] = None, sampler: Optional[Callable] = None):
+        inner = getattr(model, "module", model)
+        max_len = getattr(inner, "n_positions", None) or getattr(getattr(inner, "_original_module", None), "n_positions", None)
+        self.source = NoiseSource(sigma, kind, seed, max_len)
+        self.sampler = sampler or self.source.sample  # (step, example_index, embeddings) -> z
+        self.injector = NoiseInjector(model, embedding_module)
+
+    def forward(self, ctx, batch, detach: bool = False):
+        """Context manager for one forward on x + z (``detach``: start from the detached lookup, as R3F)."""
+        index = batch_example_index(batch)
+
+        def add_noise(embeddings: torch.Tensor) -> torch.Tensor:
+            base = embeddings.detach() if detach else embeddings
+            return base + self.sampler(ctx.step, index, embeddings).to(embeddings.dtype)
+
+        return self.injector.apply(add_noise)
