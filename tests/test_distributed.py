@@ -1,5 +1,6 @@
 """Scale equivalence (b) and (c) on 2 CPU processes (gloo): DDP and FSDP2 vs 1 process; resume under each."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,15 @@ WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = {"sgd": 2e-6, "adam": 2e-5}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(strategy, corpus, out) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu",
+    cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu", "--main-port", str(free_port()),
            str(WORKER), strategy, str(corpus), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -79,7 +79,7 @@ def test_devices_conflicting_with_fabric_run_are_refused(corpus, tmp_path, monke
 def test_cli_reports_bad_input_clearly(corpus, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["train", "recipes/tiny_sample.py", "optimizer.name=adma"])
-    assert result.exit_code != 0 and "Valid optimizer names: adam, adamw, sgd" in result.output
+    assert result.exit_code != 0 and "Valid optimizer names: adam, adamw, asam" in result.output and "tram-prev" in result.output
     result = runner.invoke(main, ["train", "recipes/tiny_sample.py", f"task.data_dir={tmp_path / 'nothing'}",
                                   f"trainer.run_dir={tmp_path / 'run'}"])
     assert result.exit_code != 0 and "does not exist; set task.data_dir" in result.output
