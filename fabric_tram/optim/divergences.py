@@ -40,9 +40,10 @@ def divergence_sum(name: str, target_logits: torch.Tensor, logits: torch.Tensor,
     if mask is not None:
         index = mask.reshape(-1).nonzero().squeeze(1)
         target_flat, current_flat = target_flat.index_select(0, index), current_flat.index_select(0, index)
-    total = logits.new_zeros((), dtype=torch.float32)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (an fp64 model keeps fp64)
+    total = logits.new_zeros((), dtype=dtype)
     for start in range(0, current_flat.size(0), chunk_size):
-        log_p = torch.log_softmax(target_flat[start:start + chunk_size].float(), dim=-1)
-        log_q = torch.log_softmax(current_flat[start:start + chunk_size].float(), dim=-1)
+        log_p = torch.log_softmax(target_flat[start:start + chunk_size].to(dtype), dim=-1)
+        log_q = torch.log_softmax(current_flat[start:start + chunk_size].to(dtype), dim=-1)
         total = total + fn(log_p, log_q).sum()
     return total, torch.tensor(current_flat.size(0), device=logits.device)

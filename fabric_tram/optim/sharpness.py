@@ -153,12 +153,13 @@ class SharpnessRule(UpdateRule):
     def _grad(self, p: torch.Tensor, loss_scale: float) -> Optional[torch.Tensor]:
         if p.grad is None:
             return None
-        g = local(p.grad).detach().float()
+        g = local(p.grad).detach()
+        g = g.to(torch.promote_types(g.dtype, torch.float32))  # at least fp32 (fp64 models keep fp64)
         return g / loss_scale if self.direction == "fisher" else g  # the Fisher term needs the true gradient
 
     @torch.no_grad()
     def direction_norm(self, ctx: StepContext) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=ctx.fabric.device)
+        total = torch.zeros((), dtype=torch.float64, device=ctx.fabric.device)
         scale = ctx.loss_scale()
         for i, p in enumerate(self.params):
             g = self._grad(p, scale)
@@ -176,7 +177,7 @@ class SharpnessRule(UpdateRule):
         """backup ← θ, then θ += e with e = coef · (T² g | g | g/f); returns ‖e‖ (over every shard)."""
         store_weights(self.backup, self.params)  # for tram-prev: B ← θ_{s−1}, the next previous iterate
         scale = ctx.loss_scale()
-        e_sq = torch.zeros((), dtype=torch.float32, device=ctx.fabric.device)
+        e_sq = torch.zeros((), dtype=torch.float64, device=ctx.fabric.device)
         for i, p in enumerate(self.params):
             g = self._grad(p, scale)
             if g is None:
