@@ -1,0 +1,114 @@
+"""The update rules through the engine on the LM task: pass counts, accumulation equivalence, tram-prev's
+first steps, checkpoint round trips of persistent state, and set-up refusals."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fabric_tram.engine.trainer import train
+from helpers import max_param_diff, small_config, trajectory
+
+# ALGORITHMS.md: (forward with gradient, no-grad forward, backward) per step
+PASSES = {"sam": (2, 0, 2), "asam": (2, 0, 2), "fsam": (2, 0, 2), "tram-prev": (2, 1, 2), "tram-init": (2, 1, 2),
+          "tram-x": (2, 1, 2), "tram-fisher": (2, 0, 2), "trpo": (1, 1, 1), "r3f": (2, 0, 1), "mesa": (1, 1, 1),
+          "asam+trpo": (2, 2, 2), "asam+r3f": (4, 0, 2), "asam+mesa": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("rule", sorted(PASSES))
+def test_two_step_smoke_of_every_rule(corpus, tmp_path, rule):
+    start = {}
+    config = small_config(corpus, tmp_path / "r", rule, steps=2, extra=["optimizer.lr=0.001", "model.dropout=0.1"])
+    run = train(config, callbacks=(lambda run, s: start or start.update(run=True),))
+    for stats in run.history:
+        assert math.isfinite(stats["loss"])
+        assert (stats["passes/forward"], stats["passes/no_grad_forward"], stats["passes/backward"]) == PASSES[rule]
+    assert (run.rule.forward_passes, run.rule.no_grad_forward_passes, run.rule.backward_passes) == PASSES[rule]
+    initial = trajectory(train(small_config(corpus, tmp_path / "init", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    assert max_param_diff(trajectory(run)["params"], initial) > 0  # the weights changed
+    logged = run.history[-1]
+    if rule not in ("sam", "asam", "fsam", "tram-fisher"):
+        assert "d" in logged
+    if rule not in ("trpo", "r3f", "mesa"):
+        assert logged["e_norm"] > 0 and logged["Tg_norm"] > 0
+
+
+# d is a KL between nearly equal distributions (~1e-5 here): fp32 logits that differ by ~1e-6 with the padding
+# of the micro-batch (other matmul shapes) move it by ~1e-3 relative; ρ-based e and every loss stay at ~1e-6.
+D_REL = 3e-3
+ACCUMULATION_RULES = ["sam", "asam", "fsam", "tram-prev", "tram-x"]
+
+
+@pytest.mark.parametrize("rule", ACCUMULATION_RULES)
+def test_accumulation_equivalence_of_rules(corpus, tmp_path, rule):
+    def run(micro, k):
+        r = train(small_config(corpus, tmp_path / f"{rule}-{k}", rule, micro=micro, accumulate=k, extra=["optimizer.base=sgd"]))
+        return r.history, trajectory(r)["params"]
+
+    one, p1 = run(8, 1)
+    four, p4 = run(2, 4)
+    for a, b in zip(one, four):
+        for key, rel in (("loss", 1e-6), ("Tg_norm", 1e-5), ("e_norm", D_REL), ("d", D_REL)):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=rel), key
+    assert any(s.get("d", 1.0) > 0 for s in one)
+    assert max_param_diff(p1, p4) < 2e-6
+
+
+def test_tram_prev_first_step_is_the_base_step_and_d_is_the_kl_of_successive_iterates(corpus, tmp_path):
+    base = trajectory(train(small_config(corpus, tmp_path / "adam", "adam", steps=1)))
+    tram = trajectory(train(small_config(corpus, tmp_path / "tram1", "tram-prev", steps=1)))
+    assert tram["steps"][0]["loss"] == base["steps"][0]["loss"]
+    assert max_param_diff(base["params"], tram["params"]) < 1e-7
+
+    weights = []
+    config = small_config(corpus, tmp_path / "tram2", "tram-prev", steps=2)
+    run = train(config, callbacks=(lambda run, s: weights.append(trajectory(run)["params"]),))
+    d2 = run.history[1]["d"]
+    assert d2 > 0
+    # independently: the KL between the outputs at θ_0 and θ_1 on step 2's micro-batch
+    from fabric_tram.data.batching import StepSampler
+    from fabric_tram.models.gpt2 import GPT2
+
+    task = run.task
+    idx = StepSampler(len(task.train_set), 8, 1, 1, 0, seed=0).step_indices(1)[0]
+    batch = task.collate([task.train_set[i] for i in idx], idx)
+    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    logits = []
+    for state in (initial, weights[0]):
+        model = GPT2(config.model)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            logits.append(model(batch["input_ids"]).double())
+    mask = batch["labels"] != -100
+    p_log, q_log = logits[0].log_softmax(-1)[mask], logits[1].log_softmax(-1)[mask]
+    expected = F.kl_div(q_log, p_log, log_target=True, reduction="sum") / mask.sum()
+    assert d2 == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("rule", ["tram-prev", "tram-init", "mesa"])
+def test_checkpoint_round_trip_restores_persistent_state(corpus, tmp_path, rule):
+    extra = ["trainer.save_every=2", "optimizer.base=adam"]
+    full = train(small_config(corpus, tmp_path / "full", rule, steps=4, extra=extra))
+    assert any(isinstance(v, list) and v for v in full.rule.state_dict().values())
+    train(small_config(corpus, tmp_path / "stop", rule, steps=2, extra=extra))
+    resumed = train(small_config(corpus, tmp_path / "stop", rule, steps=4, extra=extra + ["trainer.resume=auto"]))
+    assert [s["d"] for s in resumed.history] == [s["d"] for s in full.history[2:]]
+    assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
+    saved = torch.load(tmp_path / "stop" / "checkpoints" / "step-00000002" / "rank-0.pt", weights_only=True)["rule"]
+    expected_key = {"tram-prev": "previous_iterate", "tram-init": "initial_weights", "mesa": "ema"}[rule]
+    assert list(saved) == [expected_key] and len(saved[expected_key]) == len(list(full.model.parameters()))
+    if rule == "mesa":
+        assert all(b.dtype == torch.float32 for b in saved["ema"])  # the EMA is accumulated in fp32
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.rho=-0.1", "optimizer.rho must be >= 0"),
+    ("optimizer.divergence=js", "unknown divergence 'js'"),
+])
+def test_bad_rule_settings_fail_at_setup(corpus, tmp_path, override, message):
+    name = "asam" if "rho" in override else "tram-prev"
+    steps = []
+    with pytest.raises((ValueError, KeyError), match=message):
+        train(small_config(corpus, tmp_path / "bad", name, extra=[override]), callbacks=(lambda r, s: steps.append(s),))
+    assert steps == []  # refused before any step ran
