@@ -24,6 +24,42 @@ for optimizer in ("sgd", "adam"):
     results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
     results["world_size"] = run.fabric.world_size
 
+RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x")
+for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards
+    run = train(small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
+    results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
+
+if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
+    import fabric_tram.optim.sharpness as sharpness
+
+    real_shard_sum = sharpness.shard_sum
+    sharpness.shard_sum = lambda total, like: total
+    run = train(small_config(data, out / "per-shard", "asam", micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
+    results["asam_per_shard_norm"] = {"history": run.history, "params": trajectory(run)["params"]}
+    sharpness.shard_sum = real_shard_sum
+
+if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gradients skips the step on every rank
+    from fabric_tram.engine.step import StepContext
+
+    real_fb = StepContext.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        result = real_fb(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 1 and self.fabric.global_rank == 0:
+            next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return result
+
+    StepContext.forward_backward = poisoned
+    run = train(small_config(data, out / "fp16", "sam", micro=2, accumulate=2, steps=2, strategy=strategy,
+                             extra=["trainer.precision=16-mixed", "optimizer.base=sgd"]))
+    StepContext.forward_backward = real_fb
+    scale = torch.tensor([run.fabric.strategy.precision.scaler.get_scale()])
+    skipped = torch.tensor([float(s["skipped"]) for s in run.history])
+    results["fp16"] = {"scale": run.fabric.all_gather(scale).tolist(), "skipped": run.fabric.all_gather(skipped).tolist(),
+                       "finite": bool(all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())) if run.fabric.global_rank == 0 else True}
+
 if strategy == "ddp":  # negative control: forgetting the factor W leaves g / W, which SGD does not hide
     from fabric_tram.engine.step import StepContext
 

@@ -14,6 +14,8 @@ from helpers import max_param_diff, small_config, trajectory
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOL = {"sgd": 2e-6, "adam": 2e-5}
+RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x")
+D_REL = 3e-3  # d: a KL of nearly equal fp32 distributions (see test_rules_engine.py)
 
 
 def free_port() -> int:
@@ -39,6 +41,9 @@ def reference(tmp_path_factory):
     corpus = write_corpus(root / "data")
     ref = {opt: trajectory(train(small_config(corpus, root / f"ref-{opt}", opt, micro=8, accumulate=1)))
            for opt in ("sgd", "adam")}
+    for rule in RULES:
+        run = train(small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=["optimizer.base=sgd"]))
+        ref[rule] = {"history": run.history, "params": trajectory(run)["params"]}
     return root, corpus, ref
 
 
@@ -58,6 +63,22 @@ def test_two_processes_match_one(reference, strategy):
     # (c) resumed from step 2: steps 3-4 and the final weights equal the uninterrupted run exactly
     assert got["resumed"]["steps"] == got["uninterrupted"]["steps"][2:]
     assert max_param_diff(got["resumed"]["params"], got["uninterrupted"]["params"]) == 0.0
+    for rule in RULES:  # the update rules: per-step ‖T g‖, ‖e‖, d, and the final weights
+        for a, b in zip(ref[rule]["history"], got[rule]["history"]):
+            assert a["n_targets"] == b["n_targets"]
+            for key, rel in (("loss", 1e-5), ("Tg_norm", 1e-5), ("e_norm", D_REL), ("d", D_REL)):
+                if key in a:
+                    assert a[key] == pytest.approx(b[key], rel=rel), (rule, key)
+        assert max_param_diff(ref[rule]["params"], got[rule]["params"]) < TOL["sgd"], rule
+    if strategy == "fsdp":  # negative control: without the all-reduce of the sums of squares, e is wrong
+        wrong = got["asam_per_shard_norm"]
+        assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)
+        assert max_param_diff(ref["asam"]["params"], wrong["params"]) > 10 * TOL["sgd"]
+    if strategy == "ddp":  # fp16 overflow on one rank: both ranks skip step 1, both scales back off, no NaN
+        fp16 = got["fp16"]
+        assert fp16["skipped"] == [[1.0, 0.0], [1.0, 0.0]]
+        assert fp16["scale"][0] == fp16["scale"][1] and fp16["scale"][0][0] < 2.0 ** 16
+        assert fp16["finite"]
     if strategy == "ddp":  # the negative control fails the same tolerance
         assert max_param_diff(ref["sgd"]["params"], got["sgd_without_W"]["params"]) > 100 * TOL["sgd"]
     if strategy == "fsdp":
