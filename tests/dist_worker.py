@@ -29,6 +29,13 @@ for rule in RULES:  # the update rules: norms and d all-reduced over ranks / sha
     run = train(small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
     results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
 
+try:  # per-rank perturbations: allowed under DDP, refused under sharding, before any step
+    run = train(small_config(data, out / "m-sharpness", "sam", micro=2, accumulate=2, steps=2, strategy=strategy,
+                             extra=["optimizer.m_sharpness=true", "optimizer.base=sgd"]))
+    results["m_sharpness"] = {"steps": len(run.history), "finite": all(torch.isfinite(torch.tensor(s["loss"])) for s in run.history)}
+except ValueError as err:
+    results["m_sharpness"] = {"error": str(err)}
+
 if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
     import fabric_tram.optim.sharpness as sharpness
 

@@ -74,6 +74,10 @@ def test_two_processes_match_one(reference, strategy):
         wrong = got["asam_per_shard_norm"]
         assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)
         assert max_param_diff(ref["asam"]["params"], wrong["params"]) > 10 * TOL["sgd"]
+    if strategy == "ddp":
+        assert got["m_sharpness"] == {"steps": 2, "finite": True}
+    else:
+        assert "m_sharpness (per-rank perturbations) is refused under sharding" in got["m_sharpness"]["error"]
     if strategy == "ddp":  # fp16 overflow on one rank: both ranks skip step 1, both scales back off, no NaN
         fp16 = got["fp16"]
         assert fp16["skipped"] == [[1.0, 0.0], [1.0, 0.0]]

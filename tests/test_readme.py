@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+def python_block(containing: str) -> str:
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if containing in b]
+    return block
 
 
 def run(cmd, cwd, env_extra=None):
@@ -20,7 +21,7 @@ def run(cmd, cwd, env_extra=None):
 
 
 def test_readme_plugin_example_trains_and_registers(tmp_path):
-    (block,) = python_blocks()
+    block = python_block("register_task")
     (tmp_path / "my_parity.py").write_text(block)
     out = run([sys.executable, "my_parity.py"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -34,7 +35,7 @@ def test_readme_plugin_example_trains_and_registers(tmp_path):
 
 
 def test_entry_point_plugins_load_without_flags(tmp_path):
-    (block,) = python_blocks()
+    block = python_block("register_task")
     (tmp_path / "my_parity.py").write_text(block)
     dist = tmp_path / "my_parity-0.1.dist-info"
     dist.mkdir()
@@ -51,3 +52,11 @@ def test_ci_runs_exactly_the_readme_commands():
     setup_block = re.search(r"```bash\n(pip install torch.*?)```", README, flags=re.S).group(1).splitlines()
     readme_install_and_test = [c for c in setup_block if c.startswith("pip ") or "pytest" in c]
     assert ci == readme_install_and_test
+
+
+def test_readme_user_loop_example_runs_on_a_hugging_face_model(tmp_path):
+    (tmp_path / "user_loop.py").write_text(python_block("UpdateRuleLoop"))
+    out = run([sys.executable, "user_loop.py"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fields = out.stdout.split()
+    assert fields[0] == "loss" and float(fields[1]) > 0 and float(fields[3]) > 0  # a positive trust-region radius d

@@ -102,13 +102,65 @@ def test_checkpoint_round_trip_restores_persistent_state(corpus, tmp_path, rule)
         assert all(b.dtype == torch.float32 for b in saved["ema"])  # the EMA is accumulated in fp32
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optimizer.rho=-0.1", "optimizer.rho must be >= 0"),
-    ("optimizer.divergence=js", "unknown divergence 'js'"),
+@pytest.mark.parametrize("name,override,message", [
+    ("asam", "optimizer.rho=-0.1", "optimizer.rho must be >= 0"),
+    ("tram-x", "optimizer.sigma=-1", "optimizer.sigma must be >= 0"),
+    ("trpo", "optimizer.lam=-0.5", "optimizer.lam must be >= 0"),
+    ("tram-prev", "optimizer.divergence=js", "unknown divergence 'js'"),
+    ("tram-x", "optimizer.embedding_module=encoder.tokens", "embedding module 'encoder.tokens' not found"),
 ])
-def test_bad_rule_settings_fail_at_setup(corpus, tmp_path, override, message):
-    name = "asam" if "rho" in override else "tram-prev"
+def test_bad_rule_settings_fail_at_setup(corpus, tmp_path, name, override, message):
     steps = []
     with pytest.raises((ValueError, KeyError), match=message):
         train(small_config(corpus, tmp_path / "bad", name, extra=[override]), callbacks=(lambda r, s: steps.append(s),))
     assert steps == []  # refused before any step ran
+
+
+def test_noise_rule_on_a_model_without_input_noise_or_named_embedding_is_refused():
+    from fabric_tram.optim.api import UpdateRuleLoop
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="no input_noise argument and no embedding module was named"):
+        UpdateRuleLoop("r3f", model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, **k: m(b).sum())
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['rhoo'\] for 'sam'"):
+        UpdateRuleLoop("sam", model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, **k: m(b).sum(), rhoo=1)
+
+
+def test_activation_checkpointing_recomputes_at_the_perturbed_weights(corpus, tmp_path):
+    """The restore runs after the descent backward, so recomputed activations see θ + e as the forward did."""
+    plain = trajectory(train(small_config(corpus, tmp_path / "plain", "tram-prev", steps=3, extra=["optimizer.base=sgd"])))
+    ac = trajectory(train(small_config(corpus, tmp_path / "ac", "tram-prev", steps=3,
+                                       extra=["optimizer.base=sgd", "trainer.activation_checkpointing=true"])))
+    assert max_param_diff(plain["params"], ac["params"]) < 1e-6
+
+
+def test_fp16_overflow_in_the_ascent_pass_skips_the_whole_step(corpus, tmp_path, monkeypatch):
+    from fabric_tram.engine import step as step_module
+
+    real = step_module.StepContext.forward_backward
+    passes = []
+
+    def poisoned(self, *a, **k):
+        result = real(self, *a, **k)
+        passes.append(self.step)
+        if self.step == 1:
+            next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return result
+
+    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    monkeypatch.setattr(step_module.StepContext, "forward_backward", poisoned)
+    run = train(small_config(corpus, tmp_path / "fp16", "tram-prev", steps=1, extra=["trainer.precision=16-mixed"]))
+    assert run.history[0]["skipped"] is True
+    assert passes == [1]  # the ascent pass only: no descent pass ran
+    assert run.fabric.strategy.precision.scaler.get_scale() < 2.0 ** 16  # backed off
+    assert max_param_diff(trajectory(run)["params"], initial) == 0.0  # no update, no NaN
+    assert all(torch.equal(b, initial_b) for b, initial_b in zip(run.rule.backup, [p.detach() for p in run.model.parameters()]))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_rules_train_in_mixed_precision(corpus, tmp_path, precision):
+    for rule in ("tram-prev", "fsam"):
+        run = train(small_config(corpus, tmp_path / f"{rule}-{precision}", rule, steps=2,
+                                 extra=[f"trainer.precision={precision}", "optimizer.lr=0.001"]))
+        assert all(math.isfinite(s["loss"]) and not s["skipped"] for s in run.history)
+        assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fabric_tram.engine.distributed import local
-from fabric_tram.optim.divergences import divergence_sum
+from fabric_tram.optim.divergences import check_divergence, divergence_sum
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -130,6 +130,7 @@ class DivergenceMeter:
     """Σ D and the number of valid positions over a step's micro-batches; ``mean`` is all-reduced."""
 
     def __init__(self, name: str):
+        check_divergence(name)  # an unknown name fails at set-up, before any step
         self.name = name
         self.total = self.count = None
 
