@@ -82,6 +82,13 @@ results["uninterrupted"] = trajectory(a)
 b = train(small_config(data, out / "ckpt-b", "adam", micro=2, accumulate=2, steps=4, strategy=strategy,
                        extra=extra + [f"trainer.resume={out / 'ckpt-a' / 'checkpoints' / 'step-00000002'}"]))
 results["resumed"] = trajectory(b)
+# the same for tram-prev, whose previous iterate (sharded like the parameters) must survive the resume
+extra_tram = extra + ["optimizer.base=sgd"]
+a2 = train(small_config(data, out / "tram-a", "tram-prev", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra_tram))
+b2 = train(small_config(data, out / "tram-b", "tram-prev", micro=2, accumulate=2, steps=4, strategy=strategy,
+                        extra=extra_tram + [f"trainer.resume={out / 'tram-a' / 'checkpoints' / 'step-00000002'}"]))
+results["tram_resume"] = {"full": [s["d"] for s in a2.history[2:]], "resumed": [s["d"] for s in b2.history],
+                          "diff": (trajectory(a2)["params"], trajectory(b2)["params"])}
 
 if strategy == "fsdp":
     model = b.model

@@ -63,6 +63,9 @@ def test_two_processes_match_one(reference, strategy):
     # (c) resumed from step 2: steps 3-4 and the final weights equal the uninterrupted run exactly
     assert got["resumed"]["steps"] == got["uninterrupted"]["steps"][2:]
     assert max_param_diff(got["resumed"]["params"], got["uninterrupted"]["params"]) == 0.0
+    tram = got["tram_resume"]
+    assert tram["resumed"] == tram["full"] and all(d > 0 for d in tram["full"])
+    assert max_param_diff(*tram["diff"]) == 0.0
     for rule in RULES:  # the update rules: per-step ‖T g‖, ‖e‖, d, and the final weights
         for a, b in zip(ref[rule]["history"], got[rule]["history"]):
             assert a["n_targets"] == b["n_targets"]

@@ -152,3 +152,14 @@ def test_asam_combinations_match_asam_on_the_regularised_loss():
     reg = (p0 * (p0.log() - we.log_softmax(-1))).sum()
     (0.5 * (3 * we[0] ** 2 + we[1] ** 2) + 0.1 * reg).backward()
     torch.testing.assert_close(model_b.w.detach(), w0 - 0.1 * we.grad, rtol=0, atol=1e-12)
+
+
+def test_radius_scale_and_max_radius():
+    model, rule, seen = make("tram-prev", radius_scale=2.0, max_radius=0.01)
+    rule.step(X)
+    seen.clear()
+    stats = rule.step(X)
+    # d = 0.006589446130024216 (as above); radius = min(2 d, 0.01) = 0.01, so ‖e / T‖ = 0.01
+    assert stats["d"] == pytest.approx(0.006589446130024216, rel=1e-9) and stats["radius"] == 0.01
+    e, t = seen[2] - seen[1], seen[1].abs()
+    assert float((e / t).norm()) == pytest.approx(0.01, rel=1e-9)

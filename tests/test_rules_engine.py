@@ -164,3 +164,13 @@ def test_rules_train_in_mixed_precision(corpus, tmp_path, precision):
                                  extra=[f"trainer.precision={precision}", "optimizer.lr=0.001"]))
         assert all(math.isfinite(s["loss"]) and not s["skipped"] for s in run.history)
         assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())
+
+
+def test_target_forward_replays_the_dropout_masks(corpus, tmp_path):
+    """Step 1 of tram-prev compares θ_0 with itself: with dropout 0.1 and the target forward under the ascent
+    pass's own dropout masks, d is exactly 0; with target_mode=eval (the published code) it is the dropout gap."""
+    replayed = train(small_config(corpus, tmp_path / "train", "tram-prev", steps=1, extra=["model.dropout=0.1"]))
+    assert replayed.history[0]["d"] == 0.0
+    published = train(small_config(corpus, tmp_path / "eval", "tram-prev", steps=1,
+                                   extra=["model.dropout=0.1", "optimizer.target_mode=eval"]))
+    assert published.history[0]["d"] > 1e-4
