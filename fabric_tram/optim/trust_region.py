@@ -37,36 +37,35 @@ def store_weights(backup: list[torch.Tensor], params) -> None:
         b.copy_(local(p))
 
 
+def _exchange(p: torch.Tensor, buffer: torch.Tensor) -> None:
+    """Swap a parameter's local values with a buffer's, one parameter-sized temporary."""
+    lp = local(p)
+    tmp = lp.clone()
+    lp.copy_(buffer)
+    buffer.copy_(tmp)
+
+
 @contextlib.contextmanager
 def weights_swapped_in(params, buffers: list[torch.Tensor]):
     """Run with the buffers' values in the parameters, then put both back bit-exactly.
 
-    Same dtype: swapped in place, one parameter-sized temporary at a time. Otherwise (an fp32 EMA of bf16
-    weights) the parameters are backed up for the duration.
+    Same dtype: swapped in place (swapping twice is exact). Otherwise (an fp32 EMA of bf16 weights) the
+    parameters are backed up for the duration.
     """
     same = all(b.dtype == local(p).dtype for p, b in zip(params, buffers))
     with torch.no_grad():
         saved = None if same else clone_weights(params)
         for p, b in zip(params, buffers):
-            lp = local(p)
-            if same:
-                tmp = lp.clone()
-                lp.copy_(b)
-                b.copy_(tmp)
-            else:
-                lp.copy_(b)
+            _exchange(p, b) if same else local(p).copy_(b)
     try:
         yield
     finally:
         with torch.no_grad():
-            for i, (p, b) in enumerate(zip(params, buffers)):
-                lp = local(p)
-                if same:
-                    tmp = lp.clone()
-                    lp.copy_(b)
-                    b.copy_(tmp)
-                else:
-                    lp.copy_(saved[i])
+            if same:
+                for p, b in zip(params, buffers):
+                    _exchange(p, b)
+            else:
+                restore_weights(params, saved)
 
 
 def replayed_rng(device: torch.device):
