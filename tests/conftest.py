@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "FABRIC_TRAM_CACHE" not in os.environ:  # token caches of the test corpora stay out of the user's home
+    import tempfile
+
+    os.environ["FABRIC_TRAM_CACHE"] = tempfile.mkdtemp(prefix="fabric_tram_cache_")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

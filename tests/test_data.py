@@ -8,7 +8,9 @@ from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler, eval_batches
 from fabric_tram.data.text import DataError
 from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer
-from fabric_tram.tasks.language_modeling import LanguageModelingTask, pack_blocks
+import numpy as np
+
+from fabric_tram.tasks.language_modeling import DocumentSequences, LanguageModelingTask, PackedBlocks
 
 
 def lm(data_dir, *overrides):
@@ -26,25 +28,28 @@ def test_bundled_gpt2_tokenizer_gives_gpt2_ids():
 def test_domains_splits_and_packing(corpus):
     task = lm(corpus, "task.block_size=16", "task.train_domains=[alpha]")
     assert task.domains == ["alpha", "beta"] and task.train_domains == ["alpha"] and task.eval_domains == ["alpha", "beta"]
-    assert all(len(s) == 17 for s in task.train_set)  # block + 1 shifted target
+    assert all(len(task.train_set[i]) == 17 for i in range(len(task.train_set)))  # block + 1 shifted target
     tokens = load_tokenizer("gpt2")
     first_doc = (corpus / "alpha" / "train.txt").read_text().split("\n\n")[0]
     expected = tokens.encode(first_doc).ids + [GPT2_EOT]
     assert task.train_set[0].tolist() == expected[:17]
-    batch = task.collate(task.train_set[:2], [0, 1])
+    batch = task.collate([task.train_set[0], task.train_set[1]], [0, 1])
     assert torch.equal(batch["labels"][0], task.train_set[0][1:]) and torch.equal(batch["input_ids"][0], task.train_set[0][:-1])
 
 
-def test_pack_blocks_keeps_token_order_and_drops_the_tail():
-    blocks = pack_blocks([[1, 2, 3], [4, 5], [6, 7, 8, 9]], block_size=3)
-    assert [b.tolist() for b in blocks] == [[1, 2, 3, 4], [4, 5, 6, 7]]
+def test_packed_blocks_keep_token_order_and_drop_the_tail():
+    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9], dtype=np.uint16)
+    blocks = PackedBlocks(tokens, block_size=3)
+    assert [blocks[i].tolist() for i in range(len(blocks))] == [[1, 2, 3, 4], [4, 5, 6, 7]]
+    docs = DocumentSequences(tokens, np.array([3, 4, 9]), block_size=3)  # documents [1 2 3] [4] [5 6 7 8 9]
+    assert [docs[i].tolist() for i in range(len(docs))] == [[1, 2, 3], [5, 6, 7, 8]]
 
 
 def test_unpacked_documents_are_padded_and_masked(corpus):
     task = lm(corpus, "task.packing=false", "task.block_size=32")
-    lengths = {len(s) for s in task.train_set}
+    lengths = {len(task.train_set[i]) for i in range(len(task.train_set))}
     assert len(lengths) > 3 and max(lengths) <= 33
-    examples = sorted(task.train_set[:4], key=len)
+    examples = sorted([task.train_set[i] for i in range(4)], key=len)
     batch = task.collate(examples, [0, 1, 2, 3])
     assert (batch["labels"] != -100).sum(1).tolist() == [len(s) - 1 for s in examples]
 

@@ -1,6 +1,7 @@
 """Text corpora laid out one folder per domain: ``DATA/<domain>/<split>.txt`` or ``.jsonl``.
 
-``.txt``: documents separated by blank lines. ``.jsonl``: one JSON object per line with a text field.
+``.txt``: documents separated by blank lines (``doc_format="paragraphs"``) or one per line (``"lines"``, as
+M2D2). ``.jsonl``: one JSON object per line with a text field. ``valid`` is accepted for ``validation``.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 SPLIT_SUFFIXES = (".jsonl", ".txt")
+SPLIT_ALIASES = {"validation": ("validation", "valid"), "train": ("train",), "test": ("test",)}
+DOC_FORMATS = ("paragraphs", "lines")
 
 
 class DataError(ValueError):
@@ -28,10 +31,11 @@ def discover_domains(data_dir: str | Path) -> list[str]:
 
 
 def split_file(domain_dir: Path, split: str, must_exist: bool = True) -> Path | None:
-    for suffix in SPLIT_SUFFIXES:
-        path = domain_dir / f"{split}{suffix}"
-        if path.is_file():
-            return path
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        for suffix in SPLIT_SUFFIXES:
+            path = domain_dir / f"{name}{suffix}"
+            if path.is_file():
+                return path
     if must_exist:
         raise DataError(
             f"domain {domain_dir.name!r} has no {split} split: expected {domain_dir / (split + '.txt')} or .jsonl"
@@ -39,7 +43,9 @@ def split_file(domain_dir: Path, split: str, must_exist: bool = True) -> Path | 
     return None
 
 
-def read_documents(path: Path, text_key: str = "text") -> Iterator[str]:
+def read_documents(path: Path, text_key: str = "text", doc_format: str = "paragraphs") -> Iterator[str]:
+    if doc_format not in DOC_FORMATS:
+        raise DataError(f"task.doc_format={doc_format!r} is not one of {', '.join(DOC_FORMATS)}")
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -52,6 +58,11 @@ def read_documents(path: Path, text_key: str = "text") -> Iterator[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                     raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)")
                 yield record[text_key]
+    elif doc_format == "lines":
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield line.rstrip("\n")
     else:
         document: list[str] = []
         with path.open(encoding="utf-8") as fh:

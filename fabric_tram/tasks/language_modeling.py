@@ -9,11 +9,14 @@ import math
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 
 from fabric_tram.data.batching import pad_sequences
-from fabric_tram.data.text import DataError, discover_domains, read_documents, split_file
+from fabric_tram.data.text import DataError, discover_domains, split_file
+from fabric_tram.data.token_cache import tokenize_split
 from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.base import LossOutput, cross_entropy_sum
@@ -27,32 +30,62 @@ def bundled_data_dir(name: str = "sample") -> Path:
 
 @dataclass
 class LMConfig:
-    data_dir: str = "sample"  # a folder of domains, or "sample" for the small corpus bundled with fabric_tram
+    data_dir: str = "sample"  # a folder of domains, "sample" (bundled), or "hf://machelreid/m2d2" (M2D2 archives)
     train_domains: list = field(default_factory=list)  # empty: every domain found
     eval_domains: list = field(default_factory=list)  # empty: every domain found
     block_size: int = 128  # tokens per training sequence
     packing: bool = True  # True: concatenate documents and cut blocks; False: one padded sequence per document
     tokenizer: str = "gpt2"  # bundled name or a folder (tokenizer.json or vocab.json + merges.txt)
     text_key: str = "text"  # field of .jsonl records holding the text
+    doc_format: str = "paragraphs"  # .txt documents: separated by blank lines (paragraphs) or one per line (lines)
+    cache_dir: Optional[str] = None  # where tokenised splits are cached (default ~/.cache/fabric_tram/tokens)
+    revision: Optional[str] = None  # hub revision for hf:// data
 
 
-def tokenize_documents(documents, tokenizer, batch: int = 256) -> list[list[int]]:
-    out, docs = [], list(documents)
-    for i in range(0, len(docs), batch):
-        out += [enc.ids + [GPT2_EOT] for enc in tokenizer.encode_batch(docs[i:i + batch])]
-    return out
+class PackedBlocks:
+    """Non-overlapping blocks of ``block_size + 1`` tokens (inputs + shifted targets) over a token stream."""
+
+    def __init__(self, tokens, block_size: int):
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.block_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = i * self.block_size
+        return torch.from_numpy(np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64))
 
 
-def pack_blocks(token_docs: list[list[int]], block_size: int) -> list[torch.Tensor]:
-    """Concatenate documents and cut non-overlapping blocks of ``block_size + 1`` tokens (inputs + shifted targets)."""
-    flat = torch.tensor([t for doc in token_docs for t in doc], dtype=torch.long)
-    n = (len(flat) - 1) // block_size
-    return [flat[i * block_size: i * block_size + block_size + 1] for i in range(n)]
+class DocumentSequences:
+    """One sequence per document (at least 2 tokens), truncated to ``block_size + 1`` tokens."""
+
+    def __init__(self, tokens, doc_ends: np.ndarray, block_size: int):
+        starts = np.concatenate([[0], doc_ends[:-1]]) if len(doc_ends) else np.zeros(0, dtype=np.int64)
+        keep = (doc_ends - starts) >= 2
+        self.tokens, self.starts, self.ends, self.block_size = tokens, starts[keep], doc_ends[keep], block_size
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = int(self.starts[i])
+        end = min(int(self.ends[i]), start + self.block_size + 1)
+        return torch.from_numpy(np.asarray(self.tokens[start:end], dtype=np.int64))
 
 
-def document_sequences(token_docs: list[list[int]], block_size: int) -> list[torch.Tensor]:
-    """One sequence per document, truncated to ``block_size + 1`` tokens; documents of one token are dropped."""
-    return [torch.tensor(doc[: block_size + 1], dtype=torch.long) for doc in token_docs if len(doc) >= 2]
+class Concatenation:
+    """Several sequence collections indexed as one (the training domains)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.parts[part][i - int(self.offsets[part])]
 
 
 @register_task("lm", config=LMConfig, description="causal language modelling over text domains; perplexity per domain")
@@ -61,13 +94,24 @@ class LanguageModelingTask:
 
     def __init__(self, config: LMConfig):
         self.config = config
-        self.root = bundled_data_dir(config.data_dir) if config.data_dir == "sample" else Path(config.data_dir).expanduser()
+        self.root = self._data_root(config)
         self.domains = discover_domains(self.root)
         self.train_domains = self._check_domains(config.train_domains, "train_domains")
         self.eval_domains = self._check_domains(config.eval_domains, "eval_domains")
-        self.tokenizer = load_tokenizer(config.tokenizer)
-        self._cache: dict[tuple[str, str], list[torch.Tensor]] = {}
-        self.train_set = [seq for d in self.train_domains for seq in self.sequences(d, "train")]
+        load_tokenizer(config.tokenizer)  # fail early on a bad tokenizer
+        self._cache: dict[tuple[str, str], object] = {}
+        self.train_set = Concatenation([self.sequences(d, "train") for d in self.train_domains])
+
+    @staticmethod
+    def _data_root(config: LMConfig) -> Path:
+        if config.data_dir == "sample":
+            return bundled_data_dir()
+        if config.data_dir.startswith("hf://"):
+            from fabric_tram.data.m2d2 import fetch_domains
+
+            names = list(dict.fromkeys(list(config.train_domains) + list(config.eval_domains)))
+            return fetch_domains(names, config.data_dir[len("hf://"):], config.revision)
+        return Path(config.data_dir).expanduser()
 
     def _check_domains(self, names: list, key: str) -> list[str]:
         missing = [d for d in names if d not in self.domains]
@@ -75,15 +119,19 @@ class LanguageModelingTask:
             raise DataError(f"task.{key}: domain(s) {missing} not found in {self.root}; available: {', '.join(self.domains)}")
         return list(names) or list(self.domains)
 
-    def sequences(self, domain: str, split: str) -> list[torch.Tensor]:
+    def sequences(self, domain: str, split: str):
+        """The split's sequences (memory-mapped; tokenised once into the cache)."""
         key = (domain, split)
         if key not in self._cache:
             path = split_file(self.root / domain, split)
-            docs = tokenize_documents(read_documents(path, self.config.text_key), self.tokenizer)
-            make = pack_blocks if self.config.packing else document_sequences
-            seqs = make(docs, self.config.block_size)
-            if not seqs:
-                n_tokens = sum(len(d) for d in docs)
+            c = self.config
+            split_tokens = tokenize_split(path, c.tokenizer, Path(c.cache_dir) if c.cache_dir else None, c.doc_format, c.text_key)
+            if c.packing:
+                seqs = PackedBlocks(split_tokens.tokens, c.block_size)
+            else:
+                seqs = DocumentSequences(split_tokens.tokens, split_tokens.doc_ends, c.block_size)
+            if len(seqs) == 0:
+                n_tokens = split_tokens.n_tokens
                 raise DataError(
                     f"{path}: {n_tokens} tokens, too little text for one sequence of block_size={self.config.block_size}"
                     " (+1) tokens; add text or lower task.block_size"
@@ -91,7 +139,7 @@ class LanguageModelingTask:
             self._cache[key] = seqs
         return self._cache[key]
 
-    def eval_sets(self, split: str) -> dict[str, list[torch.Tensor]]:
+    def eval_sets(self, split: str) -> dict:
         return {domain: self.sequences(domain, split) for domain in self.eval_domains}
 
     def collate(self, examples: list[torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
