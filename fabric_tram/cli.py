@@ -65,6 +65,21 @@ def evaluate(checkpoint, overrides, splits, plugins):
     click.echo(format_results(results))
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--out", "out_dir", default="report", show_default=True, help="folder for report.{csv,json,md} and figure2.png")
+@click.option("--split", default=None, help="split to compare (default: test if evaluated, else the first)")
+def report(run_dirs, out_dir, split):
+    """Put several runs side by side (grouped by update rule, mean ± std over seeds) and draw Figure 2."""
+    from fabric_tram.analysis.results import report as make_report
+
+    try:
+        click.echo(make_report([Path(d) for d in run_dirs], Path(out_dir), split))
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(err)
+    click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
+
+
 @main.command(name="list")
 @plugin_option
 def list_registries(plugins):

@@ -220,8 +220,15 @@ def train(config: Config, callbacks: tuple[Callable[[Run, dict], None], ...] = (
     run.results = {split: evaluate(run, split, t.eval_batches) for split in t.eval_splits}
     fabric.log_dict({f"{s}/{d}/{k}": v for s, r in run.results.items() for d, m in r.items() for k, v in m.items()}, step=t.max_steps)
     if fabric.is_global_zero:
-        (run.run_dir / "results.json").write_text(json.dumps({"step": t.max_steps, "results": run.results}, indent=2))
+        train_domains = list(getattr(run.task, "train_domains", []))
+        summary = {"step": t.max_steps, "optimizer": config.optimizer.name, "seed": t.seed,
+                   "train_domains": train_domains, "results": run.results}
+        (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         fabric.print(format_results(run.results))
+        if train_domains:
+            from fabric_tram.analysis.results import write_run_results
+
+            fabric.print(write_run_results(run.run_dir, run.results, train_domains, config.optimizer.name))
     for logger in fabric.loggers:
         logger.finalize("success")
     return run

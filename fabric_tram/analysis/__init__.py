@@ -1,0 +1,1 @@
+"""Analysis: result tables and plots (ε-sharpness and CKA arrive with their issues)."""

@@ -1,0 +1,139 @@
+"""Result tables like the paper's Table 4 (perplexity on the training domain, each zero-shot domain and their
+average), per run and across runs (``fabric-tram report``), and the paper's Figure 2 (in-domain vs
+out-of-domain perplexity, one point per run, the trend line of the non-TRAM runs)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Optional
+
+ZS_AVG = "ZS Avg."
+
+
+def _abbrev(domain: str) -> str:
+    from fabric_tram.data.m2d2 import ABBREVIATIONS
+
+    return ABBREVIATIONS.get(domain, domain)
+
+
+def run_row(results: dict, train_domains: list[str], split: str, metric: str = "ppl") -> dict[str, float]:
+    """One run's row: its training domain(s), every other domain, and the zero-shot average."""
+    per_domain = results[split]
+    row = {d: per_domain[d][metric] for d in train_domains if d in per_domain}
+    zero_shot = {d: m[metric] for d, m in per_domain.items() if d not in train_domains}
+    row.update(zero_shot)
+    if zero_shot:
+        row[ZS_AVG] = sum(zero_shot.values()) / len(zero_shot)
+    return row
+
+
+def pick_split(results: dict) -> str:
+    return "test" if "test" in results else next(iter(results))
+
+
+def write_table(rows: dict[str, dict[str, str | float]], columns: list[str], out_stem: Path) -> str:
+    """Write ``rows`` (label -> column -> value) as CSV, JSON and Markdown; return the Markdown."""
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_stem.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["run", *columns])
+        for label, row in rows.items():
+            writer.writerow([label, *[row.get(c, "") for c in columns]])
+    out_stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    header = ["run", *[_abbrev(c) for c in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in rows.items():
+        cells = [_fmt(row.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    markdown = "\n".join(lines) + "\n"
+    out_stem.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def write_run_results(run_dir: Path, results: dict, train_domains: list[str], label: str) -> str:
+    """After a run's final evaluation: ``results_table.{csv,json,md}`` in the run folder."""
+    split = pick_split(results)
+    row = run_row(results, train_domains, split)
+    return f"{split} perplexity:\n" + write_table({label: row}, list(row), Path(run_dir) / "results_table")
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def load_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no results.json: is it a finished fabric_tram run folder?")
+    data = json.loads(path.read_text())
+    for key in ("results", "optimizer", "train_domains"):
+        if key not in data:
+            raise ValueError(f"{path} lacks {key!r}; it was written by an older fabric_tram, rerun the evaluation")
+    return data
+
+
+def report(run_dirs: list[Path], out_dir: Path, split: Optional[str] = None) -> str:
+    """Side-by-side table of several runs (grouped by update rule: mean ± spread over seeds) and Figure 2."""
+    runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
+    split = split or pick_split(runs[0][1]["results"])
+    per_run = [(d, r["optimizer"], r.get("seed", 0), run_row(r["results"], r["train_domains"], split)) for d, r in runs]
+    columns = list(dict.fromkeys(c for *_, row in per_run for c in row))
+    groups: dict[str, list[dict]] = {}
+    for _, name, _, row in per_run:
+        groups.setdefault(name, []).append(row)
+    table = {}
+    for name, rows in groups.items():
+        table[f"{name} (n={len(rows)})" if len(rows) > 1 else name] = {c: _mean_spread([r[c] for r in rows if c in r]) for c in columns}
+    markdown = write_table(table, columns, Path(out_dir) / "report")
+    train_domains = runs[0][1]["train_domains"]
+    plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
+    return f"{split} perplexity (mean ± std over seeds where n > 1):\n" + markdown
+
+
+def _mean_spread(values: list[float]):
+    if not values:
+        return ""
+    if len(values) == 1:
+        return values[0]
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def plot_in_vs_out(per_run, train_domains: list[str], path: Path) -> None:
+    """Figure 2: x = in-domain perplexity, y = zero-shot average; the trend line fits the non-TRAM runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    points = []
+    for _, name, _, row in per_run:
+        x = sum(row[d] for d in train_domains if d in row) / max(1, sum(d in row for d in train_domains))
+        y = row.get(ZS_AVG, math.nan)
+        points.append((name, x, y))
+    names = list(dict.fromkeys(n for n, *_ in points))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(names):
+        xs = [x for n, x, _ in points if n == name]
+        ys = [y for n, _, y in points if n == name]
+        ax.scatter(xs, ys, label=name, color=colors[i % len(colors)], marker="*" if name.startswith("tram") else "o", s=60)
+    baseline = [(x, y) for n, x, y in points if not n.startswith("tram") and math.isfinite(y)]
+    if len({x for x, _ in baseline}) >= 2:
+        n = len(baseline)
+        mx, my = sum(x for x, _ in baseline) / n, sum(y for _, y in baseline) / n
+        slope = sum((x - mx) * (y - my) for x, y in baseline) / sum((x - mx) ** 2 for x, _ in baseline)
+        xs = sorted(x for _, x, _ in points)
+        ax.plot([xs[0], xs[-1]], [my + slope * (xs[0] - mx), my + slope * (xs[-1] - mx)], "b:", label="trend (non-TRAM)")
+    ax.set_xlabel(f"in-domain perplexity ({', '.join(_abbrev(d) for d in train_domains)})")
+    ax.set_ylabel("zero-shot average perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""Result tables (per run, and side by side across runs with mean ± spread) and Figure 2, on fake run folders."""
+import csv
+import json
+
+from click.testing import CliRunner
+
+from fabric_tram.analysis.results import run_row, write_run_results
+from fabric_tram.cli import main
+
+
+def fake_run(folder, optimizer, seed, math_ppl, art_ppl, cs_ppl):
+    folder.mkdir(parents=True)
+    results = {"test": {d: {"loss": 0.0, "ppl": p, "tokens": 100.0} for d, p in
+                        (("math_l1", math_ppl), ("Art", art_ppl), ("cs_l1", cs_ppl))}}
+    (folder / "results.json").write_text(json.dumps({"optimizer": optimizer, "seed": seed, "train_domains": ["math_l1"],
+                                                     "results": results}))
+    return folder
+
+
+def test_run_row_orders_training_domain_then_zero_shot_and_average():
+    results = {"test": {"Art": {"ppl": 30.0}, "math_l1": {"ppl": 10.0}, "cs_l1": {"ppl": 20.0}}}
+    assert run_row(results, ["math_l1"], "test") == {"math_l1": 10.0, "Art": 30.0, "cs_l1": 20.0, "ZS Avg.": 25.0}
+
+
+def test_per_run_table_files(tmp_path):
+    folder = fake_run(tmp_path / "run", "adam", 0, 10.0, 30.0, 20.0)
+    text = write_run_results(folder, json.loads((folder / "results.json").read_text())["results"], ["math_l1"], "adam")
+    assert "| run | Math | Art | CS | ZS Avg. |" in text and "| adam | 10.00 | 30.00 | 20.00 | 25.00 |" in text
+    rows = list(csv.reader(open(folder / "results_table.csv")))
+    assert rows[0] == ["run", "math_l1", "Art", "cs_l1", "ZS Avg."] and rows[1][0] == "adam"
+    assert json.loads((folder / "results_table.json").read_text())["adam"]["ZS Avg."] == 25.0
+
+
+def test_report_side_by_side_with_seeds_and_figure(tmp_path):
+    runs = [fake_run(tmp_path / "adam0", "adam", 0, 10.0, 30.0, 20.0), fake_run(tmp_path / "adam1", "adam", 1, 12.0, 32.0, 22.0),
+            fake_run(tmp_path / "asam0", "asam", 0, 9.0, 33.0, 19.0), fake_run(tmp_path / "tram0", "tram-prev", 0, 8.5, 29.0, 18.0)]
+    result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "| adam (n=2) | 11.00 ± 1.41 | 31.00 ± 1.41 | 21.00 ± 1.41 | 26.00 ± 1.41 |" in result.output
+    assert "| tram-prev | 8.50 | 29.00 | 18.00 | 23.50 |" in result.output
+    png = (tmp_path / "out" / "figure2.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    bad = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert bad.exit_code != 0 and "has no results.json" in bad.output
