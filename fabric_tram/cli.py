@@ -32,7 +32,8 @@ def main() -> None:
 @click.argument("source", required=False)
 @click.argument("overrides", nargs=-1)
 @plugin_option
-def train(source, overrides, plugins):
+@click.option("--smoke", is_flag=True, help="the recipe's SMOKE setting: tiny model, bundled data, a few steps")
+def train(source, overrides, plugins, smoke):
     """Train from SOURCE (a recipe .py, a config .yaml or a run folder) plus dotted key=value OVERRIDES."""
     from fabric_tram.engine.trainer import train as run_training
 
@@ -40,7 +41,7 @@ def train(source, overrides, plugins):
         source, overrides = None, (source, *overrides)
     try:
         load_plugins(plugins)
-        config = load_config(source, overrides)
+        config = load_config(source, overrides, smoke=smoke)
         run_training(config)
     except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(err)
@@ -91,14 +92,20 @@ def list_registries(plugins):
             click.echo(f"  {entry.name:<14} {entry.description}")
 
 
-def run_recipe(recipe: dict, argv: list[str] | None = None) -> None:
-    """Entry point of ``python recipes/X.py [overrides]`` and ``fabric run recipes/X.py [overrides]``.
+def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None = None):
+    """Entry point of ``python recipes/X.py [--smoke] [overrides]`` and ``fabric run recipes/X.py ...``.
 
-    ``--plugin MODULE`` may be given; every other argument is a dotted ``key=value`` override.
+    ``--plugin MODULE`` may be given; ``--smoke`` applies the recipe's ``smoke`` overrides (tiny model, bundled
+    data, a few steps, the same code path); every other argument is a dotted ``key=value`` override.
     """
     from fabric_tram.engine.trainer import train as run_training
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke" in argv:
+        if smoke is None:
+            sys.exit("error: this recipe has no --smoke setting")
+        argv.remove("--smoke")
+        recipe = merge(recipe, smoke)
     plugins = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
     overrides = [a for i, a in enumerate(argv) if a != "--plugin" and (i == 0 or argv[i - 1] != "--plugin")]
     try:
@@ -106,7 +113,7 @@ def run_recipe(recipe: dict, argv: list[str] | None = None) -> None:
         config = resolve(merge(recipe, parse_overrides(overrides)))
     except (ConfigError, KeyError, ValueError, ModuleNotFoundError) as err:
         sys.exit(f"error: {err}")
-    run_training(config)
+    return run_training(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,6 +48,7 @@ class TrainerConfig:
     eval_splits: list = field(default_factory=lambda: ["validation"])
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 3
+    select_best: bool = False  # keep the checkpoint with the lowest in-domain validation loss; evaluate it at the end
     resume: Optional[str] = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
     progress_bar: bool = True
 
@@ -297,8 +298,9 @@ def load_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path) -> dict:
-    """A recipe is a Python file defining ``RECIPE``, a nested dict of sections (raw, unresolved)."""
+def load_recipe(path: str | Path, smoke: bool = False) -> dict:
+    """A recipe is a Python file defining ``RECIPE``, a nested dict of sections (raw, unresolved), and
+    optionally ``SMOKE``, the overrides of its ``--smoke`` setting."""
     import runpy
 
     path = Path(path)
@@ -307,10 +309,14 @@ def load_recipe(path: str | Path) -> dict:
     namespace = runpy.run_path(str(path), run_name="__recipe__")
     if not isinstance(namespace.get("RECIPE"), dict):
         raise ConfigError(f"recipe {str(path)!r} defines no RECIPE dict")
+    if smoke:
+        if not isinstance(namespace.get("SMOKE"), dict):
+            raise ConfigError(f"recipe {str(path)!r} defines no SMOKE dict: it has no --smoke setting")
+        return merge(namespace["RECIPE"], namespace["SMOKE"])
     return namespace["RECIPE"]
 
 
-def load_raw(source: str | Path | dict | None) -> dict:
+def load_raw(source: str | Path | dict | None, smoke: bool = False) -> dict:
     """A recipe (.py), a config file (.yaml/.yml), a run folder (its config.yaml) or a dict."""
     if source is None:
         return {}
@@ -320,9 +326,11 @@ def load_raw(source: str | Path | dict | None) -> dict:
     if path.is_dir():
         path = path / "config.yaml"
     if path.suffix == ".py":
-        return load_recipe(path)
+        return load_recipe(path, smoke)
+    if smoke:
+        raise ConfigError("--smoke applies to recipes (.py files with a SMOKE dict), not to config files")
     return load_yaml(path)
 
 
-def load_config(source=None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    return resolve(merge(load_raw(source), parse_overrides(overrides)))
+def load_config(source=None, overrides: list[str] | tuple[str, ...] = (), smoke: bool = False) -> Config:
+    return resolve(merge(load_raw(source, smoke), parse_overrides(overrides)))

@@ -84,10 +84,24 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
             shutil.rmtree(old)
         else:
             tmp.rename(final)
+        best = best_step(run_dir)
         for stale in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(stale)
+            if stale.name != f"{PREFIX}{best:08d}":  # never prune the best checkpoint
+                shutil.rmtree(stale)
     fabric.barrier()
     return final
+
+
+def best_step(run_dir: str | Path) -> int:
+    path = Path(run_dir) / CHECKPOINT_DIR / "best.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else -1
+
+
+def record_best(run_dir: str | Path, step: int, metric: float) -> None:
+    path = Path(run_dir) / CHECKPOINT_DIR / "best.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"step": step, "validation_loss": metric}))
+    tmp.replace(path)
 
 
 def read_meta(path: str | Path) -> dict:

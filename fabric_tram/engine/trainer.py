@@ -212,16 +212,34 @@ def train(config: Config, callbacks: tuple[Callable[[Run, dict], None], ...] = (
             save(run, step)
             last_saved = step
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            metrics = evaluate(run, t.eval_splits[0], t.eval_batches)
-            fabric.log_dict({f"{t.eval_splits[0]}/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step=step)
+            metrics = evaluate(run, "validation", t.eval_batches)
+            fabric.log_dict({f"validation/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step=step)
+            if t.select_best and _improves_best(run, metrics, step):
+                if last_saved != step:
+                    save(run, step)
+                    last_saved = step
+                if fabric.is_global_zero:
+                    ckpt.record_best(run.run_dir, step, in_domain_loss(run.task, metrics))
+                fabric.barrier()
     progress.close()
     if last_saved != t.max_steps and run.start_step < t.max_steps:
         save(run, t.max_steps)
+    evaluated_step = t.max_steps
+    if t.select_best:
+        final_validation = evaluate(run, "validation", t.eval_batches)
+        if _improves_best(run, final_validation, t.max_steps):
+            if fabric.is_global_zero:
+                ckpt.record_best(run.run_dir, t.max_steps, in_domain_loss(run.task, final_validation))
+            fabric.barrier()
+        else:  # evaluate the weights of the best checkpoint, as the paper's model selection
+            evaluated_step = ckpt.best_step(run.run_dir)
+            ckpt.load_checkpoint(fabric, ckpt.checkpoint_path(run.run_dir, evaluated_step), run.model, None, None,
+                                 to_dict(config)["model"])
     run.results = {split: evaluate(run, split, t.eval_batches) for split in t.eval_splits}
-    fabric.log_dict({f"{s}/{d}/{k}": v for s, r in run.results.items() for d, m in r.items() for k, v in m.items()}, step=t.max_steps)
+    fabric.log_dict({f"final/{s}/{d}/{k}": v for s, r in run.results.items() for d, m in r.items() for k, v in m.items()}, step=t.max_steps)
     if fabric.is_global_zero:
         train_domains = list(getattr(run.task, "train_domains", []))
-        summary = {"step": t.max_steps, "optimizer": config.optimizer.name, "seed": t.seed,
+        summary = {"step": t.max_steps, "evaluated_step": evaluated_step, "optimizer": config.optimizer.name, "seed": t.seed,
                    "train_domains": train_domains, "results": run.results}
         (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         fabric.print(format_results(run.results))
@@ -232,6 +250,20 @@ def train(config: Config, callbacks: tuple[Callable[[Run, dict], None], ...] = (
     for logger in fabric.loggers:
         logger.finalize("success")
     return run
+
+
+def in_domain_loss(task, metrics: dict) -> float:
+    """Token-weighted validation loss over the training domains (every domain when the task has none)."""
+    names = [d for d in getattr(task, "train_domains", []) if d in metrics] or list(metrics)
+    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
+    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)
+
+
+def _improves_best(run: Run, metrics: dict, step: int) -> bool:
+    previous = run.run_dir / ckpt.CHECKPOINT_DIR / "best.json"
+    current = in_domain_loss(run.task, metrics)
+    best = json.loads(previous.read_text())["validation_loss"] if previous.is_file() else math.inf
+    return bool(run.fabric.broadcast(current < best, src=0)) if run.fabric.world_size > 1 else current < best
 
 
 def _unwrapped(model):

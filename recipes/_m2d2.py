@@ -1,0 +1,23 @@
+"""Shared by the M2D2 recipes (paper section 4.2, appendices B.4 and C.2): domains and the smoke setting."""
+from fabric_tram.data.m2d2 import S2ORC, WIKI
+
+S2ORC_DOMAINS = list(S2ORC.values())  # Math (math_l1) first: the training domain
+WIKI_DOMAINS = list(WIKI.values())  # Society and social sciences first: the training domain
+
+
+def m2d2_task(domains: list[str]) -> dict:
+    return {"name": "lm", "data_dir": "hf://machelreid/m2d2", "doc_format": "lines", "block_size": 1024,
+            "train_domains": domains[:1], "eval_domains": domains}
+
+
+def smoke(run_dir: str) -> dict:
+    """Tiny preset on the bundled sample corpus, a few steps; every other setting (strategy, precision,
+    update rule, evaluation, best-checkpoint selection) stays the recipe's own."""
+    return {
+        "model": {"pretrained": None, "preset": "tiny"},
+        "task": {"data_dir": "sample", "doc_format": "paragraphs", "block_size": 64,
+                 "train_domains": ["licenses"], "eval_domains": []},
+        "schedule": {"warmup_steps": 2},
+        "trainer": {"run_dir": run_dir, "max_steps": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2,
+                    "eval_batches": 2, "progress_bar": False},
+    }

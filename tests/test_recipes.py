@@ -1,0 +1,71 @@
+"""The paper's recipes: --smoke of each (1 process; gpt2xl_s2orc also on 2 processes with FSDP), and the
+best-checkpoint selection they use."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fabric_tram.config import load_config
+from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine.trainer import train
+from helpers import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", ["gpt2_s2orc", "gpt2_wiki"])
+def test_recipe_smoke_in_process(recipe, tmp_path):
+    config = load_config(ROOT / "recipes" / f"{recipe}.py", [f"trainer.run_dir={tmp_path / recipe}", "optimizer.name=tram-prev"], smoke=True)
+    full = load_config(ROOT / "recipes" / f"{recipe}.py")
+    assert full.trainer.max_steps == 50_000 and full.trainer.micro_batch_size == 16 and full.model.pretrained == "gpt2"
+    assert full.task.data_dir == "hf://machelreid/m2d2" and len(full.task.eval_domains) == 11
+    assert config.optimizer.lr == 2e-5 and config.optimizer.betas == [0.9, 0.99]  # the recipe's own, kept by the rule
+    run = train(config)
+    assert len(run.history) == 4 and (tmp_path / recipe / "results_table.md").is_file()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("devices", [1, 2])
+def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
+    full = load_config(ROOT / "recipes" / "gpt2xl_s2orc.py")
+    assert (full.trainer.strategy, full.trainer.precision, full.trainer.micro_batch_size, full.trainer.max_steps) == ("fsdp", "bf16-mixed", 4, 100_000)
+    assert full.model.pretrained == "gpt2-xl" and full.schedule.warmup_steps == 10_000
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(ROOT / "recipes" / "gpt2xl_s2orc.py"), "--smoke", f"trainer.run_dir={tmp_path / 'xl'}", "optimizer.name=tram-prev"]
+    if devices == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu", "--main-port", str(_free_port()), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    summary = json.loads((tmp_path / "xl" / "results.json").read_text())
+    assert summary["optimizer"] == "tram-prev" and set(summary["results"]) == {"validation", "test"}
+    assert (tmp_path / "xl" / "checkpoints" / "best.json").is_file()
+
+
+def test_select_best_evaluates_the_lowest_validation_loss_checkpoint(corpus, tmp_path):
+    # SGD with a huge learning rate diverges: the best in-domain validation loss is early, not at the end
+    config = small_config(corpus, tmp_path / "best", "sgd", steps=5, extra=[
+        "optimizer.lr=60", "trainer.eval_every=1", "trainer.select_best=true", "trainer.save_every=1", "trainer.keep_last=1",
+        "task.train_domains=[alpha]", "trainer.eval_batches=0"])
+    train(config)
+    rows = list(csv.DictReader(open(tmp_path / "best" / "logs" / "csv" / "metrics.csv")))
+    losses = {int(r["step"]): float(r["validation/alpha/loss"]) for r in rows if r.get("validation/alpha/loss")}
+    best = ckpt.best_step(tmp_path / "best")
+    assert best == min(losses, key=losses.get) and best < 5
+    summary = json.loads((tmp_path / "best" / "results.json").read_text())
+    assert summary["evaluated_step"] == best
+    assert summary["results"]["validation"]["alpha"]["loss"] == pytest.approx(losses[best], rel=1e-6)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "best")]
+    assert names == [f"step-{best:08d}", "step-00000005"]  # keep_last=1 never prunes the best
