@@ -81,6 +81,25 @@ def report(run_dirs, out_dir, split):
     click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("source")
+@click.argument("overrides", nargs=-1)
+@click.option("--devices", default=1, show_default=True, help="devices per node")
+@click.option("--num-nodes", default=1, show_default=True)
+@plugin_option
+def estimate(source, overrides, devices, num_nodes, plugins):
+    """Per-device memory (parameters, gradients, optimizer state, rule buffers, activations) and FLOPs per step."""
+    from fabric_tram.analysis.estimate import estimate as run_estimate
+    from fabric_tram.analysis.estimate import format_estimate
+
+    try:
+        load_plugins(plugins)
+        config = load_config(source, overrides)
+        click.echo(format_estimate(config, run_estimate(config, devices, num_nodes)))
+    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        _fail(err)
+
+
 @main.command(name="list")
 @plugin_option
 def list_registries(plugins):

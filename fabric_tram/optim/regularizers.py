@@ -147,9 +147,11 @@ class RegularizedRule(UpdateRule):
         super().__init__(config, model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
         self.regulariser = REGULARISERS[self.kind](config, model, params)
-        self.forward_passes = 1 + self.regulariser.forward_passes
-        self.no_grad_forward_passes = self.regulariser.no_grad_forward_passes
 
+    @classmethod
+    def pass_counts(cls) -> tuple[int, int, int]:
+        reg = REGULARISERS[cls.kind]
+        return 1 + reg.forward_passes, reg.no_grad_forward_passes, 1
     def step(self, ctx: StepContext) -> dict:
         self.regulariser.meter.reset()
         result = ctx.forward_backward(**self.regulariser.hooks(ctx))

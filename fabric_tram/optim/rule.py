@@ -17,9 +17,16 @@ class UpdateRule:
 
     # passes per step (for FLOPs/MFU accounting and the smoke tests' counts)
     forward_passes, backward_passes, no_grad_forward_passes = 1, 1, 0
+    state_factor = 0  # bytes held between steps per parameter byte (buffers, copies)
 
     def __init__(self, config, model, optimizer):
         self.config, self.model, self.optimizer = config, model, optimizer
+        self.forward_passes, self.no_grad_forward_passes, self.backward_passes = self.pass_counts()
+
+    @classmethod
+    def pass_counts(cls) -> tuple[int, int, int]:
+        """(forward with gradient, no-grad forward, backward) passes over the step's micro-batches."""
+        return cls.forward_passes, cls.no_grad_forward_passes, cls.backward_passes
 
     def step(self, ctx: StepContext) -> dict:
         result = ctx.forward_backward()

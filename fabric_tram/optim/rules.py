@@ -122,29 +122,32 @@ class ASAMR3FConfig(R3FConfig, ASAMConfig):
 
 
 def _rule(name: str, config, description: str, base: type, **attributes):
-    """Register a rule class: ``base`` with the class attributes that make it this rule."""
+    """Register a rule class: ``base`` with the class attributes that make it this rule.
+
+    ``state_factor``: bytes the rule holds between steps per parameter byte (ALGORITHMS.md; mesa's EMA is fp32).
+    """
     cls = type(name.replace("-", "_").replace("+", "_").upper(), (base,), {"__doc__": description, "__module__": __name__, **attributes})
     register_optimizer(name, config=config, description=description)(cls)
     return cls
 
 
-SAM = _rule("sam", SAMConfig, "SAM: e = ρ g/‖g‖; 2 fwd / 2 bwd; state 1x params", SharpnessRule, direction="sam")
-ASAM = _rule("asam", ASAMConfig, "ASAM: e = ρ T²g/‖Tg‖, T = |θ|+η; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="asam")
-FSAM = _rule("fsam", FSAMConfig, "Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="fisher")
+SAM = _rule("sam", SAMConfig, "SAM: e = ρ g/‖g‖; 2 fwd / 2 bwd; state 1x params", SharpnessRule, direction="sam", state_factor=1)
+ASAM = _rule("asam", ASAMConfig, "ASAM: e = ρ T²g/‖Tg‖, T = |θ|+η; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="asam", state_factor=1)
+FSAM = _rule("fsam", FSAMConfig, "Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="fisher", state_factor=1)
 TRAM_PREV = _rule("tram-prev", TRAMConfig, "TRAM-θ_{t-1}: e = d T²g/‖Tg‖, d = D(p(θ_{s-2})‖p(θ_{s-1})); 2 fwd + 1 no-grad / 2 bwd; state 1x",
-                  SharpnessRule, direction="asam", trust_region="prev")
+                  SharpnessRule, direction="asam", trust_region="prev", state_factor=1)
 TRAM_INIT = _rule("tram-init", TRAMConfig, "TRAM-θ_0: as tram-prev with target θ_0; 2 fwd + 1 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", trust_region="init")
+                  SharpnessRule, direction="asam", trust_region="init", state_factor=2)
 TRAM_X = _rule("tram-x", TRAMXConfig, "TRAM-x: d = D(p(x+z;θ)‖p(x;θ)), descent on clean x; 2 fwd + 1 no-grad / 2 bwd; state 1x",
-               SharpnessRule, direction="asam", trust_region="noise")
+               SharpnessRule, direction="asam", trust_region="noise", state_factor=1)
 TRAM_FISHER = _rule("tram-fisher", TRAMFisherConfig, "TRAM-Fisher: FSAM with g̃ from an ascent pass on x+z, descent on x; 2 fwd / 2 bwd; state 1x",
-                    SharpnessRule, direction="fisher", noised_ascent=True)
-TRPO = _rule("trpo", TRPOConfig, "TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="trpo")
-R3F = _rule("r3f", R3FConfig, "R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0", RegularizedRule, kind="r3f")
-MESA = _rule("mesa", MESAConfig, "MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="mesa")
+                    SharpnessRule, direction="fisher", noised_ascent=True, state_factor=1)
+TRPO = _rule("trpo", TRPOConfig, "TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="trpo", state_factor=1)
+R3F = _rule("r3f", R3FConfig, "R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0", RegularizedRule, kind="r3f", state_factor=0)
+MESA = _rule("mesa", MESAConfig, "MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="mesa", state_factor=1)
 ASAM_TRPO = _rule("asam+trpo", ASAMTRPOConfig, "ASAM whose loss carries TRPO's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", regulariser_kind="trpo")
+                  SharpnessRule, direction="asam", regulariser_kind="trpo", state_factor=2)
 ASAM_R3F = _rule("asam+r3f", ASAMR3FConfig, "ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x",
-                 SharpnessRule, direction="asam", regulariser_kind="r3f")
+                 SharpnessRule, direction="asam", regulariser_kind="r3f", state_factor=1)
 ASAM_MESA = _rule("asam+mesa", ASAMMESAConfig, "ASAM whose loss carries MESA's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", regulariser_kind="mesa")
+                  SharpnessRule, direction="asam", regulariser_kind="mesa", state_factor=2)

@@ -58,12 +58,13 @@ class SharpnessRule(UpdateRule):
         if self.trust_region == "noise":
             self.reference = NoiseReference(self.noise.forward)
         self.regulariser = REGULARISERS[self.regulariser_kind](config, model, self.params) if self.regulariser_kind else None
-        if self.trust_region:
-            self.no_grad_forward_passes = 1
-        if self.regulariser:
-            self.forward_passes = 2 * (1 + self.regulariser.forward_passes)
-            self.no_grad_forward_passes = 2 * self.regulariser.no_grad_forward_passes
 
+    @classmethod
+    def pass_counts(cls) -> tuple[int, int, int]:
+        if cls.regulariser_kind:  # both passes carry the regulariser's forwards
+            reg = REGULARISERS[cls.regulariser_kind]
+            return 2 * (1 + reg.forward_passes), 2 * reg.no_grad_forward_passes, 2
+        return 2, 1 if cls.trust_region else 0, 2
     # ------------------------------------------------------------------------------------------- passes
 
     def pass_hooks(self, ctx: StepContext, ascent: bool) -> dict:

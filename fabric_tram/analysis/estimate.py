@@ -1,0 +1,103 @@
+"""``fabric-tram estimate``: per-device memory and FLOPs of one optimizer step, before paying for a run.
+
+Parameters, gradients, base-optimizer state and update-rule buffers are counted exactly from the model's shapes
+(built on the meta device) and divided by the world size under fsdp. Activations are an estimate for GPT-2
+blocks with fused (SDPA) attention: about 34·B·T·C bytes per block at 16-bit (Korthikanti et al. 2022, without
+the attention-score term that fused attention does not store), only the block inputs under activation
+checkpointing, plus the float32 logits and their gradient, plus a target forward's logits for the rules that
+run one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fabric_tram.config import Config
+from fabric_tram.models import build_model
+from fabric_tram.optim.rule import base_optimizer_name, is_rule
+from fabric_tram.registry import OPTIMIZERS
+
+GIB = 1024 ** 3
+
+
+def meta_model(config: Config) -> torch.nn.Module:
+    """The model on the meta device (no weights read): sizes from the preset or the checkpoint's config.json."""
+    section = config.model
+    if getattr(section, "pretrained", None):
+        from fabric_tram.models.gpt2 import HF_IDS, PRESETS, config_from_hf
+
+        name = section.pretrained
+        if name in PRESETS or name in HF_IDS:
+            section = replace(section, pretrained=None, preset=name)
+        elif (Path(name) / "config.json").is_file():
+            section = config_from_hf(replace(section, pretrained=None), json.loads((Path(name) / "config.json").read_text()))
+        else:
+            raise ValueError(f"cannot size model.pretrained={name!r} offline: use a preset name or a local folder")
+    with torch.device("meta"):
+        return build_model(section)
+
+
+def optimizer_state_factor(config: Config) -> float:
+    """Base-optimizer state per parameter element, in parameter-sized tensors (Adam: 2, SGD+momentum: 1)."""
+    base = base_optimizer_name(config.optimizer)
+    if base in ("adam", "adamw"):
+        return 2.0
+    return 1.0 if getattr(config.optimizer, "momentum", 0.0) else 0.0
+
+
+def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
+    model = meta_model(config)
+    t = config.trainer
+    world = devices * num_nodes
+    shards = world if t.strategy == "fsdp" else 1
+    n_params = sum(p.numel() for p in model.parameters())
+    param_bytes = 2 if t.precision == "bf16-true" else 4  # mixed precision keeps fp32 weights
+    act_bytes = 4 if t.precision == "32-true" else 2
+    target = OPTIMIZERS.get(config.optimizer.name).target
+    rule_factor = target.state_factor if is_rule(target) else 0
+    fwd, nograd, bwd = target.pass_counts() if is_rule(target) else (1, 0, 1)
+    rule_bytes = n_params * param_bytes * rule_factor
+    if config.optimizer.name in ("mesa", "asam+mesa"):  # the EMA is kept in fp32 whatever the weights
+        rule_bytes += n_params * (4 - param_bytes)
+    sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
+    L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
+    B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
+    V = getattr(model.config, "vocab_size", 0)
+    block_full = 34 * B * T * C * act_bytes / 2
+    activations = {"without_checkpointing": L * block_full, "with_checkpointing": L * B * T * C * act_bytes + block_full}
+    logits = 2 * B * T * V * 4 + (B * T * V * 4 if nograd else 0)
+    parts = {
+        "parameters": n_params * param_bytes / shards,
+        "gradients": n_params * param_bytes / shards,
+        "optimizer_state": n_params * 4 * optimizer_state_factor(config) / shards,
+        "update_rule_buffers": rule_bytes / shards,
+        "activations": activations["with_checkpointing" if t.activation_checkpointing else "without_checkpointing"] + logits,
+    }
+    tokens = B * T * t.accumulate
+    flops_fwd = model.forward_flops_per_token(T) * tokens if hasattr(model, "forward_flops_per_token") else float("nan")
+    return {"world_size": world, "sharded_over": shards, "n_params": n_params, "bytes": parts,
+            "activations_without_checkpointing": activations["without_checkpointing"] + logits,
+            "activations_with_checkpointing": activations["with_checkpointing"] + logits,
+            "total_bytes": sum(parts.values()), "passes": {"forward": fwd, "no_grad_forward": nograd, "backward": bwd},
+            "flops_per_step_per_device": flops_fwd * (fwd + nograd + 2 * bwd), "tokens_per_step_per_device": tokens}
+
+
+def format_estimate(config: Config, e: dict) -> str:
+    b = e["bytes"]
+    lines = [f"{config.model.name} ({e['n_params'] / 1e6:,.1f}M parameters), update rule {config.optimizer.name} "
+             f"(base {base_optimizer_name(config.optimizer)}), {config.trainer.strategy}, {config.trainer.precision}, "
+             f"{e['world_size']} device(s); per device:"]
+    for key in ("parameters", "gradients", "optimizer_state", "update_rule_buffers"):
+        lines.append(f"  {key.replace('_', ' '):<22} {b[key] / GIB:9.2f} GiB")
+    lines.append(f"  {'activations':<22} {e['activations_without_checkpointing'] / GIB:9.2f} GiB without checkpointing, "
+                 f"{e['activations_with_checkpointing'] / GIB:.2f} GiB with (this config: "
+                 f"{'on' if config.trainer.activation_checkpointing else 'off'})")
+    lines.append(f"  {'total':<22} {e['total_bytes'] / GIB:9.2f} GiB (+ framework and allocator overhead)")
+    p = e["passes"]
+    lines.append(f"  compute: {e['flops_per_step_per_device'] / 1e12:,.2f} TFLOP per step per device "
+                 f"({p['forward']} fwd + {p['no_grad_forward']} no-grad fwd + {p['backward']} bwd over "
+                 f"{e['tokens_per_step_per_device']:,} tokens)")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""fabric-tram estimate: its parameter-and-state part equals the bytes actually allocated for a small model."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fabric_tram.analysis.estimate import estimate
+from fabric_tram.cli import main
+from fabric_tram.config import load_config
+from fabric_tram.engine.trainer import train
+from helpers import small_config
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None and t.numel() > 1)  # scalars (Adam's step) aside
+
+
+@pytest.mark.parametrize("rule", ["adam", "sgd", "tram-init", "mesa", "asam+trpo"])
+def test_parameter_and_state_bytes_match_allocated_tensors(corpus, tmp_path, rule):
+    extra = ["optimizer.base=adam"] if rule not in ("adam", "sgd") else (["optimizer.momentum=0.9"] if rule == "sgd" else [])
+    config = small_config(corpus, tmp_path / rule, rule, steps=1, extra=extra)
+    run = train(config)
+    params = [p for p in run.model.parameters()]
+    for p in params:  # the gradients a step holds
+        p.grad = torch.zeros_like(p)
+    optimizer_state = [t for state in run.optimizer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    rule_state = [t for buffers in run.rule.state_dict().values() for t in buffers]
+    backup = getattr(run.rule, "backup", None)
+    if backup is not None and all(backup is not v for v in run.rule.state_dict().values()):
+        rule_state += backup  # the restore point is held between steps even when it is not saved
+    e = estimate(config, devices=1)["bytes"]
+    assert e["parameters"] == tensor_bytes(params)
+    assert e["gradients"] == tensor_bytes(p.grad for p in params)
+    assert e["optimizer_state"] == tensor_bytes(optimizer_state)
+    assert e["update_rule_buffers"] == tensor_bytes(rule_state)
+
+
+def test_estimate_command_for_the_gpt2xl_recipe():
+    result = CliRunner().invoke(main, ["estimate", "recipes/gpt2xl_s2orc.py", "--devices", "4", "optimizer.name=tram-prev"])
+    assert result.exit_code == 0, result.output
+    assert "1,557.6M parameters" in result.output and "4 device(s)" in result.output
+    assert "2 fwd + 1 no-grad fwd + 2 bwd" in result.output
+    one = estimate(load_config("recipes/gpt2xl_s2orc.py"), devices=1)
+    four = estimate(load_config("recipes/gpt2xl_s2orc.py"), devices=4)
+    assert four["bytes"]["parameters"] == pytest.approx(one["bytes"]["parameters"] / 4)  # fsdp shards the state
