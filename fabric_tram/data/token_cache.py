@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from fabric_tram.data.text import read_documents
-from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer, tokenizer_fingerprint
+from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer, tokenizer_fingerprint
 
 BATCH_DOCS = 512
 
@@ -79,6 +79,7 @@ def tokenize_split(source: Path, tokenizer: str = "gpt2", cache_root: Path | Non
 
 def _build(source, tokenizer_name, doc_format, text_key, paths, wanted, meta, progress) -> None:
     tokenizer = load_tokenizer(tokenizer_name)
+    eot = end_of_text_id(tokenizer_name)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.int32
     done_docs = meta["docs_done"] if meta else 0
     n_tokens = meta["tokens_done"] if meta else 0
@@ -97,7 +98,7 @@ def _build(source, tokenizer_name, doc_format, text_key, paths, wanted, meta, pr
     with open(paths["tokens"], mode) as tok_fh, open(paths["docs"], mode) as doc_fh:
         for batch, bytes_done in _document_batches(source, doc_format, text_key, skip=done_docs):
             encoded = tokenizer.encode_batch(batch)
-            ids = [e.ids + [GPT2_EOT] for e in encoded]
+            ids = [e.ids + [eot] for e in encoded]
             flat = np.fromiter((t for doc in ids for t in doc), dtype=dtype)
             ends = n_tokens + np.cumsum([len(d) for d in ids], dtype=np.int64)
             tok_fh.write(flat.tobytes())

@@ -6,6 +6,7 @@ from importlib.resources import files
 from pathlib import Path
 
 GPT2_EOT = 50256  # <|endoftext|>
+EOT_TOKEN = "<|endoftext|>"
 
 
 def bundled_tokenizer_dir(name: str = "gpt2") -> Path:
@@ -35,3 +36,12 @@ def tokenizer_fingerprint(name_or_path: str = "gpt2") -> str:
     """Identifies a tokenizer's vocabulary (for caches): size plus the ids of a fixed probe string."""
     tok = load_tokenizer(name_or_path)
     return f"{tok.get_vocab_size()}:{tok.encode('fabric_tram probe: Hello world, 1234!').ids}"
+
+
+def end_of_text_id(name_or_path: str = "gpt2") -> int:
+    """The id of <|endoftext|> (documents end with it; padding uses it too, masked out of the loss)."""
+    tok = load_tokenizer(name_or_path)
+    eot = tok.token_to_id(EOT_TOKEN)
+    if eot is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no {EOT_TOKEN} token; add it as a special token")
+    return eot

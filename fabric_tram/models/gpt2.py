@@ -180,12 +180,12 @@ class GPT2(nn.Module):
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face GPT-2 state dict (Conv1D layout) into this model, refusing any mismatch."""
         ours = self.state_dict()
-        converted, transposed = {}, ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        converted = {}
         for key, value in hf_state.items():
             key = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
             if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
                 continue
-            converted[key] = value.t() if key.endswith(transposed) else value
+            converted[key] = value.t() if key.endswith(HF_CONV1D) else value
         converted.setdefault("lm_head.weight", converted.get("transformer.wte.weight"))
         missing = sorted(set(ours) - set(converted))
         unexpected = sorted(set(converted) - set(ours))
@@ -209,3 +209,33 @@ def config_from_hf(config: GPT2Config, hf: dict) -> GPT2Config:
                    n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
                    layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
 
+
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def export_hf_checkpoint(model: GPT2, folder, eos_token_id: Optional[int] = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout (loadable by transformers)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    s = model.config.sizes()
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":  # tied to wte
+            continue
+        value = value.detach().cpu()
+        state[key] = (value.t() if key.endswith(HF_CONV1D) else value).contiguous()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+              "n_layer": s["n_layer"], "n_head": s["n_head"], "n_embd": s["n_embd"], "n_positions": s["n_positions"],
+              "n_ctx": s["n_positions"], "vocab_size": model.config.vocab_size, "layer_norm_epsilon": model.config.layer_norm_epsilon,
+              "resid_pdrop": model.config.dropout, "embd_pdrop": model.config.dropout, "attn_pdrop": model.config.dropout,
+              "tie_word_embeddings": True}
+    if eos_token_id is not None:
+        config.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -14,7 +14,15 @@ WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.
 
 
 def resolve_checkpoint_folder(name_or_path: str, revision: Optional[str] = None) -> Path:
-    """A local folder as is; anything else is a hub id fetched (or found in the cache) by huggingface_hub."""
+    """``bundled:NAME`` (shipped with fabric_tram), a local folder as is, or else a hub id fetched (or found in
+    the cache) by huggingface_hub."""
+    if name_or_path.startswith("bundled:"):
+        from importlib.resources import files
+
+        path = Path(str(files("fabric_tram") / "assets" / "models" / name_or_path[len("bundled:"):]))
+        if not path.is_dir():
+            raise FileNotFoundError(f"no bundled checkpoint {name_or_path!r} (looked in {path})")
+        return path
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

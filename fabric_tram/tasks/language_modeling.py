@@ -17,7 +17,7 @@ import torch
 from fabric_tram.data.batching import pad_sequences
 from fabric_tram.data.text import DataError, discover_domains, split_file
 from fabric_tram.data.token_cache import tokenize_split
-from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer
+from fabric_tram.data.tokenizer import end_of_text_id
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.base import LossOutput, cross_entropy_sum
 
@@ -30,7 +30,7 @@ def bundled_data_dir(name: str = "sample") -> Path:
 
 @dataclass
 class LMConfig:
-    data_dir: str = "sample"  # a folder of domains, "sample" (bundled), or "hf://machelreid/m2d2" (M2D2 archives)
+    data_dir: str = "sample"  # a folder of domains; "sample" or "demo" (bundled); "hf://machelreid/m2d2" (M2D2 archives)
     train_domains: list = field(default_factory=list)  # empty: every domain found
     eval_domains: list = field(default_factory=list)  # empty: every domain found
     block_size: int = 128  # tokens per training sequence
@@ -98,14 +98,14 @@ class LanguageModelingTask:
         self.domains = discover_domains(self.root)
         self.train_domains = self._check_domains(config.train_domains, "train_domains")
         self.eval_domains = self._check_domains(config.eval_domains, "eval_domains")
-        load_tokenizer(config.tokenizer)  # fail early on a bad tokenizer
+        self.pad_id = end_of_text_id(config.tokenizer)  # also fails early on a bad tokenizer
         self._cache: dict[tuple[str, str], object] = {}
         self.train_set = Concatenation([self.sequences(d, "train") for d in self.train_domains])
 
     @staticmethod
     def _data_root(config: LMConfig) -> Path:
-        if config.data_dir == "sample":
-            return bundled_data_dir()
+        if config.data_dir in ("sample", "demo"):
+            return bundled_data_dir(config.data_dir)
         if config.data_dir.startswith("hf://"):
             from fabric_tram.data.m2d2 import fetch_domains
 
@@ -144,7 +144,7 @@ class LanguageModelingTask:
 
     def collate(self, examples: list[torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
         """Right-pad a micro-batch; ``labels`` are the inputs shifted by one, padding labelled -100."""
-        inputs = pad_sequences([s[:-1] for s in examples], GPT2_EOT)
+        inputs = pad_sequences([s[:-1] for s in examples], self.pad_id)
         labels = pad_sequences([s[1:] for s in examples], IGNORE)
         return {"input_ids": inputs, "labels": labels, "example_index": torch.tensor(indices, dtype=torch.long)}
 

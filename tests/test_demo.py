@@ -1,0 +1,54 @@
+"""The bundled demo: corpus, tokenizer and pre-trained checkpoint ship with the package; the demo command runs
+end to end on a cut-down setting; our GPT-2 export loads in Hugging Face transformers with identical logits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer
+from fabric_tram.models.gpt2 import GPT2, GPT2Config, export_hf_checkpoint
+from fabric_tram.tasks.language_modeling import bundled_data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_assets_are_bundled():
+    domains = sorted(p.name for p in bundled_data_dir("demo").iterdir() if p.is_dir())
+    assert domains == ["bible", "jargon", "python-manual", "wordnet"]
+    for domain in domains:
+        sizes = {s: (bundled_data_dir("demo") / domain / f"{s}.txt").stat().st_size for s in ("train", "validation", "test")}
+        assert sizes["train"] > 900_000 and sizes["validation"] > 90_000 and sizes["test"] > 90_000
+    assert load_tokenizer("demo").get_vocab_size() == 4096 and end_of_text_id("demo") == 0
+    model = GPT2.from_config(GPT2Config(pretrained="bundled:demo-gpt2"))
+    assert model.config.vocab_size == 4096 and sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_export_loads_in_transformers_with_identical_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = GPT2(GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=32, n_positions=40, vocab_size=97)).eval()
+    export_hf_checkpoint(ours, tmp_path / "export", eos_token_id=0)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=0)
+    again = GPT2.from_config(GPT2Config(pretrained=str(tmp_path / "export"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
+
+
+def test_demo_command_on_a_cut_down_setting(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(tmp_path / "demo"),
+                          "--rules", "adam,tram-prev"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| run | jargon | bible | python-manual | wordnet | ZS Avg. |" in out.stdout
+    assert "| tram-prev |" in out.stdout and "| adam |" in out.stdout
+    assert (tmp_path / "demo" / "report" / "figure2.png").is_file()
+    summary = json.loads((tmp_path / "demo" / "tram-prev-seed0" / "results.json").read_text())
+    assert summary["train_domains"] == ["jargon"] and set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}
+    rerun = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(tmp_path / "demo"),
+                            "--rules", "adam,tram-prev"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # interrupted or finished runs are reused
