@@ -100,6 +100,24 @@ def estimate(source, overrides, devices, num_nodes, plugins):
         _fail(err)
 
 
+BENCHMARKS = ("step_cost", "memory", "engine_overhead", "divergence", "gpu_check")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(BENCHMARKS))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name, args):
+    """Run benchmark NAME (the scripts of benchmarks/); ARGS go to it (--size, --device cuda, --repeats, ...)."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = [f"fabric-tram bench {name}", *args]
+    try:
+        runpy.run_module(f"fabric_tram.bench.{name}", run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
 @main.command(name="list")
 @plugin_option
 def list_registries(plugins):

@@ -40,6 +40,7 @@ class StepContext:
     n_global: Optional[torch.Tensor] = None  # targets of the whole step (all micro-batches, all ranks); None: from
     # the loss output, which needs a single micro-batch
     grad_clip: float = 0.0
+    measure_grad_norm: bool = True  # the engine turns it off on steps it does not log (it costs a pass over the gradients)
     passes: dict = field(default_factory=lambda: {"forward": 0, "backward": 0, "no_grad_forward": 0})
 
     @property
@@ -142,6 +143,10 @@ class StepContext:
         scaler = self.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
+        if self.grad_clip <= 0 and not self.measure_grad_norm and scaler is None:  # nothing needs the norm
+            self.optimizer.step()
+            self.zero_grad()
+            return {"grad_norm": float("nan"), "skipped": False}
         norm = self.grad_norm()
         finite = bool(torch.isfinite(norm))
         if self.grad_clip > 0 and finite and float(norm) > self.grad_clip:

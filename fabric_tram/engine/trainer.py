@@ -136,7 +136,8 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
     micro_batches = [fabric.to_device(task.collate([task.train_set[i] for i in idx], idx)) for idx in sampler.step_indices(step - 1)]
     n_local = torch.tensor(float(sum(count_targets(task, b) for b in micro_batches)), dtype=torch.float64, device=fabric.device)
     ctx = StepContext(fabric=fabric, model=run.model, optimizer=run.optimizer, loss_fn=task.loss,
-                      micro_batches=micro_batches, step=step, n_global=all_reduce_sum(fabric, n_local), grad_clip=t.grad_clip)
+                      micro_batches=micro_batches, step=step, n_global=all_reduce_sum(fabric, n_local), grad_clip=t.grad_clip,
+                      measure_grad_norm=step % t.log_every == 0 or step == t.max_steps)
     stats = run.rule.step(ctx)
     inputs = [b["input_ids"] for b in micro_batches if "input_ids" in b]
     return {"step": step, "lr": lr, "n_targets": float(ctx.n_global), "n_local": float(n_local),

@@ -55,8 +55,11 @@ def check_divergence(name: str) -> None:
     DIVERGENCES.get(name)
 
 
+CHUNK_ELEMENTS = 1 << 22  # positions × classes per chunk: 16 MiB per float32 temporary
+
+
 def divergence_sum(name: str, target_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None,
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ over valid positions of D(p_target ‖ q_current), number of valid positions); gradient flows through ``logits``."""
     fn = DIVERGENCES.get(name).target
     set_level = not getattr(fn, "per_position", True)
@@ -64,6 +67,7 @@ def divergence_sum(name: str, target_logits: torch.Tensor, logits: torch.Tensor,
         raise ValueError(f"divergence {name!r} compares sets of output distributions and is supported for "
                          "classification (logits of shape (batch, classes)) only; use kl, kl-reverse, kl-sym or l2")
     classes = logits.size(-1)
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // classes)
     target_flat, current_flat = target_logits.reshape(-1, classes), logits.reshape(-1, classes)
     if mask is not None:
         index = mask.reshape(-1).nonzero().squeeze(1)

@@ -1,0 +1,92 @@
+"""Shared by the benchmarks: a model and batch of a given size, timing, tables and JSON output."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fabric_tram.models.gpt2 import GPT2, GPT2Config
+from fabric_tram.tasks.base import cross_entropy_sum
+
+SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
+    "tiny": (2, 2, 64, 2048, 64, 4),
+    "small": (4, 4, 256, 8192, 256, 8),
+    "gpt2": (12, 12, 768, 50257, 1024, 8),
+}
+
+
+def arguments(description: str, extra=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", default="small", choices=sorted(SIZES), help="model and batch size")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (the median is reported)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
+    if extra:
+        extra(parser)
+    return parser.parse_args()
+
+
+def make_model(size: str, device: str, seed: int = 0) -> GPT2:
+    n_layer, n_head, n_embd, vocab, block, _ = SIZES[size]
+    torch.manual_seed(seed)
+    config = GPT2Config(preset="tiny", n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab, dropout=0.1)
+    return GPT2(config).to(device)
+
+
+def make_batch(size: str, device: str, seed: int = 0) -> dict:
+    _, _, _, vocab, block, batch = SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, block + 1), generator=g)
+    return {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device), "example_index": torch.arange(batch)}
+
+
+def loss_fn(precision: str):
+    def loss(model, batch, **forward_kwargs):
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(batch["input_ids"], **forward_kwargs)
+        return cross_entropy_sum(logits.float(), batch["labels"])
+
+    return loss
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleave(candidates: dict, device: str, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each candidate, measured A B C A B C ... so that machine drift cancels."""
+    times = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, fn in candidates.items():
+            t = timed(fn, device)
+            if round_ >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(out: str, name: str, payload: dict) -> Path:
+    path = Path(out) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path

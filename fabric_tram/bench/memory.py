@@ -1,0 +1,78 @@
+"""Bytes an update rule holds between steps per parameter byte, counted from its tensors; peak memory of a step
+for adam vs tram-prev, each measured in its own process (a process's peak only grows)."""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from fabric_tram.bench.common import arguments, loss_fn, make_batch, make_model, table, write_json
+from fabric_tram.bench.step_cost import RULES
+from fabric_tram.optim.api import UpdateRuleLoop
+from fabric_tram.registry import OPTIMIZERS, load_builtins
+
+
+def held_bytes(loop: UpdateRuleLoop) -> int:
+    """Buffers and copies the rule keeps between steps (its saved state plus the restore backup)."""
+    rule = loop.rule
+    tensors = {id(t): t for buffers in rule.state_dict().values() for t in buffers}
+    for t in getattr(rule, "backup", []) or []:
+        tensors.setdefault(id(t), t)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def peak_of_one_step(rule: str, size: str, device: str, precision: str) -> int:
+    """Run in a child process: peak bytes during steps of ``rule`` (CUDA allocator peak, or the process's RSS)."""
+    model = make_model(size, device)
+    loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(precision))
+    batch = make_batch(size, device)
+    for _ in range(2):
+        loop.step(batch)
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> dict:
+    args = arguments(__doc__.splitlines()[0], lambda p: p.add_argument("--peak-child", default=None, help=argparse_hidden()))
+    if args.peak_child:
+        print(json.dumps({"peak": peak_of_one_step(args.peak_child, args.size, args.device, args.precision)}))
+        return {}
+    load_builtins()
+    batch = make_batch(args.size, args.device)
+    rows, results = [], {}
+    for name in RULES:
+        model = make_model(args.size, args.device)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        loop = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(args.precision))
+        loop.step(batch)
+        factor = held_bytes(loop) / param_bytes
+        target = OPTIMIZERS.get(name).target.state_factor
+        results[name] = {"held_per_param_byte": factor, "target": target}
+        rows.append([name, factor, float(target), "yes" if factor <= target + 1e-9 else "no"])
+    print(table(["rule", "held / param bytes", "target", "at target"], rows))
+    peaks = {}
+    for rule in ("adam", "tram-prev"):
+        cmd = [sys.executable, "-m", "fabric_tram.bench.memory", "--peak-child", rule, "--size", args.size,
+               "--device", args.device, "--precision", args.precision]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peaks[rule] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    what = "CUDA allocator peak" if args.device.startswith("cuda") else "process peak RSS"
+    print(f"{what} of a step: adam {peaks['adam'] / 2**20:.1f} MiB, tram-prev {peaks['tram-prev'] / 2**20:.1f} MiB "
+          f"(+{(peaks['tram-prev'] - peaks['adam']) / 2**20:.1f} MiB; parameters {param_bytes / 2**20:.1f} MiB)")
+    payload = {"size": args.size, "device": args.device, "rules": results, "peak_bytes": peaks, "param_bytes": param_bytes}
+    print(f"written: {write_json(args.out, 'memory', payload)}")
+    return payload
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

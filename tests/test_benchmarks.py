@@ -1,0 +1,51 @@
+"""The benchmarks run on a tiny setting and write sane JSON (figures themselves are for the README, not tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path, name, *args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_step_cost(tmp_path):
+    text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", "sam,tram-prev,r3f")
+    assert "| tram-prev |" in text
+    floors = {name: r["floor"] for name, r in result["rules"].items()}
+    assert floors["sam"] == 2.0 and floors["r3f"] == 2.0 and 2.0 < floors["tram-prev"] < 3.0  # 2 + no-grad/fwd+bwd
+    assert all(r["ratio_to_adam"] > 0 for r in result["rules"].values())
+
+
+def test_memory_held_by_rules_is_at_target(tmp_path):
+    text, result = bench(tmp_path, "memory", "--size", "tiny")
+    for name, r in result["rules"].items():
+        assert r["held_per_param_byte"] == pytest.approx(r["target"]), name
+    assert set(result["peak_bytes"]) == {"adam", "tram-prev"}
+
+
+def test_engine_overhead(tmp_path):
+    _, result = bench(tmp_path, "engine_overhead", "--size", "tiny", "--repeats", "1")
+    assert result["engine_over_loop_tokens_per_s"] > 0
+
+
+def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
+    _, result = bench(tmp_path, "divergence", "--batch", "2", "--naive-batch", "2", "--seq", "256", "--vocab", "50257")
+    chunked, naive = result["results"]["chunked"], result["results"]["naive"]
+    assert chunked["d"] == pytest.approx(naive["d"], rel=1e-4)
+    assert chunked["extra_peak_bytes"] < naive["extra_peak_bytes"]
+
+
+def test_gpu_check_path_on_cpu(tmp_path):
+    text, result = bench(tmp_path, "gpu_check", "--device", "cpu", "--preset", "tiny", "--block", "64", "--steps", "2",
+                         "--precision", "32-true")
+    assert len(result["losses"]) == 2 and "tokens/s: tram-prev" in text
