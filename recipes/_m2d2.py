@@ -21,3 +21,17 @@ def smoke(run_dir: str) -> dict:
         "trainer": {"run_dir": run_dir, "max_steps": 4, "micro_batch_size": 2, "eval_every": 2, "save_every": 2,
                     "eval_batches": 2, "progress_bar": False},
     }
+
+
+def gpt2_base_recipe(domains: list[str], run_dir: str) -> dict:
+    """GPT-2 base, one GPU: 16 blocks of 1024 tokens per step, 50k steps, Adam (0.9, 0.99), lr 2e-5, polynomial
+    decay after 10k warm-up steps, the best in-domain validation checkpoint evaluated on test (paper B.4)."""
+    return {
+        "model": {"name": "gpt2", "pretrained": "gpt2"},
+        "task": m2d2_task(domains),
+        "optimizer": {"name": "adam", "lr": 2e-5, "betas": [0.9, 0.99]},
+        "schedule": {"name": "polynomial", "warmup_steps": 10_000},
+        "trainer": {"run_dir": run_dir, "strategy": "auto", "precision": "bf16-mixed", "micro_batch_size": 16,
+                    "accumulate": 1, "max_steps": 50_000, "eval_every": 5_000, "save_every": 5_000,
+                    "eval_splits": ["validation", "test"], "select_best": True, "keep_last": 2},
+    }
