@@ -99,17 +99,26 @@ def merge(base: dict, update: dict) -> dict:
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             old = out[key]
             if "name" in value and value["name"] != old.get("name") and key in SECTION_REGISTRIES:
-                old = {k: v for k, v in old.items() if k in _shared_keys(key, old.get("name"), value["name"])}
+                keep = _shared_keys(key, value["name"], value.get("base", old.get("base")))
+                old = {k: v for k, v in old.items() if k in keep}
             out[key] = merge(old, value)
         else:
             out[key] = value
     return out
 
 
-def _shared_keys(section: str, old_name, new_name) -> set:
-    """Keys that stay meaningful when a section switches entry (e.g. lr when adam becomes sam)."""
+def _shared_keys(section: str, new_name: str, base) -> set:
+    """Keys that stay meaningful when a section switches entry: the new entry's, and for an update rule its base
+    optimizer's too (lr and betas survive adam -> tram-prev)."""
     try:
-        return {f.name for f in dataclasses.fields(section_class(section, new_name, None))}
+        registry = SECTION_REGISTRIES[section]
+        config_cls = registry.get(new_name).config if new_name in registry else None
+        fields_ = {f.name: f for f in dataclasses.fields(config_cls)} if config_cls else {}
+        if "base" in fields_:
+            base = base or fields_["base"].default
+        else:
+            base = None
+        return {f.name for f in dataclasses.fields(section_class(section, new_name, base))}
     except (KeyError, ConfigError):
         return set()
 

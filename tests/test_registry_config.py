@@ -70,6 +70,17 @@ def test_switching_optimizer_keeps_shared_keys_and_drops_foreign_ones(tmp_path):
     assert config.optimizer.name == "sgd" and config.optimizer.lr == 0.1 and not hasattr(config.optimizer, "betas")
 
 
+def test_switching_to_an_update_rule_keeps_the_base_optimizer_keys(tmp_path):
+    recipe = tmp_path / "r.py"
+    recipe.write_text("RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
+                      " 'optimizer': {'name': 'adam', 'lr': 5e-4, 'betas': [0.8, 0.9]}}\n")
+    for rule in ("asam", "tram-prev", "trpo"):
+        config = load_config(recipe, [f"optimizer.name={rule}"])
+        assert (config.optimizer.base, config.optimizer.lr, config.optimizer.betas) == ("adam", 5e-4, [0.8, 0.9])
+    config = load_config(recipe, ["optimizer.name=sam", "optimizer.base=sgd"])
+    assert config.optimizer.lr == 5e-4 and not hasattr(config.optimizer, "betas")
+
+
 def test_yaml_round_trip(tmp_path):
     config = load_config(None, BASE + ["optimizer.lr=3e-4", "task.train_domains=[licenses]", "trainer.devices=2"])
     dump_yaml(config, tmp_path / "config.yaml")
