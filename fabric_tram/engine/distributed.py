@@ -43,9 +43,9 @@ def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.zeros(())
-    locals_ = [local(t).detach() for t in tensors]
-    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in locals_])  # one fused pass
-    total = torch.stack(norms).pow(2).sum()
+    total = torch.zeros((), dtype=torch.float32, device=local(tensors[0]).device)
+    for t in tensors:  # (torch._foreach_norm's CPU accumulation was measured 2.5e-4 off here: not used)
+        total += local(t).detach().float().pow(2).sum()
     return shard_sum(total, tensors)
 
 
