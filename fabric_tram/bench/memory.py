@@ -24,16 +24,34 @@ def held_bytes(loop: UpdateRuleLoop) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_of_one_step(rule: str, size: str, device: str, precision: str) -> int:
-    """Run in a child process: peak bytes during steps of ``rule`` (CUDA allocator peak, or the process's RSS)."""
+    """Run in a child process: peak bytes during two steps of ``rule`` above what the process held before them
+    (CUDA: the allocator's peak; CPU: the resident high-water mark, reset through /proc/self/clear_refs)."""
     model = make_model(size, device)
     loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(precision))
     batch = make_batch(size, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            loop.step(batch)
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident size
+        before = _rss_kib("VmRSS")
+    except OSError:  # not Linux: fall back to the whole process's peak
+        before = 0
     for _ in range(2):
         loop.step(batch)
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _rss_kib("VmHWM") if before else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - before) * 1024
 
 
 def main() -> dict:
@@ -60,8 +78,8 @@ def main() -> dict:
                "--device", args.device, "--precision", args.precision]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peaks[rule] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
-    what = "CUDA allocator peak" if args.device.startswith("cuda") else "process peak RSS"
-    print(f"{what} of a step: adam {peaks['adam'] / 2**20:.1f} MiB, tram-prev {peaks['tram-prev'] / 2**20:.1f} MiB "
+    what = "CUDA allocator peak" if args.device.startswith("cuda") else "resident peak above the pre-step size"
+    print(f"{what} of two steps: adam {peaks['adam'] / 2**20:.1f} MiB, tram-prev {peaks['tram-prev'] / 2**20:.1f} MiB "
           f"(+{(peaks['tram-prev'] - peaks['adam']) / 2**20:.1f} MiB; parameters {param_bytes / 2**20:.1f} MiB)")
     payload = {"size": args.size, "device": args.device, "rules": results, "peak_bytes": peaks, "param_bytes": param_bytes}
     print(f"written: {write_json(args.out, 'memory', payload)}")
