@@ -61,9 +61,14 @@ class NoiseSource:
 
 def batch_example_index(batch: dict, offset: int = 0) -> torch.Tensor:
     """The global example indices of a batch (``example_index``), or positions within it for user batches."""
-    if isinstance(batch, dict) and "example_index" in batch:
-        return batch["example_index"]
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    if isinstance(batch, dict):
+        if "example_index" in batch:
+            return batch["example_index"]
+        first = next(iter(batch.values()))
+    elif isinstance(batch, (list, tuple)):
+        first = batch[0]
+    else:
+        first = batch
     return torch.arange(len(first)) + offset
 
 
