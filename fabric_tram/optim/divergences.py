@@ -50,6 +50,66 @@ def mmd(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 mmd.per_position = False
 
 
+KL_FAMILY = ("kl", "kl-reverse", "kl-sym")
+
+
+def _kl_rows(lp: torch.Tensor, lq: torch.Tensor, name: str) -> torch.Tensor:
+    forward = (lp.exp() * (lp - lq)).sum(-1) if name in ("kl", "kl-sym") else 0.0
+    reverse = (lq.exp() * (lq - lp)).sum(-1) if name in ("kl-reverse", "kl-sym") else 0.0
+    return forward + reverse
+
+
+class ChunkedKL(torch.autograd.Function):
+    """Σ over valid rows of a KL-family divergence, chunked over rows in forward *and* backward.
+
+    Nothing vocabulary-sized is saved for the backward (it recomputes each chunk's log-softmaxes): autograd
+    through log_softmax/exp/product would keep several float32 (positions × vocabulary) tensors per micro-batch.
+    Gradients, per row, with p = softmax(target), q = softmax(current):
+      KL(p‖q): d/dcurrent = q − p,            d/dtarget = p ⊙ (log p − log q − KL(p‖q))
+      KL(q‖p): d/dcurrent = q ⊙ (log q − log p − KL(q‖p)),   d/dtarget = p − q
+    """
+
+    @staticmethod
+    def forward(ctx, target, current, weight, name: str, chunk: int, dtype: torch.dtype):
+        total = current.new_zeros((), dtype=dtype)
+        for s in range(0, current.size(0), chunk):
+            lp = torch.log_softmax(target[s:s + chunk].to(dtype), -1)
+            lq = torch.log_softmax(current[s:s + chunk].to(dtype), -1)
+            total = total + (_kl_rows(lp, lq, name) * weight[s:s + chunk]).sum()
+        ctx.save_for_backward(target, current, weight)
+        ctx.name, ctx.chunk, ctx.dtype = name, chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        target, current, weight = ctx.saved_tensors
+        need_t, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_t = torch.empty_like(target) if need_t else None
+        grad_c = torch.empty_like(current) if need_c else None
+        for s in range(0, current.size(0), ctx.chunk):
+            lp = torch.log_softmax(target[s:s + ctx.chunk].to(ctx.dtype), -1)
+            lq = torch.log_softmax(current[s:s + ctx.chunk].to(ctx.dtype), -1)
+            p, q = lp.exp(), lq.exp()
+            scale = (weight[s:s + ctx.chunk] * grad_total).to(ctx.dtype).unsqueeze(-1)
+            g_t = torch.zeros_like(lp) if need_t else None
+            g_c = torch.zeros_like(lq) if need_c else None
+            if ctx.name in ("kl", "kl-sym"):
+                if need_c:
+                    g_c += q - p
+                if need_t:
+                    g_t += p * (lp - lq - (p * (lp - lq)).sum(-1, keepdim=True))
+            if ctx.name in ("kl-reverse", "kl-sym"):
+                if need_c:
+                    g_c += q * (lq - lp - (q * (lq - lp)).sum(-1, keepdim=True))
+                if need_t:
+                    g_t += p - q
+            if need_t:
+                grad_t[s:s + ctx.chunk] = (g_t * scale).to(grad_t.dtype)
+            if need_c:
+                grad_c[s:s + ctx.chunk] = (g_c * scale).to(grad_c.dtype)
+        return grad_t, grad_c, None, None, None, None
+
+
 def check_divergence(name: str) -> None:
     """Raise at set-up for an unknown divergence name (the message lists the valid ones)."""
     DIVERGENCES.get(name)
@@ -69,6 +129,12 @@ def divergence_sum(name: str, target_logits: torch.Tensor, logits: torch.Tensor,
     classes = logits.size(-1)
     chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // classes)
     target_flat, current_flat = target_logits.reshape(-1, classes), logits.reshape(-1, classes)
+    if name in KL_FAMILY:  # masked rows weigh 0; no row copies, nothing vocabulary-sized kept for the backward
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        weight = (mask.reshape(-1).to(dtype) if mask is not None else current_flat.new_ones(current_flat.size(0), dtype=dtype))
+        total = ChunkedKL.apply(target_flat, current_flat, weight, name, chunk_size, dtype)
+        count = weight.sum().round().long() if mask is not None else torch.tensor(current_flat.size(0), device=logits.device)
+        return total, count
     if mask is not None:
         index = mask.reshape(-1).nonzero().squeeze(1)
         target_flat, current_flat = target_flat.index_select(0, index), current_flat.index_select(0, index)
