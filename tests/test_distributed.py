@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,20 @@ def free_port() -> int:
 
 
 def launch(strategy, corpus, out) -> dict:
+    """One 2-process launch. A launch whose process was killed by a signal (an intermittent SIGABRT inside
+    gloo on loopback, seen about once in ten launches here) is retried once, in a fresh folder, and reported."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu", "--main-port", str(free_port()),
-           str(WORKER), strategy, str(corpus), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        target = out if attempt == 0 else out.with_name(out.name + "-retry")
+        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu",
+               "--main-port", str(free_port()), str(WORKER), strategy, str(corpus), str(target)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        killed = "SIGABRT" in proc.stderr or "SIGSEGV" in proc.stderr
+        if proc.returncode == 0 or not killed or attempt == 1:
+            break
+        warnings.warn(f"2-process {strategy} launch killed by a signal, retrying once:\n{proc.stderr[-2000:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out / "results.pt", weights_only=False)
+    return torch.load(target / "results.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,11 @@ def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
     else:
         cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu", "--main-port", str(_free_port()), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if devices == 2 and out.returncode != 0 and "SIGABRT" in out.stderr:  # intermittent gloo abort: retry once
+        import shutil
+
+        shutil.rmtree(tmp_path / "xl", ignore_errors=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     summary = json.loads((tmp_path / "xl" / "results.json").read_text())
     assert summary["optimizer"] == "tram-prev" and set(summary["results"]) == {"validation", "test"}
