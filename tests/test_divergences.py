@@ -42,13 +42,21 @@ def test_mmd_for_classification_and_a_clear_error_for_language_modelling():
         divergence_sum("mmd", torch.randn(2, 3, 5), torch.randn(2, 3, 5))
 
 
+@pytest.mark.parametrize("normalized", [(False, False), (True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("name", ["kl", "kl-reverse", "kl-sym"])
-def test_chunked_kl_gradients_match_autograd_in_both_branches(name):
+def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
+    """Inputs are logits, or log-probabilities computed upstream in the graph (as the loss hands them over): the
+    gradients reaching the leaves must be those of plain autograd through the same log-softmaxes either way."""
     torch.manual_seed(1)
     target = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
     current = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(3, 5) > 0.3
-    total, count = divergence_sum(name, target, current, mask, chunk_size=4)  # chunks cross rows
+
+    def ours(t, c):
+        inputs = [x.log_softmax(-1) if n else x for x, n in zip((t, c), normalized)]
+        return divergence_sum(name, *inputs, mask, chunk_size=4, normalized=normalized)  # chunks cross rows
+
+    total, count = ours(target, current)
     total.backward()
     # reference: plain autograd on the selected rows, written out independently
     t2, c2 = target.detach().clone().requires_grad_(True), current.detach().clone().requires_grad_(True)
@@ -60,4 +68,28 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name):
     torch.testing.assert_close(total, expected.detach())
     torch.testing.assert_close(target.grad, t2.grad)
     torch.testing.assert_close(current.grad, c2.grad)
-    assert torch.autograd.gradcheck(lambda t, c: divergence_sum(name, t, c, mask, chunk_size=4)[0], (t2.detach().requires_grad_(True), c2.detach().requires_grad_(True)))
+    assert torch.autograd.gradcheck(lambda t, c: ours(t, c)[0], (t2.detach().requires_grad_(True), c2.detach().requires_grad_(True)))
+
+
+def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():
+    """cross_entropy_sum hands its log-softmax to the divergences: CE + λ KL read from it equals CE + λ KL on logits."""
+    from fabric_tram.tasks.base import cross_entropy_sum
+    torch.manual_seed(2)
+    target, labels = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
+    labels[1, 4:] = -100
+    grads = []
+    for use_log_probs in (False, True):
+        current = torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        out, tgt = cross_entropy_sum(current, labels), cross_entropy_sum(target, labels)
+        assert out.divergence_input()[1] and tgt.as_target().logits is None  # a target keeps only its log-probabilities
+        if use_log_probs:
+            d, _ = divergence_sum("kl", tgt.log_probs, out.log_probs, out.mask, normalized=(True, True))
+        else:
+            d, _ = divergence_sum("kl", target, current, out.mask)
+        (out.loss_sum + 0.7 * d).backward()
+        grads.append(current.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    p, q = target.softmax(-1), torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(3)).softmax(-1)
+    onehot = F.one_hot(labels.clamp(min=0), 9) * (labels != -100)[..., None]
+    expected = (q - onehot) * (labels != -100)[..., None] + 0.7 * (q - p) * (labels != -100)[..., None]
+    torch.testing.assert_close(grads[1], expected)  # d(CE + λ KL(p‖q))/d logits = (q − onehot) + λ (q − p) on valid rows

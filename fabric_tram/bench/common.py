@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import time
@@ -19,16 +21,42 @@ SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
 }
 
 
-def arguments(description: str, extra=None) -> argparse.Namespace:
+def keep_freed_cpu_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse instead of giving it back to the system, as PyTorch's
+    CUDA caching allocator does on a GPU. By default glibc unmaps every freed block of 32 MiB or more, so each
+    new large CPU tensor (a step's logits are 64 MiB at the ``small`` size) costs thousands of page faults and a
+    zero-fill: measured here, ~15% of an adam step, and more for a rule with more large temporaries. Timing
+    benchmarks call this so that they compare the work of the rules, not the kernel's page faults; pass
+    ``--system-malloc`` to measure with glibc's defaults. Returns False (nothing done) off glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
+
+
+def arguments(description: str, extra=None, timing: bool = False) -> argparse.Namespace:
+    """Parse the common flags; ``timing`` benchmarks on CPU also switch malloc to keep freed memory (see
+    :func:`keep_freed_cpu_memory`) unless ``--system-malloc``; ``args.allocator`` says which was used."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", default="small", choices=sorted(SIZES), help="model and batch size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (the median is reported)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
+    if timing:
+        parser.add_argument("--system-malloc", action="store_true",
+                            help="on CPU, keep glibc's default of returning large freed blocks to the system")
     if extra:
         extra(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.allocator = "cuda caching" if args.device.startswith("cuda") else "system"
+    if timing and not args.device.startswith("cuda") and not args.system_malloc and keep_freed_cpu_memory():
+        args.allocator = "glibc, freed memory kept (no mmap, no trim)"
+    return args
 
 
 def make_model(size: str, device: str, seed: int = 0) -> GPT2:

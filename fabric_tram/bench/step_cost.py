@@ -18,7 +18,7 @@ TARGET = 1.05  # within 5% of the floor
 
 
 def main() -> dict:
-    args = arguments(__doc__.splitlines()[0], lambda p: p.add_argument("--rules", default=",".join(RULES)))
+    args = arguments(__doc__.splitlines()[0], lambda p: p.add_argument("--rules", default=",".join(RULES)), timing=True)
     load_builtins()
     rules = args.rules.split(",")
     batch = make_batch(args.size, args.device)
@@ -50,10 +50,11 @@ def main() -> dict:
         results[name] = {"ratio_to_adam": ratio, "floor": floor, "over_floor": ratio / floor, "passes": [fwd, nograd, bwd],
                          "seconds": median[name]}
         rows.append([name, ratio, floor, f"{100 * (ratio / floor - 1):+.1f}%", "yes" if ratio / floor <= TARGET else "no"])
-    print(f"size {args.size}, {args.device}, {args.precision}; adam step {median['adam'] * 1e3:.1f} ms, "
+    print(f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}; adam step {median['adam'] * 1e3:.1f} ms, "
           f"fwd+bwd {t_fb * 1e3:.1f} ms, no-grad fwd {t_f * 1e3:.1f} ms (medians of {args.repeats} interleaved rounds)")
     print(table(["rule", "step / adam", "floor", "over floor", "within 5%"], rows))
-    payload = {"size": args.size, "device": args.device, "precision": args.precision, "adam_seconds": median["adam"],
+    payload = {"size": args.size, "device": args.device, "precision": args.precision, "allocator": args.allocator,
+               "adam_seconds": median["adam"],
                "fwd_bwd_seconds": t_fb, "no_grad_fwd_seconds": t_f, "rules": results}
     print(f"written: {write_json(args.out, 'step_cost', payload)}")
     return payload

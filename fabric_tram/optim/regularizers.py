@@ -11,6 +11,7 @@ from fabric_tram.engine.step import StepContext
 from fabric_tram.optim.noise import InputNoise
 from fabric_tram.optim.rule import UpdateRule
 from fabric_tram.optim.trust_region import DivergenceMeter, WeightReference, store_weights
+from fabric_tram.tasks.base import LossOutput
 
 
 def check_nonnegative(config, *names) -> None:
@@ -31,9 +32,9 @@ class Regulariser:
         self.lam = config.lam
         self.meter = DivergenceMeter(config.divergence)
         self.params = params
-        self._target: Optional[torch.Tensor] = None
+        self._target: Optional[LossOutput] = None
 
-    def target(self, ctx, batch) -> torch.Tensor:
+    def target(self, ctx, batch) -> LossOutput:
         raise NotImplementedError
 
     def hooks(self, ctx: StepContext) -> dict:
@@ -43,7 +44,7 @@ class Regulariser:
             self._target = self.target(ctx, batch)
 
         def on_output(i, batch, out):
-            value = self.meter.add(self._target, out.logits, out.mask)  # gradient through the current branch only
+            value = self.meter.add(self._target, out)  # gradient through the current branch only
             self._target = None
             return self.lam * value
 
@@ -121,8 +122,8 @@ class NoisedInputs(Regulariser):
             if i == 0:
                 ctx.count_pass("forward")
             with self.noise.forward(ctx, batch, detach=True) as kwargs:
-                noised = ctx.loss_fn(ctx.model, batch, **kwargs).logits
-            return self.lam * self.meter.add(noised, out.logits, out.mask)
+                noised = ctx.loss_fn(ctx.model, batch, **kwargs)
+            return self.lam * self.meter.add(noised, out)
 
         return {"on_output": on_output}
 

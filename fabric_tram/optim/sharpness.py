@@ -85,13 +85,13 @@ class SharpnessRule(UpdateRule):
         def before(i, batch):
             if i == 0:
                 ctx.count_pass("no_grad_forward")
-            target["logits"] = self.reference.target(ctx, batch)
+            target["output"] = self.reference.target(ctx, batch)
             if inner_before:
                 inner_before(i, batch)
 
         def on_output(i, batch, out):
             with torch.no_grad():  # d is a radius, not a loss: no gradient through it
-                self.meter.add(target.pop("logits"), out.logits, out.mask)
+                self.meter.add(target.pop("output"), out)
             return inner_output(i, batch, out) if inner_output else None
 
         return {**hooks, "before": before, "on_output": on_output}

@@ -13,6 +13,7 @@ import torch
 
 from fabric_tram.engine.distributed import local
 from fabric_tram.optim.divergences import check_divergence, divergence_sum
+from fabric_tram.tasks.base import LossOutput
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -91,10 +92,10 @@ class WeightReference:
         self.buffers = buffers if buffers is not None else clone_weights(params, dtype)
         self.target_mode = target_mode
 
-    def target(self, ctx, batch, forward_kwargs: Optional[dict] = None) -> torch.Tensor:
-        """No-grad target logits for ``batch``, under the dropout masks the next forward will draw."""
+    def target(self, ctx, batch, forward_kwargs: Optional[dict] = None) -> LossOutput:
+        """The no-grad target output for ``batch``, under the dropout masks the next forward will draw."""
         with replayed_rng(ctx.fabric.device), weights_swapped_in(self.params, self.buffers), _mode(ctx.model, self.target_mode):
-            return ctx.no_grad_forward(batch, forward_kwargs).logits
+            return ctx.no_grad_forward(batch, forward_kwargs).as_target()
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -108,9 +109,9 @@ class NoiseReference:
     def __init__(self, noise_forward):
         self.noise_forward = noise_forward  # (ctx, batch, detach) -> context manager yielding forward kwargs
 
-    def target(self, ctx, batch, forward_kwargs: Optional[dict] = None) -> torch.Tensor:
+    def target(self, ctx, batch, forward_kwargs: Optional[dict] = None) -> LossOutput:
         with replayed_rng(ctx.fabric.device), self.noise_forward(ctx, batch) as kwargs:
-            return ctx.no_grad_forward(batch, kwargs).logits
+            return ctx.no_grad_forward(batch, kwargs).as_target()
 
 
 @contextlib.contextmanager
@@ -136,9 +137,11 @@ class DivergenceMeter:
     def reset(self) -> None:
         self.total = self.count = None
 
-    def add(self, target_logits: torch.Tensor, logits: torch.Tensor, mask) -> torch.Tensor:
-        """Add one micro-batch; returns its Σ D (with gradient through ``logits`` when grad is enabled)."""
-        total, count = divergence_sum(self.name, target_logits, logits, mask)
+    def add(self, target: LossOutput, current: LossOutput) -> torch.Tensor:
+        """Add one micro-batch; returns its Σ D over ``current``'s valid positions (with gradient through whichever
+        side is in a graph when grad is enabled)."""
+        (t, t_normalized), (c, c_normalized) = target.divergence_input(), current.divergence_input()
+        total, count = divergence_sum(self.name, t, c, current.mask, normalized=(t_normalized, c_normalized))
         t, c = total.detach().double(), count.double()
         self.total = t if self.total is None else self.total + t
         self.count = c if self.count is None else self.count + c
