@@ -91,3 +91,30 @@ def test_cli_trains_and_evaluates_a_recipe(corpus, tmp_path):
     assert (run_dir / "results.json").is_file() and (run_dir / "logs" / "csv" / "metrics.csv").is_file()
     result = runner.invoke(main, ["evaluate", str(run_dir)])
     assert result.exit_code == 0 and "alpha" in result.output and "ppl=" in result.output
+
+
+@pytest.mark.parametrize("rule", ["adam", "trpo", "tram-prev"])
+def test_vocabulary_sized_outputs_are_freed_before_the_model_backward(rule):
+    """The step drops each micro-batch's LossOutput before its backward: the logits and log-probabilities (the
+    largest tensors of a language-model step) must be gone by the time the backward reaches the embedding."""
+    import weakref
+
+    from fabric_tram.models.gpt2 import GPT2, GPT2Config
+    from fabric_tram.optim.api import UpdateRuleLoop
+    from fabric_tram.tasks.base import cross_entropy_sum
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=50, dropout=0.0))
+    alive, seen = [], []
+
+    def loss_fn(m, batch, **kw):
+        out = cross_entropy_sum(m(batch["input_ids"], **kw), batch["labels"])
+        if torch.is_grad_enabled():
+            alive[:] = [weakref.ref(out.logits), weakref.ref(out.log_probs)]
+        return out
+
+    model.transformer.wpe.weight.register_hook(lambda g: seen.append([r() is not None for r in alive]))
+    loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-3), loss_fn)
+    ids = torch.randint(0, 50, (2, 9))
+    loop.step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    assert seen and all(flags == [False, False] for flags in seen), seen

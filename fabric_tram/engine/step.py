@@ -64,7 +64,6 @@ class StepContext:
         k = len(self.micro_batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.fabric.device)
         extra_sum = torch.zeros((), dtype=torch.float64, device=self.fabric.device)
-        n_local = torch.zeros((), dtype=torch.float64, device=self.fabric.device)
         for i, batch in enumerate(self.micro_batches):
             if before is not None:
                 before(i, batch)
@@ -78,14 +77,15 @@ class StepContext:
                     if extra is not None:
                         total = total + extra
                         extra_sum += extra.detach().double()
+                count = torch.as_tensor(out.count, dtype=torch.float64, device=self.fabric.device)
+                loss_sum += out.loss_sum.detach().double()
+                del out  # its logits and log-probabilities must be freed as soon as the backward is done with them
                 if self.n_global is None:
                     if k != 1:
                         raise ValueError("with several micro-batches, pass their global target count (n_global)")
-                    self.n_global = all_reduce_sum(self.fabric, torch.as_tensor(out.count, dtype=torch.float64, device=self.fabric.device))
-                n_local += torch.as_tensor(out.count, dtype=torch.float64, device=n_local.device)
+                    self.n_global = all_reduce_sum(self.fabric, count)
                 scale = (1.0 / float(self.local_count())) if not sync else self.world_size / float(self.n_global.clamp(min=1))
                 self.fabric.backward(total * scale)
-            loss_sum += out.loss_sum.detach().double()
         self.passes["forward"] += 1
         self.passes["backward"] += 1
         n = self.n_global.clamp(min=1)

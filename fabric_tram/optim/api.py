@@ -7,7 +7,8 @@
 ``loss_fn(model, batch, **forward_kwargs)`` is the tasks' batch-to-loss signature: it returns a
 :class:`~fabric_tram.tasks.base.LossOutput` or a tuple ``(loss_sum, count, logits, mask)``; ``count`` and
 ``mask`` may be None (one target, all positions valid), and a plain scalar loss is a mean over one target.
-Rules with a divergence need the logits. ``forward_kwargs`` must reach the model's forward (rules that noise
+Rules with a divergence need the logits; a LossOutput that also carries ``log_probs`` (the log-softmax the loss
+computed, in its graph, as :func:`~fabric_tram.tasks.base.cross_entropy_sum` returns) spares them recomputing it. ``forward_kwargs`` must reach the model's forward (rules that noise
 the inputs pass ``input_noise`` there); for a model whose forward has no ``input_noise`` argument, name its
 token-embedding module (``embedding_module="embeddings.word_embeddings"``) and the noise is added by a hook.
 """
