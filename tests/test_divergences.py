@@ -69,6 +69,13 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
     torch.testing.assert_close(target.grad, t2.grad)
     torch.testing.assert_close(current.grad, c2.grad)
     assert torch.autograd.gradcheck(lambda t, c: ours(t, c)[0], (t2.detach().requires_grad_(True), c2.detach().requires_grad_(True)))
+    # a graph kept with retain_graph=True gives the same gradients again (an incoming gradient of 3, not 1)
+    graph = ours(target, current)[0] * 3.0
+    first = torch.autograd.grad(graph, (target, current), retain_graph=True)
+    second = torch.autograd.grad(graph, (target, current))
+    for a, b, expected_grad in zip(first, second, (t2.grad, c2.grad)):
+        torch.testing.assert_close(a, 3.0 * expected_grad)
+        torch.testing.assert_close(b, 3.0 * expected_grad)
 
 
 def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():

@@ -122,7 +122,7 @@ class ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         # out of place: a graph kept with retain_graph=True may run this backward again
-        return *(g.mul_(grad_total.to(g.dtype)) if g is not None else None for g in ctx.grads), None, None, None, None, None
+        return *(g * grad_total.to(g.dtype) if g is not None else None for g in ctx.grads), None, None, None, None, None
 
 
 def check_divergence(name: str) -> None:
