@@ -51,6 +51,7 @@ class TrainerConfig:
     select_best: bool = False  # keep the checkpoint with the lowest in-domain validation loss; evaluate it at the end
     resume: Optional[str] = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
     progress_bar: bool = True
+    keep_freed_cpu_memory: bool = True  # CPU runs: malloc reuses freed memory instead of page-faulting it back
 
 
 @dataclass

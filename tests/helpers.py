@@ -6,6 +6,10 @@ micro-batches and ranks hold unequal token counts.
 """
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 from fabric_tram.config import load_config
 from fabric_tram.engine.distributed import full_state_dict
 
@@ -32,3 +36,33 @@ def trajectory(run) -> dict:
 def max_param_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b)
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+_FAULTS = """
+import resource, torch
+from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
+from fabric_tram.models.gpt2 import GPT2, GPT2Config
+from fabric_tram.optim.api import UpdateRuleLoop
+from fabric_tram.tasks.base import cross_entropy_sum
+{setup}
+torch.manual_seed(0)
+model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=32768, dropout=0.0))
+loop = UpdateRuleLoop("adam", model, torch.optim.Adam(model.parameters()), lambda m, b: cross_entropy_sum(m(b["x"]), b["y"]))
+ids = torch.randint(0, 32768, (2, 257))
+faults = []
+for _ in range(7):  # logits and log-probabilities of 2 x 256 x 32768 floats: 64 MiB each
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loop.step({{"x": ids[:, :-1], "y": ids[:, 1:]}})
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults[2:])[2])  # the median step once the heap has grown to its working size
+"""
+
+
+def page_faults_per_step(setup: str) -> tuple[str, float]:
+    """In a fresh process: run ``setup`` (its printed lines come back first), then count the page faults of a
+    training step whose logits and log-probabilities are 64 MiB each (the median of five steps after two)."""
+    out = subprocess.run([sys.executable, "-c", _FAULTS.format(setup=setup)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    *printed, faults = out.stdout.split()
+    return " ".join(printed), float(faults)

@@ -1,42 +1,14 @@
 """The benchmarks run on a tiny setting and write sane JSON (figures themselves are for the README, not tests)."""
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import GLIBC, page_faults_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
-GLIBC = platform.libc_ver()[0] == "glibc"
-
-FAULTS_OF_FRESH_TENSORS = """
-import resource, sys, torch
-from fabric_tram.bench.common import keep_freed_cpu_memory
-print(keep_freed_cpu_memory() if sys.argv[1] == "keep" else None)
-faults = []
-for _ in range(6):  # 64 MiB, allocated, touched, freed: page faults of each round
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(1 << 24).fill_(1.0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults[1:])[2])  # the median round after the first
-"""
-
-
-def test_keeping_freed_cpu_memory_removes_the_page_faults_of_fresh_large_tensors():
-    """Why the timing benchmarks switch malloc (bench/common.keep_freed_cpu_memory): by default each fresh 64 MiB
-    tensor is a new mapping whose 16,384 pages fault on first touch; kept, the freed block is reused (the heap may
-    still grow once, hence the median round)."""
-    faults = {}
-    for mode in ("system", "keep"):
-        out = subprocess.run([sys.executable, "-c", FAULTS_OF_FRESH_TENSORS, mode], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        switched, faults[mode] = out.stdout.split()
-        if mode == "keep":
-            assert switched == str(GLIBC)
-    if GLIBC:
-        assert float(faults["system"]) >= 16384 and float(faults["keep"]) < 100, faults
 
 
 def bench(tmp_path, name, *args, timeout=600):
@@ -45,6 +17,16 @@ def bench(tmp_path, name, *args, timeout=600):
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
+    """Why the timing benchmarks switch malloc (engine/cpu_memory.py): by default each fresh 64 MiB tensor of a
+    step is a new mapping whose 16,384 pages fault on first touch; kept, freed blocks are reused."""
+    switched, faults = page_faults_per_step("print(keep_freed_cpu_memory())")
+    _, faults_by_default = page_faults_per_step("print(None)")
+    assert switched == str(GLIBC)
+    if GLIBC:
+        assert faults_by_default >= 2 * 16384 and faults < 1000, (faults_by_default, faults)
 
 
 def test_step_cost(tmp_path):

@@ -9,7 +9,7 @@ from fabric_tram.cli import main
 from fabric_tram.config import ConfigError
 from fabric_tram.engine.fabric_setup import build_fabric
 from fabric_tram.engine.trainer import train
-from helpers import max_param_diff, small_config, trajectory
+from helpers import GLIBC, max_param_diff, page_faults_per_step, small_config, trajectory
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-mixed"])
@@ -118,3 +118,14 @@ def test_vocabulary_sized_outputs_are_freed_before_the_model_backward(rule):
     ids = torch.randint(0, 50, (2, 9))
     loop.step({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
     assert seen and all(flags == [False, False] for flags in seen), seen
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(keep):
+    """trainer.keep_freed_cpu_memory (default on): a CPU run's large tensors reuse freed memory instead of
+    page-faulting fresh pages every step (measured 1,004 -> 1,682 tokens/s for adam, README)."""
+    setup = ("from fabric_tram.config import TrainerConfig; from fabric_tram.engine.fabric_setup import build_fabric; "
+             f"build_fabric(TrainerConfig(accelerator='cpu', devices=1, keep_freed_cpu_memory={keep}))")
+    _, faults = page_faults_per_step(setup)
+    if GLIBC:
+        assert (faults < 1000) if keep else (faults >= 2 * 16384), faults

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import statistics
 import time
@@ -11,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 from fabric_tram.models.gpt2 import GPT2, GPT2Config
 from fabric_tram.tasks.base import cross_entropy_sum
 
@@ -21,26 +20,10 @@ SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
 }
 
 
-def keep_freed_cpu_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory for reuse instead of giving it back to the system, as PyTorch's
-    CUDA caching allocator does on a GPU. By default glibc unmaps every freed block of 32 MiB or more, so each
-    new large CPU tensor (a step's logits are 64 MiB at the ``small`` size) costs thousands of page faults and a
-    zero-fill: measured here, ~15% of an adam step, and more for a rule with more large temporaries. Timing
-    benchmarks call this so that they compare the work of the rules, not the kernel's page faults; pass
-    ``--system-malloc`` to measure with glibc's defaults. Returns False (nothing done) off glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
-
-
 def arguments(description: str, extra=None, timing: bool = False) -> argparse.Namespace:
     """Parse the common flags; ``timing`` benchmarks on CPU also switch malloc to keep freed memory (see
-    :func:`keep_freed_cpu_memory`) unless ``--system-malloc``; ``args.allocator`` says which was used."""
+    :mod:`fabric_tram.engine.cpu_memory`: they compare the work of the rules, not the kernel's page faults)
+    unless ``--system-malloc``; ``args.allocator`` says which was used."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", default="small", choices=sorted(SIZES), help="model and batch size")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -22,7 +22,8 @@ def main() -> dict:
         f"model.n_positions={block}", "model.dropout=0.0", "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
         f"task.block_size={block}", "optimizer.name=adam", "optimizer.lr=1e-4", "trainer.grad_clip=0",
         f"trainer.micro_batch_size={batch}", f"trainer.precision={args.precision}", f"trainer.accelerator={args.device}",
-        "trainer.devices=1", "trainer.max_steps=1000000", "trainer.run_dir=runs/bench_engine"])
+        "trainer.devices=1", "trainer.max_steps=1000000", "trainer.run_dir=runs/bench_engine",
+        f"trainer.keep_freed_cpu_memory={not args.system_malloc}"])
     run = setup(config, training=True)
     sampler = StepSampler(len(run.task.train_set), batch, 1, 1, 0)
     model = copy.deepcopy(getattr(run.model, "module", run.model)).to(args.device)  # the same weights, no engine

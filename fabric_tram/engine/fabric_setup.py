@@ -8,6 +8,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from fabric_tram.config import ConfigError, TrainerConfig
+from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -80,6 +81,8 @@ def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
     if not launched_by_fabric_cli():  # `fabric run` passes devices and nodes through the environment
         kwargs = dict(devices=config.devices, num_nodes=config.num_nodes)
     precision = config.precision
+    if config.keep_freed_cpu_memory and _resolved_accelerator(config) == "cpu":
+        keep_freed_cpu_memory()  # engine/cpu_memory.py: each step's large tensors stop costing page faults
     if plugins is None and precision == "16-mixed" and _resolved_accelerator(config) == "cpu":
         # Fabric turns "16-mixed" on CPU into bf16 autocast without a scaler; ask for a real fp16 GradScaler
         from lightning.fabric.plugins import MixedPrecision
