@@ -42,3 +42,15 @@ def test_estimate_command_for_the_gpt2xl_recipe():
     one = estimate(load_config("recipes/gpt2xl_s2orc.py"), devices=1)
     four = estimate(load_config("recipes/gpt2xl_s2orc.py"), devices=4)
     assert four["bytes"]["parameters"] == pytest.approx(one["bytes"]["parameters"] / 4)  # fsdp shards the state
+
+
+def test_activation_terms_follow_the_graphs_and_output_sized_tensors_of_each_rule():
+    """adam: one graph with its float32 logits and log-probabilities; trpo adds the target's log-probabilities
+    and the divergence's gradient; r3f holds two graphs and a divergence gradient for each."""
+    acts = {rule: estimate(load_config("recipes/gpt2_s2orc.py", [f"optimizer.name={rule}"]), devices=1)["bytes"]["activations"]
+            for rule in ("adam", "trpo", "r3f", "sam", "tram-prev")}
+    config = load_config("recipes/gpt2_s2orc.py")
+    output = config.trainer.micro_batch_size * config.task.block_size * 50257 * 4  # one float32 (B, T, V) tensor
+    assert acts["trpo"] - acts["adam"] == 2 * output
+    assert acts["r3f"] - 2 * acts["adam"] == 2 * output
+    assert acts["sam"] == acts["adam"] and acts["tram-prev"] - acts["adam"] == output

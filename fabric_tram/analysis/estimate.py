@@ -4,8 +4,8 @@ Parameters, gradients, base-optimizer state and update-rule buffers are counted 
 (built on the meta device) and divided by the world size under fsdp. Activations are an estimate for GPT-2
 blocks with fused (SDPA) attention: about 34·B·T·C bytes per block at 16-bit (Korthikanti et al. 2022, without
 the attention-score term that fused attention does not store), only the block inputs under activation
-checkpointing, plus the float32 logits and their gradient, plus a target forward's logits for the rules that
-run one.
+checkpointing, plus the float32 logits and log-probabilities, plus a target forward's log-probabilities for the
+rules that run one, plus the divergence's output-sized gradients for the regularisers; r3f holds two graphs.
 """
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
     V = getattr(model.config, "vocab_size", 0)
     block_full = 34 * B * T * C * act_bytes / 2
-    activations = {"without_checkpointing": L * block_full, "with_checkpointing": L * B * T * C * act_bytes + block_full}
-    logits = 2 * B * T * V * 4 + (B * T * V * 4 if nograd else 0)
+    graphs = fwd // bwd  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
+    activations = {"without_checkpointing": graphs * L * block_full,
+                   "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full)}
+    divergence_gradients = target.divergence_gradients() if is_rule(target) else 0
+    logits = (2 * graphs + (1 if nograd else 0) + divergence_gradients) * B * T * V * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_params * param_bytes / shards,

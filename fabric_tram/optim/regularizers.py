@@ -153,6 +153,11 @@ class RegularizedRule(UpdateRule):
     def pass_counts(cls) -> tuple[int, int, int]:
         reg = REGULARISERS[cls.kind]
         return 1 + reg.forward_passes, reg.no_grad_forward_passes, 1
+
+    @classmethod
+    def divergence_gradients(cls) -> int:
+        return 1 + REGULARISERS[cls.kind].forward_passes
+
     def step(self, ctx: StepContext) -> dict:
         self.regulariser.meter.reset()
         result = ctx.forward_backward(**self.regulariser.hooks(ctx))

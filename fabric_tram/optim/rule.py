@@ -28,6 +28,12 @@ class UpdateRule:
         """(forward with gradient, no-grad forward, backward) passes over the step's micro-batches."""
         return cls.forward_passes, cls.no_grad_forward_passes, cls.backward_passes
 
+    @classmethod
+    def divergence_gradients(cls) -> int:
+        """Outputs whose divergence has a gradient in a pass (each holds an output-sized gradient from the
+        divergence's forward to the backward): 0 here, 1 for trpo/mesa, 2 for r3f (both branches)."""
+        return 0
+
     def step(self, ctx: StepContext) -> dict:
         result = ctx.forward_backward()
         stats = ctx.clip_and_step()

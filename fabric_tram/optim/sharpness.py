@@ -65,6 +65,11 @@ class SharpnessRule(UpdateRule):
             reg = REGULARISERS[cls.regulariser_kind]
             return 2 * (1 + reg.forward_passes), 2 * reg.no_grad_forward_passes, 2
         return 2, 1 if cls.trust_region else 0, 2
+
+    @classmethod
+    def divergence_gradients(cls) -> int:
+        return 1 + REGULARISERS[cls.regulariser_kind].forward_passes if cls.regulariser_kind else 0
+
     # ------------------------------------------------------------------------------------------- passes
 
     def pass_hooks(self, ctx: StepContext, ascent: bool) -> dict:
