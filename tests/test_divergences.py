@@ -100,3 +100,39 @@ def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():
     onehot = F.one_hot(labels.clamp(min=0), 9) * (labels != -100)[..., None]
     expected = (q - onehot) * (labels != -100)[..., None] + 0.7 * (q - p) * (labels != -100)[..., None]
     torch.testing.assert_close(grads[1], expected)  # d(CE + λ KL(p‖q))/d logits = (q − onehot) + λ (q − p) on valid rows
+
+
+@pytest.mark.parametrize("rule", ["trpo", "r3f", "mesa", "tram-prev", "asam+r3f"])
+def test_rules_reading_the_loss_log_probabilities_train_like_rules_reading_logits(rule):
+    """The same three steps with the loss handing over its log-softmax (the fast path) and without it (the
+    divergences recompute it from the logits): same losses, d and weights."""
+    import dataclasses
+
+    from fabric_tram.models.gpt2 import GPT2, GPT2Config
+    from fabric_tram.optim.api import UpdateRuleLoop
+    from fabric_tram.tasks.base import cross_entropy_sum
+
+    def run(keep_log_probs: bool):
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=16, n_positions=12, vocab_size=37, dropout=0.1))
+
+        def loss_fn(m, batch, **kw):
+            out = cross_entropy_sum(m(batch["input_ids"], **kw), batch["labels"])
+            return out if keep_log_probs else dataclasses.replace(out, log_probs=None)
+
+        extra = {} if rule.startswith("tram") else {"lam": 20.0}  # large enough for a wrong divergence gradient to show
+        loop = UpdateRuleLoop(rule, model, torch.optim.SGD(model.parameters(), lr=0.5), loss_fn, **extra)  # (Adam would
+        # blow float noise in near-zero gradient components up to lr)
+        ids = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(1))
+        labels = ids[:, 1:].clone()
+        labels[2, 7:] = -100
+        stats = [loop.step({"input_ids": ids[:, :-1], "labels": labels, "example_index": torch.arange(3)}) for _ in range(3)]
+        return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    (fast, fast_params), (slow, slow_params) = run(True), run(False)
+    for a, b in zip(fast, slow):
+        # d is a KL of nearly equal float32 distributions (~1e-3 here): the order of a log-softmax's reductions
+        # (whole rows vs chunks) moves it by ~1e-4 relative
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["d"] == pytest.approx(b["d"], rel=1e-3, abs=1e-7)
+    for name in fast_params:
+        torch.testing.assert_close(fast_params[name], slow_params[name], atol=2e-6, rtol=1e-5)
