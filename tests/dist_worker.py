@@ -24,7 +24,7 @@ for optimizer in ("sgd", "adam"):
     results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
     results["world_size"] = run.fabric.world_size
 
-RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x")
+RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "trpo", "r3f")
 for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards
     run = train(small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
     results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
