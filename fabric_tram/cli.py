@@ -103,11 +103,21 @@ def estimate(source, overrides, devices, num_nodes, plugins):
 BENCHMARKS = ("step_cost", "memory", "engine_overhead", "divergence", "gpu_check")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+class _HelpToBenchmark(click.Command):
+    """`fabric-tram bench --help` is this command's help; `fabric-tram bench NAME --help` is the benchmark's own."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] in BENCHMARKS:
+            ctx.help_option_names = []
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=_HelpToBenchmark, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("name", type=click.Choice(BENCHMARKS))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(name, args):
-    """Run benchmark NAME (the scripts of benchmarks/); ARGS go to it (--size, --device cuda, --repeats, ...)."""
+    """Run benchmark NAME (the scripts of benchmarks/); ARGS go to it (--size, --device cuda, --repeats, ...;
+    `fabric-tram bench NAME --help` lists them)."""
     import runpy
 
     saved = sys.argv

@@ -61,3 +61,14 @@ def test_gpu_check_path_on_cpu(tmp_path):
     text, result = bench(tmp_path, "gpu_check", "--device", "cpu", "--preset", "tiny", "--block", "64", "--steps", "2",
                          "--precision", "32-true")
     assert len(result["losses"]) == 2 and "tokens/s: tram-prev" in text
+
+
+def test_bench_command_passes_help_to_the_benchmark():
+    from click.testing import CliRunner
+
+    from fabric_tram.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "step_cost", "--help"])
+    assert result.exit_code == 0 and "--system-malloc" in result.output and "--rules" in result.output
+    result = CliRunner().invoke(main, ["bench", "--help"])  # the command's own help lists the benchmarks
+    assert result.exit_code == 0 and "step_cost|memory" in result.output
