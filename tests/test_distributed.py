@@ -1,5 +1,6 @@
 """Scale equivalence (b) and (c) on 2 CPU processes (gloo): DDP and FSDP2 vs 1 process; resume under each."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,7 +39,11 @@ def launch(strategy, corpus, out) -> dict:
         killed = "SIGABRT" in proc.stderr or "SIGSEGV" in proc.stderr
         if proc.returncode == 0 or not killed or attempt == 1:
             break
-        warnings.warn(f"2-process {strategy} launch killed by a signal, retrying once:\n{proc.stderr[-2000:]}")
+        clues = [line for line in (proc.stdout + proc.stderr).splitlines()
+                 if re.search(r"abort|malloc|terminate|what\(\)|corrupt|gloo|Connection", line, re.IGNORECASE)]
+        (target.parent / f"{target.name}-killed-stderr.txt").write_text(proc.stdout + proc.stderr)
+        warnings.warn(f"2-process {strategy} launch killed by a signal, retrying once; lines that may name the "
+                      "cause:\n" + "\n".join(clues[:30]) + f"\n(whole output in {target.parent / (target.name + '-killed-stderr.txt')})")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(target / "results.pt", weights_only=False)
 
