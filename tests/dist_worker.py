@@ -23,6 +23,8 @@ for optimizer in ("sgd", "adam"):
     n_local = torch.tensor([s["n_local"] for s in run.history])
     results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
     results["world_size"] = run.fabric.world_size
+    seen = torch.tensor(float((run.run_dir / "results.json").exists()))  # rank 0 wrote it before any rank returned
+    results[optimizer]["results_json_seen_by_rank"] = run.fabric.all_gather(seen).tolist()
 
 RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "trpo", "r3f")
 for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards

@@ -129,3 +129,27 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to(keep):
     _, faults = page_faults_per_step(setup)
     if GLIBC:
         assert (faults < 1000) if keep else (faults >= 2 * 16384), faults
+
+
+RELEASE_AT_EXIT = """
+import atexit, socket, torch
+from fabric_tram.config import TrainerConfig
+from fabric_tram.engine.fabric_setup import build_fabric
+atexit.register(lambda: print("initialized at exit:", torch.distributed.is_initialized()))  # runs after ours (LIFO)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+for _ in range(3):  # several runs in one process register the release once
+    build_fabric(TrainerConfig(accelerator="cpu", devices=1))
+print("initialized after runs:", torch.distributed.is_initialized())
+"""
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_exits():
+    """build_fabric registers the default group's release with atexit, once, as torch asks of every program."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RELEASE_AT_EXIT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "initialized after runs: True" in out.stdout and "initialized at exit: False" in out.stdout, out.stdout

@@ -250,6 +250,7 @@ def train(config: Config, callbacks: tuple[Callable[[Run, dict], None], ...] = (
             fabric.print(write_run_results(run.run_dir, run.results, train_domains, config.optimizer.name))
     for logger in fabric.loggers:
         logger.finalize("success")
+    fabric.barrier()  # no rank leaves (and may exit, or abort at exit) while rank 0 still writes the run's files
     return run
 
 
