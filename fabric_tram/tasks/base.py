@@ -29,7 +29,7 @@ class LossOutput:
         return (self.log_probs, True) if self.log_probs is not None else (self.logits, False)
 
     def as_target(self) -> "LossOutput":
-        """Only what a target distribution needs (a no-grad forward's loss and logits are dropped when log_probs exist)."""
+        """What a target distribution needs: the logits are dropped when log_probs exist (the loss is kept, detached)."""
         keep_logits = self.log_probs is None
         return LossOutput(self.loss_sum.detach(), self.count, self.logits if keep_logits else None, self.mask, self.log_probs)
 
