@@ -3,7 +3,9 @@
 One launch per strategy covers: equivalence runs (sgd, adam), a checkpoint round trip with dropout (per-rank
 RNG matters), and the FSDP2 facts of DESIGN.md (mesh size, shard sizes, resharding after no-grad forwards).
 """
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -12,18 +14,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config, trajectory  # noqa: E402
 
 from fabric_tram.engine.distributed import is_dtensor, local, reshard_after_no_grad_forward  # noqa: E402
+from fabric_tram.engine import trainer as trainer_module  # noqa: E402
 from fabric_tram.engine.trainer import evaluate, train  # noqa: E402
 
 strategy, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 results = {}
 
+
+class SlowJson:
+    """trainer.json with a results write that takes a second: a rank returning from train() before rank 0 has
+    written results.json would then not find it."""
+
+    loads = staticmethod(json.loads)
+
+    @staticmethod
+    def dumps(*args, **kwargs):
+        time.sleep(1.0)
+        return json.dumps(*args, **kwargs)
+
+
 for optimizer in ("sgd", "adam"):
+    trainer_module.json = SlowJson
     run = train(small_config(data, out / f"eq-{optimizer}", optimizer, micro=2, accumulate=2, strategy=strategy))
+    trainer_module.json = json
+    seen = torch.tensor(float((run.run_dir / "results.json").exists()))  # before any collective that would wait
     results[optimizer] = trajectory(run)
     n_local = torch.tensor([s["n_local"] for s in run.history])
     results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
     results["world_size"] = run.fabric.world_size
-    seen = torch.tensor(float((run.run_dir / "results.json").exists()))  # rank 0 wrote it before any rank returned
     results[optimizer]["results_json_seen_by_rank"] = run.fabric.all_gather(seen).tolist()
 
 RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "trpo", "r3f")
