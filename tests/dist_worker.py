@@ -13,8 +13,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config, trajectory  # noqa: E402
 
-from fabric_tram.engine.distributed import is_dtensor, local, reshard_after_no_grad_forward  # noqa: E402
 from fabric_tram.engine import trainer as trainer_module  # noqa: E402
+from fabric_tram.engine.distributed import (  # noqa: E402
+    is_dtensor,
+    local,
+    reshard_after_no_grad_forward,
+)
 from fabric_tram.engine.trainer import evaluate, train  # noqa: E402
 
 strategy, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
