@@ -23,6 +23,20 @@ def _fail(err: Exception) -> None:
     raise click.ClickException(f"{type(err).__name__}: {err}")
 
 
+def train_job(config):
+    """A training job as the CLI and the recipes run it: ``train``, then the run's paper table (Table 4's row:
+    training domain, each zero-shot domain, their average) written into the run folder by rank 0."""
+    from fabric_tram.engine.trainer import train
+
+    run = train(config)
+    domains = list(getattr(run.task, "train_domains", []))
+    if run.fabric.is_global_zero and domains:
+        from fabric_tram.analysis.results import write_run_results
+
+        run.fabric.print(write_run_results(run.run_dir, run.results, domains, config.optimizer.name))
+    return run
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Fine-tune pre-trained models with TRAM and its baselines on Lightning Fabric."""
@@ -35,14 +49,12 @@ def main() -> None:
 @click.option("--smoke", is_flag=True, help="the recipe's SMOKE setting: tiny model, bundled data, a few steps")
 def train(source, overrides, plugins, smoke):
     """Train from SOURCE (a recipe .py, a config .yaml or a run folder) plus dotted key=value OVERRIDES."""
-    from fabric_tram.engine.trainer import train as run_training
-
     if source is not None and "=" in source:  # no source, only overrides
         source, overrides = None, (source, *overrides)
     try:
         load_plugins(plugins)
         config = load_config(source, overrides, smoke=smoke)
-        run_training(config)
+        train_job(config)
     except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(err)
 
@@ -61,7 +73,7 @@ def evaluate(checkpoint, overrides, splits, plugins):
         results = evaluate_checkpoint(checkpoint, overrides, splits)
     except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         _fail(err)
-    from fabric_tram.engine.trainer import format_results
+    from fabric_tram.engine.evaluation import format_results
 
     click.echo(format_results(results))
 
@@ -145,8 +157,6 @@ def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None =
     ``--plugin MODULE`` may be given; ``--smoke`` applies the recipe's ``smoke`` overrides (tiny model, bundled
     data, a few steps, the same code path); every other argument is a dotted ``key=value`` override.
     """
-    from fabric_tram.engine.trainer import train as run_training
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--smoke" in argv:
         if smoke is None:
@@ -160,7 +170,7 @@ def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None =
         config = resolve(merge(recipe, parse_overrides(overrides)))
     except (ConfigError, KeyError, ValueError, ModuleNotFoundError) as err:
         sys.exit(f"error: {err}")
-    return run_training(config)
+    return train_job(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

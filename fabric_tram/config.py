@@ -110,18 +110,41 @@ def merge(base: dict, update: dict) -> dict:
 
 def _shared_keys(section: str, new_name: str, base) -> set:
     """Keys that stay meaningful when a section switches entry: the new entry's, and for an update rule its base
-    optimizer's too (lr and betas survive adam -> tram-prev)."""
-    try:
-        registry = SECTION_REGISTRIES[section]
-        config_cls = registry.get(new_name).config if new_name in registry else None
-        fields_ = {f.name: f for f in dataclasses.fields(config_cls)} if config_cls else {}
-        if "base" in fields_:
-            base = base or fields_["base"].default
-        else:
-            base = None
-        return {f.name for f in dataclasses.fields(section_class(section, new_name, base))}
-    except (KeyError, ConfigError):
+    optimizer's too (lr and betas survive adam -> tram-prev). An unknown name keeps nothing (resolve then
+    names the valid ones)."""
+    if new_name not in SECTION_REGISTRIES[section]:
         return set()
+    if section == "optimizer":
+        base = rule_base(new_name, {"base": base} if base else {})
+    else:
+        base = None
+    return {f.name for f in dataclasses.fields(section_class(section, new_name, base))}
+
+
+def _base_field(name: str) -> Optional[dataclasses.Field]:
+    """The ``base`` field of an optimizer entry's config: present for update rules only."""
+    config_cls = OPTIMIZERS.get(name).config
+    return next((f for f in dataclasses.fields(config_cls) if f.name == "base"), None) if config_cls else None
+
+
+def rule_base(name: str, values: dict) -> Optional[str]:
+    """The one place that decides "which base optimizer": for an update rule (an optimizer whose config has a
+    ``base`` field) the base named in ``values`` or the rule's default; None for a base optimizer itself."""
+    field_ = _base_field(name)
+    if field_ is None:
+        return None
+    base = values.get("base") or field_.default
+    if base not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.base: {OPTIMIZERS.describe_unknown(base)}")
+    if _base_field(base) is not None:
+        bases = [n for n in OPTIMIZERS.names() if _base_field(n) is None]
+        raise ConfigError(f"optimizer.base={base!r} is an update rule; choose a base optimizer: {', '.join(bases)}")
+    return base
+
+
+def base_optimizer_name(section) -> str:
+    """The registry name of the torch optimizer to build from a resolved optimizer section."""
+    return getattr(section, "base", None) or section.name
 
 
 # ------------------------------------------------------------------------------------------- resolution
@@ -173,11 +196,7 @@ def resolve(raw: dict) -> Config:
         name = values.get("name", DEFAULT_NAMES.get(section))
         if name is None:
             raise ConfigError(f"{section}.name is missing; choose one of: {', '.join(SECTION_REGISTRIES[section].names())}")
-        base = None
-        if section == "optimizer":
-            entry_cfg = OPTIMIZERS.get(name).config if name in OPTIMIZERS else None
-            if entry_cfg is not None and "base" in {f.name for f in dataclasses.fields(entry_cfg)}:
-                base = values.get("base") or next(f.default for f in dataclasses.fields(entry_cfg) if f.name == "base")
+        base = rule_base(name, values) if section == "optimizer" and name in OPTIMIZERS else None
         sections[section] = build_dataclass(section_class(section, name, base), values, section)
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
     config = Config(**sections)

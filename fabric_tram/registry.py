@@ -26,12 +26,22 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str):
+    """Entries of one kind by name. ``builtins``: the module whose import registers our own entries, imported
+    on the first lookup (so that ``import fabric_tram.optim.api`` never loads a task or a data module)."""
+
+    def __init__(self, kind: str, builtins: Optional[str] = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._builtins = builtins
+
+    def load_builtins(self) -> None:
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None  # first: a lookup during that import must not recurse
+            importlib.import_module(module)
 
     def register(self, name: str, config: Optional[type] = None, description: str = "") -> Callable:
         def decorator(target):
+            self.load_builtins()  # a plugin's duplicate of a built-in name is caught here, naming the plugin
             if name in self._entries:
                 previous = self._entries[name].target
                 raise ValueError(
@@ -45,24 +55,28 @@ class Registry:
         return decorator
 
     def get(self, name: str) -> Entry:
-        if name not in self._entries:
-            close = difflib.get_close_matches(str(name), list(self._entries), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(
-                f"unknown {self.kind} {name!r}.{hint} Valid {self.kind} names: {', '.join(sorted(self._entries))}"
-            )
+        if name not in self:
+            raise KeyError(self.describe_unknown(name))
         return self._entries[name]
+
+    def describe_unknown(self, name: str) -> str:
+        """The error for an unknown name: the closest valid names, then all of them."""
+        close = difflib.get_close_matches(str(name), self.names(), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Valid {self.kind} names: {', '.join(self.names())}"
 
     def build(self, name: str, *args, **kwargs):
         return self.get(name).target(*args, **kwargs)
 
     def names(self) -> list[str]:
+        self.load_builtins()
         return sorted(self._entries)
 
     def entries(self) -> list[Entry]:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: str) -> bool:
+        self.load_builtins()
         return name in self._entries
 
     def unregister(self, name: str) -> None:
@@ -71,11 +85,11 @@ class Registry:
         del self._entries[name]
 
 
-MODELS = Registry("model")
-TASKS = Registry("task")
-OPTIMIZERS = Registry("optimizer")
-DIVERGENCES = Registry("divergence")
-SCHEDULES = Registry("schedule")
+MODELS = Registry("model", "fabric_tram.models")
+TASKS = Registry("task", "fabric_tram.tasks")
+OPTIMIZERS = Registry("optimizer", "fabric_tram.optim")
+DIVERGENCES = Registry("divergence", "fabric_tram.optim.divergences")
+SCHEDULES = Registry("schedule", "fabric_tram.optim.schedules")
 REGISTRIES = {"models": MODELS, "tasks": TASKS, "optimizers": OPTIMIZERS, "divergences": DIVERGENCES, "schedules": SCHEDULES}
 
 register_model = MODELS.register
@@ -84,18 +98,14 @@ register_optimizer = OPTIMIZERS.register
 register_divergence = DIVERGENCES.register
 register_schedule = SCHEDULES.register
 
-_builtins_loaded = False
 _loaded_plugins: set[str] = set()
 
 
 def load_builtins() -> None:
-    """Import our own modules so that their decorators fill the registries (idempotent)."""
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("fabric_tram.models")
-        importlib.import_module("fabric_tram.tasks")
-        importlib.import_module("fabric_tram.optim")
+    """Import our own modules so that their decorators fill every registry (idempotent; each registry also
+    does this for itself on its first lookup)."""
+    for registry in REGISTRIES.values():
+        registry.load_builtins()
 
 
 def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> None:

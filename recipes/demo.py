@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fabric_tram.analysis.results import report
 from fabric_tram.config import merge, parse_overrides, resolve
-from fabric_tram.engine.trainer import train
+from fabric_tram.cli import train_job
 
 RULES = ["adam", "asam", "tram-prev"]
 RECIPE = {
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> str:
             settings = {"optimizer": {"name": rule}, "trainer": {"seed": seed, "run_dir": str(run_dir)}}
             config = resolve(merge(merge(base, settings), parse_overrides(overrides)))
             print(f"== {rule}, seed {seed} -> {run_dir}")
-            train(config)
+            train_job(config)
     table = report(run_dirs, out / "report")
     print(table)
     print(f"written: {out / 'report' / 'report.md'}, {out / 'report' / 'figure2.png'}")

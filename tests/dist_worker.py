@@ -14,12 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config, trajectory  # noqa: E402
 
 from fabric_tram.engine import trainer as trainer_module  # noqa: E402
-from fabric_tram.engine.distributed import (  # noqa: E402
+from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
     local,
     reshard_after_no_grad_forward,
 )
-from fabric_tram.engine.trainer import evaluate, train  # noqa: E402
+from fabric_tram.engine.evaluation import evaluate  # noqa: E402
+from fabric_tram.engine.trainer import train  # noqa: E402
 
 strategy, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 results = {}
@@ -61,16 +62,16 @@ except ValueError as err:
     results["m_sharpness"] = {"error": str(err)}
 
 if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
-    import fabric_tram.optim.sharpness as sharpness
+    import fabric_tram.optim.geometry as geometry
 
-    real_shard_sum = sharpness.shard_sum
-    sharpness.shard_sum = lambda total, like: total
+    real_shard_sum = geometry.shard_sum
+    geometry.shard_sum = lambda total, like: total
     run = train(small_config(data, out / "per-shard", "asam", micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
     results["asam_per_shard_norm"] = {"history": run.history, "params": trajectory(run)["params"]}
-    sharpness.shard_sum = real_shard_sum
+    geometry.shard_sum = real_shard_sum
 
 if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gradients skips the step on every rank
-    from fabric_tram.engine.step import StepContext
+    from fabric_tram.optim.step import StepContext
 
     real_fb = StepContext.forward_backward
     calls = {"n": 0}
@@ -92,7 +93,7 @@ if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gra
                        "finite": bool(all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())) if run.fabric.global_rank == 0 else True}
 
 if strategy == "ddp":  # negative control: forgetting the factor W leaves g / W, which SGD does not hide
-    from fabric_tram.engine.step import StepContext
+    from fabric_tram.optim.step import StepContext
 
     original = StepContext.world_size
     StepContext.world_size = property(lambda self: 1)

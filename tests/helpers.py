@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from fabric_tram.config import load_config
-from fabric_tram.engine.distributed import full_state_dict
+from fabric_tram.distributed import full_state_dict
 
 SMALL_MODEL = ["model.name=gpt2", "model.preset=tiny", "model.n_layer=2", "model.n_head=3", "model.n_embd=33",
                "model.n_positions=48", "model.dropout=0.0"]
@@ -44,7 +44,7 @@ import resource, torch
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 from fabric_tram.models.gpt2 import GPT2, GPT2Config
 from fabric_tram.optim.api import UpdateRuleLoop
-from fabric_tram.tasks.base import cross_entropy_sum
+from fabric_tram.loss import cross_entropy_sum
 {setup}
 torch.manual_seed(0)
 model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=32768, dropout=0.0))

@@ -1,6 +1,6 @@
 """Scale equivalence (a): k micro-batches of B/k equal one batch of B, with token-weighted normalisation."""
 import pytest
-from fabric_tram.engine import step as step_module
+from fabric_tram.optim import step as step_module
 from fabric_tram.engine.trainer import train
 from helpers import max_param_diff, small_config, trajectory
 
@@ -25,7 +25,7 @@ def test_accumulation_matches_one_big_batch(corpus, tmp_path, optimizer):
     assert len({s["n_targets"] for s in one["steps"]}) > 1
 
 
-def _per_micro_batch_mean(self, on_output=None, forward_kwargs=None):
+def _per_micro_batch_mean(self, objective=None, per_rank=False):
     """The classic mistake: average each micro-batch's loss, then divide by k."""
     k = len(self.micro_batches)
     total = 0.0
@@ -33,7 +33,7 @@ def _per_micro_batch_mean(self, on_output=None, forward_kwargs=None):
         out = self.loss_fn(self.model, batch)
         self.fabric.backward(out.loss_sum / out.count / k)
         total += float(out.loss_sum.detach())
-    return step_module.PassResult(total / float(self.n_global), 0.0)
+    return step_module.PassResult(total / float(self.n_global), None)
 
 
 def test_negative_control_wrong_normalisation_breaks_equivalence(corpus, tmp_path, monkeypatch):

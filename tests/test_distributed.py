@@ -87,7 +87,7 @@ def test_two_processes_match_one(reference, strategy):
     for rule in RULES:  # the update rules: per-step ‖T g‖, ‖e‖, d, and the final weights
         for a, b in zip(ref[rule]["history"], got[rule]["history"]):
             assert a["n_targets"] == b["n_targets"]
-            for key, rel in (("loss", 1e-5), ("Tg_norm", 1e-5), ("e_norm", D_REL), ("d", D_REL), ("regularizer", D_REL)):
+            for key, rel in (("loss", 1e-5), ("Tg_norm", 1e-5), ("e_norm", D_REL), ("d", D_REL), ("regulariser", D_REL)):
                 if key in a:  # abs: trpo's d is ~1.5e-5 here, a KL summed from float32 log-probabilities near -10
                     assert a[key] == pytest.approx(b[key], rel=rel, abs=D_ABS), (rule, key)
         assert max_param_diff(ref[rule]["params"], got[rule]["params"]) < TOL["sgd"], rule

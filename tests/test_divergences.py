@@ -80,7 +80,7 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
 
 def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():
     """cross_entropy_sum hands its log-softmax to the divergences: CE + λ KL read from it equals CE + λ KL on logits."""
-    from fabric_tram.tasks.base import cross_entropy_sum
+    from fabric_tram.loss import cross_entropy_sum
     torch.manual_seed(2)
     target, labels = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
     labels[1, 4:] = -100
@@ -110,7 +110,7 @@ def test_rules_reading_the_loss_log_probabilities_train_like_rules_reading_logit
 
     from fabric_tram.models.gpt2 import GPT2, GPT2Config
     from fabric_tram.optim.api import UpdateRuleLoop
-    from fabric_tram.tasks.base import cross_entropy_sum
+    from fabric_tram.loss import cross_entropy_sum
 
     def run(keep_log_probs: bool):
         torch.manual_seed(0)

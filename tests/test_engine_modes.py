@@ -27,7 +27,7 @@ def test_precision_modes_train(corpus, tmp_path, precision):
 
 
 def test_16_mixed_overflow_skips_the_step_and_backs_off(corpus, tmp_path, monkeypatch):
-    from fabric_tram.engine import step as step_module
+    from fabric_tram.optim import step as step_module
 
     real = step_module.StepContext.forward_backward
 
@@ -101,7 +101,7 @@ def test_vocabulary_sized_outputs_are_freed_before_the_model_backward(rule):
 
     from fabric_tram.models.gpt2 import GPT2, GPT2Config
     from fabric_tram.optim.api import UpdateRuleLoop
-    from fabric_tram.tasks.base import cross_entropy_sum
+    from fabric_tram.loss import cross_entropy_sum
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=50, dropout=0.0))

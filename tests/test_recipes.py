@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fabric_tram.cli import train_job
 from fabric_tram.config import load_config
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.trainer import train
@@ -25,7 +26,7 @@ def test_recipe_smoke_in_process(recipe, tmp_path):
     assert full.trainer.max_steps == 50_000 and full.trainer.micro_batch_size == 16 and full.model.pretrained == "gpt2"
     assert full.task.data_dir == "hf://machelreid/m2d2" and len(full.task.eval_domains) == 11
     assert config.optimizer.lr == 2e-5 and config.optimizer.betas == [0.9, 0.99]  # the recipe's own, kept by the rule
-    run = train(config)
+    run = train_job(config)  # what `python recipes/X.py` and `fabric-tram train` run: train() and the paper table
     assert len(run.history) == 4 and (tmp_path / recipe / "results_table.md").is_file()
 
 

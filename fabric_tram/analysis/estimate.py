@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fabric_tram.config import Config
+from fabric_tram.config import Config, base_optimizer_name
 from fabric_tram.models import build_model
-from fabric_tram.optim.rule import base_optimizer_name, is_rule
 from fabric_tram.registry import OPTIMIZERS
 
 GIB = 1024 ** 3
@@ -41,11 +40,18 @@ def meta_model(config: Config) -> torch.nn.Module:
 
 
 def optimizer_state_factor(config: Config) -> float:
-    """Base-optimizer state per parameter element, in parameter-sized tensors (Adam: 2, SGD+momentum: 1)."""
-    base = base_optimizer_name(config.optimizer)
-    if base in ("adam", "adamw"):
-        return 2.0
-    return 1.0 if getattr(config.optimizer, "momentum", 0.0) else 0.0
+    """Base-optimizer state per parameter element, in float32 parameter-sized tensors, as the base optimizer's
+    config declares it (``state_tensors``: Adam 2, SGD with momentum 1); 0 where it declares nothing."""
+    declared = getattr(OPTIMIZERS.get(base_optimizer_name(config.optimizer)).config, "state_tensors", None)
+    return float(declared(config.optimizer)) if declared else 0.0
+
+
+def rule_declarations(name: str) -> dict:
+    """What an update rule declares (``optim/update_rule.py``), read through the registry: passes per step,
+    state held between steps, divergence gradients; a base optimizer alone is one forward and one backward."""
+    target = OPTIMIZERS.get(name).target
+    return {"passes": tuple(getattr(target, "passes", (1, 0, 1))), "state_factor": getattr(target, "state_factor", 0),
+            "fp32_state": getattr(target, "fp32_state", 0), "divergence_gradients": getattr(target, "divergence_gradients", 0)}
 
 
 def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
@@ -56,12 +62,9 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     param_bytes = 2 if t.precision == "bf16-true" else 4  # mixed precision keeps fp32 weights
     act_bytes = 4 if t.precision == "32-true" else 2
-    target = OPTIMIZERS.get(config.optimizer.name).target
-    rule_factor = target.state_factor if is_rule(target) else 0
-    fwd, nograd, bwd = target.pass_counts() if is_rule(target) else (1, 0, 1)
-    rule_bytes = n_params * param_bytes * rule_factor
-    if config.optimizer.name in ("mesa", "asam+mesa"):  # the EMA is kept in fp32 whatever the weights
-        rule_bytes += n_params * (4 - param_bytes)
+    rule = rule_declarations(config.optimizer.name)
+    fwd, nograd, bwd = rule["passes"]
+    rule_bytes = n_params * (param_bytes * rule["state_factor"] + 4 * rule["fp32_state"])
     sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
@@ -70,8 +73,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     graphs = fwd // bwd  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {"without_checkpointing": graphs * L * block_full,
                    "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full)}
-    divergence_gradients = target.divergence_gradients() if is_rule(target) else 0
-    logits = (2 * graphs + (1 if nograd else 0) + divergence_gradients) * B * T * V * 4
+    logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * B * T * V * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_params * param_bytes / shards,

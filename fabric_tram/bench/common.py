@@ -11,7 +11,7 @@ import torch
 
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 from fabric_tram.models.gpt2 import GPT2, GPT2Config
-from fabric_tram.tasks.base import cross_entropy_sum
+from fabric_tram.loss import cross_entropy_sum
 
 SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
     "tiny": (2, 2, 64, 2048, 64, 4),

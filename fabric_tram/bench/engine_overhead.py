@@ -9,7 +9,8 @@ import torch
 from fabric_tram.bench.common import SIZES, arguments, interleave, table, write_json
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
-from fabric_tram.engine.trainer import setup, training_step
+from fabric_tram.engine.setup import setup
+from fabric_tram.engine.trainer import training_step
 
 TARGET = 0.97
 

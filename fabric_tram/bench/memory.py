@@ -68,7 +68,7 @@ def main() -> dict:
         loop = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(args.precision))
         loop.step(batch)
         factor = held_bytes(loop) / param_bytes
-        target = OPTIMIZERS.get(name).target.state_factor
+        target = OPTIMIZERS.get(name).target.held_per_param_byte(model.transformer.wte.weight.element_size())
         results[name] = {"held_per_param_byte": factor, "target": target}
         rows.append([name, factor, float(target), "yes" if factor <= target + 1e-9 else "no"])
     print(table(["rule", "held / param bytes", "target", "at target"], rows))

@@ -44,7 +44,7 @@ def main() -> dict:
     t_fb, t_f = median["fwd+bwd"], median["no-grad fwd"]
     rows, results = [], {}
     for name in rules:
-        fwd, nograd, bwd = OPTIMIZERS.get(name).target.pass_counts()
+        fwd, nograd, bwd = OPTIMIZERS.get(name).target.passes
         floor = (fwd * t_fb + nograd * t_f) / t_fb
         ratio = median[name] / median["adam"]
         results[name] = {"ratio_to_adam": ratio, "floor": floor, "over_floor": ratio / floor, "passes": [fwd, nograd, bwd],

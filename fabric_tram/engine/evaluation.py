@@ -1,11 +1,64 @@
-"""``fabric-tram evaluate``: score a saved checkpoint with the config of the run that wrote it."""
+"""Evaluation: the loop (metrics per domain or language, the same number of forwards on every rank), the
+in-domain validation loss that selects the best checkpoint, and ``fabric-tram evaluate`` of a saved checkpoint."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
+import torch
+
 from fabric_tram.config import load_config, to_dict
+from fabric_tram.data.batching import eval_batches
+from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
-from fabric_tram.engine.trainer import evaluate, setup
+from fabric_tram.engine.setup import Run, setup
+
+
+@torch.no_grad()
+def evaluate(run: Run, split: str, max_batches: int = 0) -> dict[str, dict[str, float]]:
+    """Metrics per domain (or language) of ``split``; every rank runs the same number of forwards."""
+    fabric, task, model = run.fabric, run.task, run.model
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name, data in task.eval_sets(split).items():
+        totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+        for idx in eval_batches(len(data), run.config.trainer.micro_batch_size, fabric.world_size, fabric.global_rank, max_batches):
+            batch = task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
+            if not idx:  # this rank ran out of examples: a zero-weight batch keeps FSDP's collectives in step
+                batch["labels"].fill_(-100)
+            out = task.loss(model, fabric.to_device(batch))
+            totals += torch.stack([out.loss_sum.double(), torch.as_tensor(out.count, device=totals.device).double()])
+        totals = all_reduce_sum(fabric, totals)
+        results[name] = task.metrics(float(totals[0]), float(totals[1]))
+    reshard_after_no_grad_forward(model)
+    model.train(was_training)
+    return results
+
+
+def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    lines = []
+    for split, per_domain in results.items():
+        lines.append(f"{split}:")
+        for name, m in per_domain.items():
+            lines.append("  " + f"{name:<24}" + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    return "\n".join(lines)
+
+
+def in_domain_loss(task, metrics: dict) -> float:
+    """Token-weighted validation loss over the training domains (every domain when the task has none)."""
+    names = [d for d in getattr(task, "train_domains", []) if d in metrics] or list(metrics)
+    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
+    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)
+
+
+def improves_best(run: Run, metrics: dict) -> bool:
+    """Whether ``metrics`` beat the best in-domain validation loss recorded so far (rank 0 decides for all)."""
+    previous = run.run_dir / ckpt.CHECKPOINT_DIR / "best.json"
+    current = in_domain_loss(run.task, metrics)
+    best = json.loads(previous.read_text())["validation_loss"] if previous.is_file() else math.inf
+    return bool(run.fabric.broadcast(current < best, src=0)) if run.fabric.world_size > 1 else current < best
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -22,13 +22,26 @@ def build_loggers(run_dir: str | Path) -> list:
     return loggers
 
 
-def flops_per_step(model, tokens: float, seq_len: int, rule) -> float | None:
-    """FLOPs of one optimizer step on this device: forward = F, backward = 2F per pass the rule runs."""
+def flops_per_step(model, tokens: float, seq_len: int, passes) -> float | None:
+    """FLOPs of one optimizer step on this device: forward = F, backward = 2F, for every pass the rule runs
+    (``passes``: forward, no-grad forward, backward)."""
     per_token = getattr(model, "forward_flops_per_token", None)
     if per_token is None:
         return None
     forward = per_token(seq_len) * tokens
-    return forward * (rule.forward_passes + rule.no_grad_forward_passes) + 2 * forward * rule.backward_passes
+    return forward * (passes.forward + passes.no_grad_forward) + 2 * forward * passes.backward
+
+
+def available_flops(device, precision: str) -> float | None:
+    """The device's peak FLOP/s for the precision (CUDA only; None where unknown)."""
+    import torch
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    dtype = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+    try:
+        return get_available_flops(device, dtype) if device.type == "cuda" else None
+    except Exception:  # unknown device
+        return None
 
 
 class Progress:

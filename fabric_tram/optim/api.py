@@ -5,10 +5,10 @@
         stats = rule.step(batch)      # every pass, the exact restore and the base step; stats["loss"], ["d"], ...
 
 ``loss_fn(model, batch, **forward_kwargs)`` is the tasks' batch-to-loss signature: it returns a
-:class:`~fabric_tram.tasks.base.LossOutput` or a tuple ``(loss_sum, count, logits, mask)``; ``count`` and
+:class:`~fabric_tram.loss.LossOutput` or a tuple ``(loss_sum, count, logits, mask)``; ``count`` and
 ``mask`` may be None (one target, all positions valid), and a plain scalar loss is a mean over one target.
 Rules with a divergence need the logits; a LossOutput that also carries ``log_probs`` (the log-softmax the loss
-computed, in its graph, as :func:`~fabric_tram.tasks.base.cross_entropy_sum` returns) spares them recomputing it. ``forward_kwargs`` must reach the model's forward (rules that noise
+computed, in its graph, as :func:`~fabric_tram.loss.cross_entropy_sum` returns) spares them recomputing it. ``forward_kwargs`` must reach the model's forward (rules that noise
 the inputs pass ``input_noise`` there); for a model whose forward has no ``input_noise`` argument, name its
 token-embedding module (``embedding_module="embeddings.word_embeddings"``) and the noise is added by a hook.
 """
@@ -16,52 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from fabric_tram.engine.step import StepContext
-from fabric_tram.optim.rule import UpdateRule, is_rule
-from fabric_tram.registry import OPTIMIZERS, load_builtins
-from fabric_tram.tasks.base import LossOutput
-
-
-def as_loss_output(result: Any) -> LossOutput:
-    """Normalise what a user's loss function returns to a LossOutput."""
-    if isinstance(result, LossOutput):
-        return result
-    if isinstance(result, torch.Tensor):
-        return LossOutput(loss_sum=result, count=torch.tensor(1.0, device=result.device))
-    if isinstance(result, (tuple, list)) and 1 <= len(result) <= 4:
-        loss_sum, count, logits, mask = (*result, None, None, None)[:4]
-        if count is None:
-            count = torch.tensor(1.0, device=loss_sum.device)
-        return LossOutput(loss_sum, torch.as_tensor(count, device=loss_sum.device), logits, mask)
-    raise TypeError("loss_fn must return a LossOutput, a scalar loss, or a tuple (loss_sum, count, logits, mask)")
-
-
-class _Precision:
-    def __init__(self, scaler):
-        self.scaler = scaler
-
-
-class _Strategy:
-    def __init__(self, scaler):
-        self.precision = _Precision(scaler)
+from fabric_tram.loss import as_loss_output
+from fabric_tram.optim.step import StepContext
+from fabric_tram.optim.update_rule import UpdateRule, is_rule, rule_class
+from fabric_tram.registry import OPTIMIZERS
 
 
 class LocalFabric:
-    """The part of Fabric's interface the step uses, for one process without Fabric (optionally a GradScaler)."""
+    """What the step needs of Fabric, for one process without it: backward (through an fp16 GradScaler when
+    given), gradient-sync control and all-reduce (both no-ops here)."""
 
     world_size, global_rank = 1, 0
 
     def __init__(self, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None):
-        self.device = device
-        self.strategy = _Strategy(scaler)
+        self.device, self.scaler = device, scaler
 
     def backward(self, tensor: torch.Tensor) -> None:
-        scaler = self.strategy.precision.scaler
-        (scaler.scale(tensor) if scaler is not None else tensor).backward()
+        (self.scaler.scale(tensor) if self.scaler is not None else tensor).backward()
 
     def no_backward_sync(self, module, enabled: bool = True):
         return contextlib.nullcontext()
@@ -73,19 +48,18 @@ class LocalFabric:
 class _LocalOptimizer:
     """Steps a plain optimizer the way Fabric's wrapper does (through the scaler when there is one)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, fabric: LocalFabric):
-        self.optimizer, self.fabric = optimizer, fabric
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]):
+        self.optimizer, self.scaler = optimizer, scaler
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
     def step(self):
-        scaler = self.fabric.strategy.precision.scaler
-        if scaler is None:
+        if self.scaler is None:
             return self.optimizer.step()
-        out = scaler.step(self.optimizer)
-        scaler.update()
+        out = self.scaler.step(self.optimizer)
+        self.scaler.update()
         return out
 
     def zero_grad(self, set_to_none: bool = True):
@@ -104,20 +78,20 @@ class UpdateRuleLoop:
 
     def __init__(self, name: str, model: torch.nn.Module, optimizer, loss_fn: Callable, *, grad_clip: float = 0.0,
                  noise_sampler: Optional[Callable] = None, fabric=None, scaler=None, **hyperparameters):
-        load_builtins()
         entry = OPTIMIZERS.get(name)
         self.loss_fn = lambda m, batch, **kw: as_loss_output(loss_fn(m, batch, **kw))
         if fabric is None:
-            device = next(model.parameters()).device
-            fabric = LocalFabric(device, scaler)
-            optimizer = _LocalOptimizer(optimizer, fabric)
-        self.fabric, self.model, self.optimizer, self.grad_clip = fabric, model, optimizer, grad_clip
+            fabric = LocalFabric(next(model.parameters()).device, scaler)
+            optimizer = _LocalOptimizer(optimizer, scaler)
+        else:  # the precision plugin's loss scaler, if any (Fabric scales the loss in its backward)
+            scaler = getattr(fabric.strategy.precision, "scaler", None)
+        self.fabric, self.model, self.optimizer, self.grad_clip, self.scaler = fabric, model, optimizer, grad_clip, scaler
         config = self._config(entry, hyperparameters)
-        self.rule: UpdateRule = entry.target(config, model, optimizer) if is_rule(entry.target) else UpdateRule(config, model, optimizer)
+        self.rule: UpdateRule = rule_class(name)(config, model, optimizer)
         if noise_sampler is not None:
-            for holder in (self.rule, getattr(self.rule, "regulariser", None)):
-                if getattr(holder, "noise", None) is not None:
-                    holder.noise.sampler = noise_sampler
+            if getattr(self.rule, "noise", None) is None:
+                raise TypeError(f"{name!r} draws no input noise: noise_sampler applies to tram-x, tram-fisher, r3f, asam+r3f")
+            self.rule.noise.sampler = noise_sampler
         self.step_count = 0
 
     @staticmethod
@@ -138,7 +112,8 @@ class UpdateRuleLoop:
         batches = micro_batches if micro_batches is not None else [batch]
         n_global = None if n_targets is None else torch.tensor(float(n_targets), dtype=torch.float64, device=self.fabric.device)
         ctx = StepContext(fabric=self.fabric, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
-                          micro_batches=batches, step=self.step_count, n_global=n_global, grad_clip=self.grad_clip)
+                          micro_batches=batches, step=self.step_count, n_global=n_global, grad_clip=self.grad_clip,
+                          scaler=self.scaler)
         stats = self.rule.step(ctx)
         return {**stats, **{f"passes/{k}": v for k, v in ctx.passes.items()}}
 

@@ -15,6 +15,10 @@ class AdamConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def state_tensors(self) -> int:
+        """Float32 parameter-sized tensors of state (the estimator reads it): exp_avg and exp_avg_sq."""
+        return 2
+
 
 @dataclass
 class SGDConfig:
@@ -22,6 +26,10 @@ class SGDConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
+
+    def state_tensors(self) -> int:
+        """Float32 parameter-sized tensors of state (the estimator reads it): the momentum buffer, if any."""
+        return 1 if self.momentum else 0
 
 
 def _check(config) -> None:

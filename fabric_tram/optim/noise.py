@@ -132,12 +132,13 @@ class InputNoise:
         self.sampler = sampler or self.source.sample  # (step, example_index, embeddings) -> z
         self.injector = NoiseInjector(model, embedding_module)
 
-    def forward(self, ctx, batch, detach: bool = False):
-        """Context manager for one forward on x + z (``detach``: start from the detached lookup, as R3F)."""
+    def applied(self, step: int, batch, detach: bool = False):
+        """Context manager for one forward on x + z at optimizer ``step``; yields the forward kwargs
+        (``detach``: start from the detached embedding lookup, as R3F)."""
         index = batch_example_index(batch)
 
         def add_noise(embeddings: torch.Tensor) -> torch.Tensor:
             base = embeddings.detach() if detach else embeddings
-            return base + self.sampler(ctx.step, index, embeddings).to(embeddings.dtype)
+            return base + self.sampler(step, index, embeddings).to(embeddings.dtype)
 
         return self.injector.apply(add_noise)

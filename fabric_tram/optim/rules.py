@@ -1,6 +1,8 @@
-"""The paper's update rules, registered by name. Each wraps any base optimizer (``optimizer.base``).
+"""The paper's update rules, one class each, registered by name; each wraps any base optimizer (``optimizer.base``).
 
-Defaults marked (paper) are the paper's; the others are ours (ALGORITHMS.md marks them as decisions).
+Formulas, defaults and decisions: docs/algorithms.md. Defaults marked (paper) are the paper's; the others are
+ours. Each class says what differs from the plain step of ``UpdateRule.step`` (written once, in
+``optim/update_rule.py``): its perturbation's geometry and radius, what each pass differentiates, its state.
 Passes per step are forward (with gradient) / no-grad forward / backward; state is what the rule holds between
 steps, in multiples of the parameter bytes.
 """
@@ -9,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from fabric_tram.optim.regularizers import RegularizedRule
-from fabric_tram.optim.sharpness import SharpnessRule
+from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
+from fabric_tram.optim.noise import InputNoise
+from fabric_tram.optim.objectives import DivergenceMeter, measuring, noise_penalty, on_noised, penalised
+from fabric_tram.optim.targets import ExponentialAverage, InitialWeights, NoisedInputs, PreviousIterate
+from fabric_tram.optim.update_rule import Passes, UpdateRule
 from fabric_tram.registry import register_optimizer
-
 
 # ------------------------------------------------------------------------------------------- configs
 
@@ -36,7 +40,7 @@ class ASAMFields:
 @dataclass
 class TrustRegionFields:
     divergence: str = "kl"  # kl, kl-reverse, kl-sym, l2 (mmd: classification only)
-    radius_scale: float = 1.0  # multiplies d (the published code's d is 1/(B·V) of ours; see ALGORITHMS.md)
+    radius_scale: float = 1.0  # multiplies d (the published code's d is 1/(B·V) of ours; docs/algorithms.md)
     max_radius: Optional[float] = None  # optional clamp of the radius (the paper's d <= ρ bound)
     target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
 
@@ -118,36 +122,197 @@ class ASAMR3FConfig(R3FConfig, ASAMConfig):
     pass
 
 
-# ------------------------------------------------------------------------------------------- rules
+def input_noise(model, config) -> InputNoise:
+    return InputNoise(model, config.sigma, config.noise, config.noise_seed, config.embedding_module)
 
 
-def _rule(name: str, config, description: str, base: type, **attributes):
-    """Register a rule class: ``base`` with the class attributes that make it this rule.
-
-    ``state_factor``: bytes the rule holds between steps per parameter byte (ALGORITHMS.md; mesa's EMA is fp32).
-    """
-    cls = type(name.replace("-", "_").replace("+", "_").upper(), (base,), {"__doc__": description, "__module__": __name__, **attributes})
-    register_optimizer(name, config=config, description=description)(cls)
-    return cls
+# ------------------------------------------------------------------------------------------- sharpness-aware
 
 
-SAM = _rule("sam", SAMConfig, "SAM: e = ρ g/‖g‖; 2 fwd / 2 bwd; state 1x params", SharpnessRule, direction="sam", state_factor=1)
-ASAM = _rule("asam", ASAMConfig, "ASAM: e = ρ T²g/‖Tg‖, T = |θ|+η; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="asam", state_factor=1)
-FSAM = _rule("fsam", FSAMConfig, "Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x", SharpnessRule, direction="fisher", state_factor=1)
-TRAM_PREV = _rule("tram-prev", TRAMConfig, "TRAM-θ_{t-1}: e = d T²g/‖Tg‖, d = D(p(θ_{s-2})‖p(θ_{s-1})); 2 fwd + 1 no-grad / 2 bwd; state 1x",
-                  SharpnessRule, direction="asam", trust_region="prev", state_factor=1)
-TRAM_INIT = _rule("tram-init", TRAMConfig, "TRAM-θ_0: as tram-prev with target θ_0; 2 fwd + 1 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", trust_region="init", state_factor=2)
-TRAM_X = _rule("tram-x", TRAMXConfig, "TRAM-x: d = D(p(x+z;θ)‖p(x;θ)), descent on clean x; 2 fwd + 1 no-grad / 2 bwd; state 1x",
-               SharpnessRule, direction="asam", trust_region="noise", state_factor=1)
-TRAM_FISHER = _rule("tram-fisher", TRAMFisherConfig, "TRAM-Fisher: FSAM with g̃ from an ascent pass on x+z, descent on x; 2 fwd / 2 bwd; state 1x",
-                    SharpnessRule, direction="fisher", noised_ascent=True, state_factor=1)
-TRPO = _rule("trpo", TRPOConfig, "TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="trpo", state_factor=1)
-R3F = _rule("r3f", R3FConfig, "R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0", RegularizedRule, kind="r3f", state_factor=0)
-MESA = _rule("mesa", MESAConfig, "MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x", RegularizedRule, kind="mesa", state_factor=1)
-ASAM_TRPO = _rule("asam+trpo", ASAMTRPOConfig, "ASAM whose loss carries TRPO's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", regulariser_kind="trpo", state_factor=2)
-ASAM_R3F = _rule("asam+r3f", ASAMR3FConfig, "ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x",
-                 SharpnessRule, direction="asam", regulariser_kind="r3f", state_factor=1)
-ASAM_MESA = _rule("asam+mesa", ASAMMESAConfig, "ASAM whose loss carries MESA's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
-                  SharpnessRule, direction="asam", regulariser_kind="mesa", state_factor=2)
+@register_optimizer("sam", config=SAMConfig, description="SAM: e = ρ g/‖g‖; 2 fwd / 2 bwd; state 1x params")
+class SAM(UpdateRule):
+    """SAM (Foret et al. 2021): e = ρ g/‖g‖."""
+
+    passes, state_factor = Passes(2, 0, 2), 1  # the restore point
+
+    def build_geometry(self):
+        return SAMGeometry()
+
+    def radius(self, d):
+        return self.config.rho
+
+
+@register_optimizer("asam", config=ASAMConfig, description="ASAM: e = ρ T²g/‖Tg‖, T = |θ|+η; 2 fwd / 2 bwd; state 1x")
+class ASAM(UpdateRule):
+    """ASAM (Kwon et al. 2021): e = ρ T²g/‖Tg‖ with T = |θ| + η."""
+
+    passes, state_factor = Passes(2, 0, 2), 1
+
+    def build_geometry(self):
+        return asam_geometry(self.config, self.names)
+
+    def radius(self, d):
+        return self.config.rho
+
+
+@register_optimizer("fsam", config=FSAMConfig, description="Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x")
+class FSAM(UpdateRule):
+    """Fisher-SAM (Kim et al. 2022) with the diagonal f = 1 + η g²: e = γ (g/f)/sqrt(Σ g²/f)."""
+
+    passes, state_factor = Passes(2, 0, 2), 1
+
+    def build_geometry(self):
+        return FisherGeometry(self.config.eta)
+
+    def radius(self, d):
+        return self.config.gamma
+
+
+# ------------------------------------------------------------------------------------------- TRAM
+
+
+class TRAM(ASAM):
+    """ASAM whose radius is the trust-region distance d between the target's outputs and the ascent pass's own,
+    measured on the ascent pass: e = r T²g/‖Tg‖ with r = min(radius_scale · d, max_radius)."""
+
+    passes = Passes(2, 1, 2)
+
+    def __init__(self, config, model, optimizer):
+        super().__init__(config, model, optimizer)
+        self.meter = DivergenceMeter(config.divergence)
+
+    def radius(self, d):
+        radius = self.config.radius_scale * d
+        return radius if self.config.max_radius is None else min(radius, self.config.max_radius)
+
+    def ascent_objective(self, ctx):
+        return measuring(ctx, self.target, self.meter)
+
+
+@register_optimizer("tram-prev", config=TRAMConfig,
+                    description="TRAM-θ_{t-1}: e = d T²g/‖Tg‖, d = D(p(θ_{s-2})‖p(θ_{s-1})); 2 fwd + 1 no-grad / 2 bwd; state 1x")
+class TRAMPrev(TRAM):
+    """TRAM-θ_{t−1}: d = D(p(·|x; θ_{s−2}) ‖ p(·|x; θ_{s−1})). Memory-optimal: the restore point is also the
+    previous iterate (after the perturbation block it holds θ_{s−1}, the next step's θ_{s−2})."""
+
+    state_factor = 1
+
+    def build_target(self):
+        return PreviousIterate(self.params, buffers=self.backup, target_mode=self.config.target_mode, is_restore_point=True)
+
+
+@register_optimizer("tram-init", config=TRAMConfig,
+                    description="TRAM-θ_0: as tram-prev with target θ_0; 2 fwd + 1 no-grad / 2 bwd; state 2x")
+class TRAMInit(TRAM):
+    """TRAM-θ_0: d = D(p(·|x; θ_0) ‖ p(·|x; θ_{s−1}))."""
+
+    state_factor = 2  # θ_0 and the restore point
+
+    def build_target(self):
+        return InitialWeights(self.params, target_mode=self.config.target_mode)
+
+
+@register_optimizer("tram-x", config=TRAMXConfig,
+                    description="TRAM-x: d = D(p(x+z;θ)‖p(x;θ)), descent on clean x; 2 fwd + 1 no-grad / 2 bwd; state 1x")
+class TRAMX(TRAM):
+    """TRAM-x: d = D(p(·|x + z; θ) ‖ p(·|x; θ)); the descent pass runs on clean inputs."""
+
+    state_factor = 1
+
+    def build_target(self):
+        self.noise = input_noise(self.model, self.config)
+        return NoisedInputs(self.noise)
+
+
+@register_optimizer("tram-fisher", config=TRAMFisherConfig,
+                    description="TRAM-Fisher: FSAM with g̃ from an ascent pass on x+z, descent on x; 2 fwd / 2 bwd; state 1x")
+class TRAMFisher(FSAM):
+    """TRAM-Fisher: Fisher-SAM whose ascent pass runs on x + z (so g̃ carries the input trust region); the
+    descent pass runs on clean inputs."""
+
+    def __init__(self, config, model, optimizer):
+        super().__init__(config, model, optimizer)
+        self.noise = input_noise(model, config)
+
+    def ascent_objective(self, ctx):
+        return on_noised(ctx, self.noise)
+
+
+# ------------------------------------------------------------------------------------------- regularisers
+
+
+class Regularised(UpdateRule):
+    """A trust-region regulariser: every pass differentiates L + λ Σ D(target ‖ current) (one pass alone, or
+    both passes of ASAM in the asam+ rules, which put this class before ASAM in their bases)."""
+
+    def __init__(self, config, model, optimizer):
+        super().__init__(config, model, optimizer)
+        self.meter = DivergenceMeter(config.divergence)
+
+    def ascent_objective(self, ctx):
+        return penalised(ctx, self.target, self.meter, self.config.lam)
+
+    def descent_objective(self, ctx):
+        return self.ascent_objective(ctx)
+
+
+@register_optimizer("trpo", config=TRPOConfig, description="TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x")
+class TRPO(Regularised):
+    """TRPO-style: L + λ D(p(·|x; θ_{s−2}) ‖ p(·|x; θ)); zero regulariser at step 1."""
+
+    passes, state_factor, divergence_gradients = Passes(1, 1, 1), 1, 1
+
+    def build_target(self):
+        return PreviousIterate(self.params, target_mode=self.config.target_mode)
+
+
+@register_optimizer("mesa", config=MESAConfig, description="MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x")
+class MESA(Regularised):
+    """MESA: L + λ D(p(·|x; θ_ema) ‖ p(·|x; θ)), the EMA kept in float32 and updated after every base step."""
+
+    passes, fp32_state, divergence_gradients = Passes(1, 1, 1), 1, 1
+
+    def build_target(self):
+        return ExponentialAverage(self.params, self.config.ema_decay, target_mode=self.config.target_mode)
+
+
+@register_optimizer("r3f", config=R3FConfig,
+                    description="R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0")
+class R3F(Regularised):
+    """R3F (Aghajanyan et al. 2021): L + λ D_sym(p(·|x + z), p(·|x)), gradient through both branches."""
+
+    passes, divergence_gradients = Passes(2, 0, 1), 2
+
+    def __init__(self, config, model, optimizer):
+        super().__init__(config, model, optimizer)
+        self.noise = input_noise(model, config)  # no target and no state: the noised branch is part of the loss
+
+    def ascent_objective(self, ctx):
+        return noise_penalty(ctx, self.noise, self.meter, self.config.lam)
+
+
+# ------------------------------------------------------------------------------------------- ASAM + regulariser (paper C.3)
+
+
+@register_optimizer("asam+trpo", config=ASAMTRPOConfig,
+                    description="ASAM whose loss carries TRPO's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x")
+class ASAMTRPO(TRPO, ASAM):
+    """ASAM on TRPO's loss (both passes; target outputs recomputed in each)."""
+
+    passes, state_factor, divergence_gradients = Passes(2, 2, 2), 2, 1
+
+
+@register_optimizer("asam+mesa", config=ASAMMESAConfig,
+                    description="ASAM whose loss carries MESA's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x")
+class ASAMMESA(MESA, ASAM):
+    """ASAM on MESA's loss (both passes)."""
+
+    passes, state_factor, fp32_state, divergence_gradients = Passes(2, 2, 2), 1, 1, 1
+
+
+@register_optimizer("asam+r3f", config=ASAMR3FConfig,
+                    description="ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x")
+class ASAMR3F(R3F, ASAM):
+    """ASAM on R3F's loss (both passes, the same z)."""
+
+    passes, state_factor, divergence_gradients = Passes(4, 0, 2), 1, 2

@@ -19,9 +19,9 @@ from fabric_tram.data.text import DataError, discover_domains, split_file
 from fabric_tram.data.token_cache import tokenize_split
 from fabric_tram.data.tokenizer import end_of_text_id
 from fabric_tram.registry import register_task
-from fabric_tram.tasks.base import LossOutput, cross_entropy_sum
+from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 
 
 def bundled_data_dir(name: str = "sample") -> Path:
@@ -150,6 +150,11 @@ class LanguageModelingTask:
 
     def loss(self, model, batch: dict, **forward_kwargs) -> LossOutput:
         return cross_entropy_sum(model(batch["input_ids"], **forward_kwargs), batch["labels"], IGNORE)
+
+    @staticmethod
+    def count_targets(batch: dict) -> torch.Tensor:
+        """Targets of a micro-batch (its non-padding labels): the engine needs a step's count before its first backward."""
+        return count_targets(batch["labels"], IGNORE)
 
     @staticmethod
     def metrics(loss_sum: float, count: float) -> dict[str, float]:

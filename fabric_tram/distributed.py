@@ -1,4 +1,5 @@
-"""Shard-aware reductions: the scalars that shape a step must be identical on every rank.
+"""Collectives and shard-aware reductions (a leaf: torch only): the scalars that shape a step must be identical
+on every rank.
 
 Under FSDP2 every parameter and gradient is a DTensor holding one shard: sums of squares are taken over the
 local shard and all-reduced over the shard group. Under DDP gradients are replicated after the backward, so a

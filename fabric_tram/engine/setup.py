@@ -1,0 +1,120 @@
+"""Setting up a job: Fabric, task, model, base optimizer and update rule (``setup``), and the run folder
+(``prepare_run_dir``: never overwrite a run; find the checkpoint to resume from)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fabric_tram.config import Config, ConfigError, dump_yaml, to_dict
+from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
+from fabric_tram.engine.monitor import build_loggers
+from fabric_tram.models import build_model
+from fabric_tram.optim.update_rule import build_base_optimizer, build_update_rule
+from fabric_tram.registry import TASKS
+
+
+@dataclass
+class Run:
+    config: Config
+    fabric: object
+    task: object
+    model: torch.nn.Module
+    optimizer: Optional[object] = None
+    rule: Optional[object] = None
+    start_step: int = 0  # optimizer steps already taken (a resumed run continues from here)
+    history: list = field(default_factory=list)  # per-step stats on this rank
+    results: dict = field(default_factory=dict)  # final evaluation, {split: {domain: metrics}}
+    last_saved: int = -1  # the step of the newest checkpoint this run wrote or resumed from
+    evaluated_step: Optional[int] = None  # the step whose weights the final evaluation scored
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.trainer.run_dir)
+
+    @property
+    def scaler(self):
+        """The fp16 loss scaler of the precision plugin (None without one)."""
+        return getattr(self.fabric.strategy.precision, "scaler", None)
+
+
+def launch(fabric) -> None:
+    if not launched_by_fabric_cli():  # a script started by `fabric run` must not launch again
+        fabric.launch()
+
+
+def agree(fabric, error: Optional[str]) -> None:
+    """Rank 0 decided; every rank raises the same error (or none)."""
+    error = fabric.broadcast(error, src=0) if fabric.world_size > 1 else error
+    if error:
+        raise ConfigError(error)
+
+
+def prepare_run_dir(fabric, config: Config) -> Optional[Path]:
+    """Refuse to overwrite an existing run; return the checkpoint to resume from, if any."""
+    t = config.trainer
+    run_dir = Path(t.run_dir)
+    error, resume = None, None
+    if fabric.global_rank == 0:
+        has_run = (run_dir / "config.yaml").is_file()
+        if t.resume not in (None, "auto"):
+            resume = Path(t.resume)
+            if not (resume / "meta.json").is_file():
+                error = f"trainer.resume={t.resume!r} is not a complete checkpoint folder (no meta.json)"
+        elif t.resume == "auto":
+            resume = ckpt.latest_checkpoint(run_dir)
+        elif has_run:
+            error = (f"run folder {str(run_dir)!r} already holds a run (config.yaml); pass trainer.resume=auto to "
+                     "continue it, or choose another trainer.run_dir. Nothing was written.")
+        if error is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            target = run_dir / "config.yaml"
+            if has_run and resume is not None:  # keep the original config; record what the resumed run used
+                target = run_dir / f"config.resumed-{resume.name}.yaml"
+            dump_yaml(config, target)
+    agree(fabric, error)
+    resume = fabric.broadcast(str(resume) if resume else None, src=0) if fabric.world_size > 1 else resume
+    return Path(resume) if resume else None
+
+
+def build_task(config: Config):
+    task = TASKS.build(config.task.name, config.task)
+    if not callable(getattr(task, "count_targets", None)):
+        raise ConfigError(f"task {config.task.name!r} has no count_targets(batch): the engine needs a step's target "
+                          "count before its first backward (e.g. fabric_tram.loss.count_targets(batch['labels']))")
+    return task
+
+
+def setup(config: Config, training: bool = True, fabric=None) -> Run:
+    t = config.trainer
+    if fabric is None:
+        fabric = build_fabric(t, loggers=build_loggers(t.run_dir) if training else None)
+    launch(fabric)
+    fabric.seed_everything(t.seed, verbose=False)  # identical initial weights on every rank
+    task = build_task(config)
+    with fabric.init_module(empty_init=False):
+        model = build_model(config.model)
+    if t.activation_checkpointing:
+        if not hasattr(model, "block_class"):
+            raise ConfigError(f"model {config.model.name!r} declares no block_class: trainer.activation_checkpointing is unsupported")
+        model.activation_checkpointing = True
+    model = fabric.setup_module(model)
+    run = Run(config, fabric, task, model)
+    if training:
+        # FSDP2: the optimizer must be built from the parameters *after* sharding
+        run.optimizer = fabric.setup_optimizers(build_base_optimizer(config.optimizer, model.parameters()))
+        run.rule = build_update_rule(config.optimizer, model, run.optimizer)
+    torch.manual_seed(t.seed + 1000 * fabric.global_rank)  # per-rank dropout streams
+    return run
+
+
+def resume(run: Run, path: Path) -> None:
+    run.start_step = ckpt.load_checkpoint(run.fabric, path, run.model, run.optimizer, run.rule, to_dict(run.config)["model"])
+
+
+def save(run: Run, step: int) -> Path:
+    meta = {"model": to_dict(run.config)["model"], "optimizer": run.config.optimizer.name}
+    return ckpt.save_checkpoint(run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, run.config.trainer.keep_last)

@@ -1,0 +1,89 @@
+"""The one batch-to-loss signature shared by the tasks, the engine and the update rules (a leaf: torch only).
+
+A loss function ``loss_fn(model, batch, **forward_kwargs) -> LossOutput`` returns the loss *summed* over the
+micro-batch's targets and their number; the engine divides by the step's global target count, so accumulation
+and data parallelism give the gradient of one big batch (docs/design.md, "Normalisation").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+IGNORE_INDEX = -100  # the label of positions that are not targets (padding), as torch's cross-entropy
+
+
+@dataclass
+class LossOutput:
+    """What a loss function returns for one micro-batch.
+
+    ``loss_sum`` is summed over the micro-batch's targets (never a mean); ``count`` is their number;
+    ``logits`` and ``mask`` (valid positions, shape ``logits.shape[:-1]``) feed the divergences.
+    ``log_probs`` (optional): the float32 log-softmax of ``logits`` that the loss itself computed, in its graph;
+    when present the divergences read it instead of recomputing it, and their gradient joins the loss's at that
+    node, so one log-softmax backward serves both (the largest saving of a regulariser's step on a large vocabulary).
+    ``regulariser`` (optional): a term a trust-region regulariser adds to the loss (``λ Σ D``, summed like the
+    loss); the backward runs on ``loss_sum + regulariser``, the logged loss is ``loss_sum`` alone.
+    """
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor  # number of targets in the micro-batch (a 0-dim tensor)
+    logits: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    regulariser: Optional[torch.Tensor] = None
+
+    def objective_sum(self) -> torch.Tensor:
+        """What the backward differentiates: the loss sum plus the regulariser, if any."""
+        return self.loss_sum if self.regulariser is None else self.loss_sum + self.regulariser
+
+    def divergence_input(self) -> tuple[torch.Tensor, bool]:
+        """(log_probs, True) when the loss computed them, else (logits, False): what the divergences read."""
+        if self.log_probs is not None:
+            return self.log_probs, True
+        if self.logits is None:
+            raise ValueError("this update rule compares output distributions, but the loss function returned no "
+                             "logits: return a LossOutput (or a tuple loss_sum, count, logits, mask) with them")
+        return self.logits, False
+
+    def as_target(self) -> "LossOutput":
+        """What a target distribution needs: the logits are dropped when log_probs exist (the loss is kept, detached)."""
+        keep_logits = self.log_probs is None
+        return LossOutput(self.loss_sum.detach(), self.count, self.logits if keep_logits else None, self.mask, self.log_probs)
+
+    def with_regulariser(self, term: torch.Tensor) -> "LossOutput":
+        return replace(self, regulariser=term if self.regulariser is None else self.regulariser + term)
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The number of targets among ``labels`` (those not ``ignore_index``), a 0-dim tensor."""
+    return (labels != ignore_index).sum()
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """Token-summed cross-entropy in float32 (float64 models keep float64); positions labelled ``ignore_index``
+    are masked out.
+
+    Written as log-softmax + NLL (what ``cross_entropy`` does inside) to hand the log-probabilities to the divergences.
+    """
+    mask = labels != ignore_index
+    log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    loss_sum = torch.nn.functional.nll_loss(log_probs.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                            ignore_index=ignore_index, reduction="sum")
+    return LossOutput(loss_sum=loss_sum, count=mask.sum(), logits=logits, mask=mask, log_probs=log_probs)
+
+
+def as_loss_output(result: Any) -> LossOutput:
+    """Normalise what a user's loss function returns: a LossOutput, a scalar loss (a mean over one target), or
+    a tuple ``(loss_sum, count, logits, mask)`` whose count and mask may be None."""
+    if isinstance(result, LossOutput):
+        return result
+    if isinstance(result, torch.Tensor):
+        return LossOutput(loss_sum=result, count=torch.tensor(1.0, device=result.device))
+    if isinstance(result, (tuple, list)) and 1 <= len(result) <= 4:
+        loss_sum, count, logits, mask = (*result, None, None, None)[:4]
+        if count is None:
+            count = torch.tensor(1.0, device=loss_sum.device)
+        return LossOutput(loss_sum, torch.as_tensor(count, device=loss_sum.device), logits, mask)
+    raise TypeError("loss_fn must return a LossOutput, a scalar loss, or a tuple (loss_sum, count, logits, mask)")

@@ -1,0 +1,185 @@
+"""The step contract between the engine and the update rules.
+
+The engine draws a step's micro-batches up front and hands an update rule a :class:`StepContext`. A rule runs
+as many gradient passes as it needs with :meth:`StepContext.forward_backward` (every pass replays the same
+micro-batches, with explicit gradient-sync control and global normalisation), each pass through an *objective*
+(a batch-to-``LossOutput`` function built from :meth:`StepContext.forward`, possibly wrapped by a trust-region
+target or a regulariser: ``optim/objectives.py``), and ends with :meth:`StepContext.clip_and_step`, the only
+place the base optimizer steps (through Fabric, so that a loss scaler unscales and steps exactly once).
+
+Every forward goes through :meth:`forward` or :meth:`no_grad_forward`, which count them: the passes a step ran
+are those counts divided by the number of micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from fabric_tram.distributed import all_reduce_sum, global_norm, reshard_after_no_grad_forward
+from fabric_tram.loss import LossOutput
+
+Objective = Callable[[dict], LossOutput]  # one micro-batch -> its LossOutput (forward included)
+
+
+@dataclass
+class PassResult:
+    loss: float  # global mean of the task loss over the step's targets (regularisers excluded)
+    regulariser: Optional[float]  # global mean of the regulariser the objective added (None: it added none)
+
+
+@dataclass
+class StepContext:
+    """What an update rule sees of one optimizer step.
+
+    ``fabric``: a Fabric, or anything with its small interface (``device``, ``world_size``, ``backward``,
+    ``no_backward_sync``, ``all_reduce``; see ``fabric_tram.optim.api.LocalFabric``).
+    ``n_global``/``n_local``: the step's target counts over all ranks / on this rank (all micro-batches). The
+    engine counts them before the first backward, whose scale needs them; None: taken from the single
+    micro-batch's ``LossOutput.count`` after its forward (the user-loop API with one micro-batch).
+    """
+
+    fabric: object
+    model: torch.nn.Module  # Fabric-wrapped
+    optimizer: object  # Fabric-wrapped base optimizer
+    loss_fn: Callable[..., LossOutput]  # task.loss(model, batch, **forward_kwargs)
+    micro_batches: list
+    step: int  # 1-based optimizer step
+    n_global: Optional[torch.Tensor] = None
+    n_local: Optional[torch.Tensor] = None
+    grad_clip: float = 0.0
+    measure_grad_norm: bool = True  # the engine turns it off on steps it does not log (it costs a pass over the gradients)
+    scaler: Optional[torch.amp.GradScaler] = None  # the fp16 loss scaler in force (None without one)
+    counts: dict = field(default_factory=lambda: {"forward": 0, "no_grad_forward": 0, "backward": 0})
+
+    def __post_init__(self):
+        if self.scaler is not None and not self.scaler.is_enabled():
+            self.scaler = None
+
+    @property
+    def world_size(self) -> int:
+        return self.fabric.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """Passes over the step's micro-batches so far: forwards with gradient, no-grad forwards, backwards."""
+        k = len(self.micro_batches)
+        return {"forward": self.counts["forward"] // k, "no_grad_forward": self.counts["no_grad_forward"] // k,
+                "backward": self.counts["backward"] // k}
+
+    # ------------------------------------------------------------------------------------------- forwards
+
+    def forward(self, batch, **forward_kwargs) -> LossOutput:
+        """The task's loss on ``batch`` (with gradient where grad is enabled): the plain objective."""
+        self.counts["forward"] += 1
+        return self.loss_fn(self.model, batch, **forward_kwargs)
+
+    @torch.no_grad()
+    def no_grad_forward(self, batch, **forward_kwargs) -> LossOutput:
+        """A forward without gradient (a rule's target forward); FSDP2 is resharded afterwards (docs/design.md)."""
+        self.counts["no_grad_forward"] += 1
+        out = self.loss_fn(self.model, batch, **forward_kwargs)
+        reshard_after_no_grad_forward(self.model)
+        return out
+
+    # ------------------------------------------------------------------------------------------- one pass
+
+    def forward_backward(self, objective: Optional[Objective] = None, per_rank: bool = False) -> PassResult:
+        """One gradient pass of ``objective`` (default: the plain loss) over the step's micro-batches; leaves the
+        step's mean gradient in ``p.grad``.
+
+        Each micro-batch's backward uses ``objective_sum_local / N_global * W``: data-parallel strategies
+        average gradients over the W ranks, so this yields the gradient of the mean over every target of the
+        step. Gradient sync is skipped on all but the last micro-batch. ``per_rank`` ("m-sharpness") skips it on
+        every micro-batch and normalises by this rank's own count: a per-rank mean gradient.
+        """
+        objective = objective or self.forward
+        k = len(self.micro_batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        regulariser_sum = None
+        for i, batch in enumerate(self.micro_batches):
+            skip_sync = self.world_size > 1 and (per_rank or i < k - 1)
+            with self.fabric.no_backward_sync(self.model, enabled=skip_sync):
+                out = objective(batch)
+                total = out.objective_sum()
+                loss_sum += out.loss_sum.detach().double()
+                if out.regulariser is not None:
+                    term = out.regulariser.detach().double()
+                    regulariser_sum = term if regulariser_sum is None else regulariser_sum + term
+                self._count_targets(out, k)
+                del out  # its logits and log-probabilities must be freed as soon as the backward is done with them
+                self.fabric.backward(total * self._scale(per_rank))
+            self.counts["backward"] += 1
+        n = self.n_global.clamp(min=1)
+        reg = None if regulariser_sum is None else float(all_reduce_sum(self.fabric, regulariser_sum) / n)
+        return PassResult(loss=float(all_reduce_sum(self.fabric, loss_sum) / n), regulariser=reg)
+
+    def _count_targets(self, out: LossOutput, k: int) -> None:
+        if self.n_global is not None:
+            return
+        if k != 1:
+            raise ValueError("with several micro-batches, pass their global target count (n_global)")
+        self.n_local = torch.as_tensor(out.count, dtype=torch.float64, device=self.device)
+        self.n_global = all_reduce_sum(self.fabric, self.n_local)
+
+    def _scale(self, per_rank: bool) -> float:
+        if per_rank:  # no averaging over ranks: this rank's own mean
+            if self.n_local is None:
+                raise ValueError("per-rank normalisation (m-sharpness) needs this rank's target count (n_local)")
+            return 1.0 / float(self.n_local.clamp(min=1))
+        return self.world_size / float(self.n_global.clamp(min=1))
+
+    # ------------------------------------------------------------------------------------------- gradients
+
+    def grads(self) -> list[Optional[torch.Tensor]]:
+        return [p.grad for p in self.parameters]
+
+    def grad_norm(self) -> torch.Tensor:
+        """‖g‖ over all parameters and all shards (float32, identical on every rank)."""
+        return global_norm(self.grads())
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(self.fabric, value)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def loss_scale(self) -> float:
+        """The fp16 loss scale in force (1.0 without a scaler): gradients in ``p.grad`` are multiplied by it."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def skip_step(self) -> dict:
+        """Drop this step (an overflow in the ascent pass): no update, and the loss scaler backs off."""
+        self.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        return {"grad_norm": float("nan"), "skipped": True}
+
+    def clip_and_step(self) -> dict:
+        """Unscale (once), clip the global gradient norm, step the base optimizer through Fabric, zero grads."""
+        scaler = self.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
+        if self.grad_clip <= 0 and not self.measure_grad_norm and scaler is None:  # nothing needs the norm
+            self.optimizer.step()
+            self.zero_grad()
+            return {"grad_norm": float("nan"), "skipped": False}
+        norm = self.grad_norm()
+        finite = bool(torch.isfinite(norm))
+        if self.grad_clip > 0 and finite and float(norm) > self.grad_clip:
+            factor = self.grad_clip / (float(norm) + 1e-6)
+            for g in self.grads():
+                if g is not None:
+                    g.mul_(factor)
+        self.optimizer.step()  # with a scaler: skipped on inf/nan, and the scale is updated
+        self.zero_grad()
+        return {"grad_norm": float(norm), "skipped": scaler is not None and not finite}

@@ -1,0 +1,145 @@
+"""Trust-region targets: the output distribution a rule compares the current one with (docs/algorithms.md).
+
+A target's ``output(ctx, batch)`` is a no-grad forward of the same micro-batch under the dropout masks that the
+next (current) forward will draw, differing only in what the rule means it to differ in:
+
+    PreviousIterate     p(·|x; θ_{s−2})      tram-prev, trpo, asam+trpo
+    InitialWeights      p(·|x; θ_0)          tram-init
+    ExponentialAverage  p(·|x; θ_ema)        mesa, asam+mesa (the EMA in float32)
+    NoisedInputs        p(·|x + z; θ)        tram-x
+
+Weight targets hold their reference weights in buffers sharded like the parameters; they are the rule's
+persistent state (``state_dict``) and are advanced around the base step (``before_base_step``/``after_base_step``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from fabric_tram.loss import LossOutput
+from fabric_tram.optim.noise import InputNoise
+from fabric_tram.optim.weights import clone_weights, load_buffers, store_weights, update_ema, weights_swapped_in
+
+TARGET_MODES = ("train", "eval")
+
+
+def replayed_rng(device: torch.device):
+    """Random numbers drawn inside are rewound on exit: the next forward draws the same dropout masks."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
+
+
+@contextlib.contextmanager
+def _mode(model, target_mode: str):
+    """``eval``: the published code's target forward without dropout; ``train``: as the current forward."""
+    if target_mode == "eval" and model.training:
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train()
+    else:
+        yield
+
+
+class Target:
+    """A target distribution and the state that produces it (none here)."""
+
+    def output(self, ctx, batch) -> LossOutput:
+        raise NotImplementedError
+
+    def before_base_step(self) -> None:
+        """Runs with θ = θ_{s−1} restored, just before the base optimizer steps."""
+
+    def after_base_step(self) -> None:
+        """Runs after the base optimizer step."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"this update rule holds no state, but the checkpoint has: {sorted(state)}; "
+                             "was it written by another optimizer.name?")
+
+
+class WeightTarget(Target):
+    """p(·|x; θ_ref) from reference weights held in ``buffers`` (a copy of θ_0 unless given)."""
+
+    state_key = "reference_weights"
+
+    def __init__(self, params, buffers: Optional[list[torch.Tensor]] = None, dtype: Optional[torch.dtype] = None,
+                 target_mode: str = "train"):
+        if target_mode not in TARGET_MODES:
+            raise ValueError(f"optimizer.target_mode must be 'train' or 'eval', got {target_mode!r}")
+        self.params = params
+        self.buffers = buffers if buffers is not None else clone_weights(params, dtype)
+        self.target_mode = target_mode
+
+    def output(self, ctx, batch) -> LossOutput:
+        with replayed_rng(ctx.device), weights_swapped_in(self.params, self.buffers), _mode(ctx.model, self.target_mode):
+            return ctx.no_grad_forward(batch).as_target()
+
+    def state_dict(self) -> dict:
+        return {self.state_key: self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_buffers(self.buffers, _saved(state, self.state_key), self.state_key)
+
+
+class PreviousIterate(WeightTarget):
+    """θ_{s−2}: the buffers become θ_{s−1} before the base step (so at step 1 the target is θ_0 = θ_{s−1}).
+
+    ``is_restore_point``: the buffers are also the sharpness-aware restore point (memory-optimal tram-prev),
+    which the perturbation block has already set to θ_{s−1}; nothing is left to store.
+    """
+
+    state_key = "previous_iterate"
+
+    def __init__(self, params, buffers=None, target_mode: str = "train", is_restore_point: bool = False):
+        super().__init__(params, buffers, target_mode=target_mode)
+        self.is_restore_point = is_restore_point
+
+    def before_base_step(self) -> None:
+        if not self.is_restore_point:
+            store_weights(self.buffers, self.params)
+
+
+class InitialWeights(WeightTarget):
+    """θ_0, fixed for the whole run."""
+
+    state_key = "initial_weights"
+
+
+class ExponentialAverage(WeightTarget):
+    """θ_ema in float32, updated after every base step: ema ← decay · ema + (1 − decay) · θ."""
+
+    state_key = "ema"
+
+    def __init__(self, params, decay: float, target_mode: str = "train"):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"optimizer.ema_decay must be in [0, 1], got {decay}")
+        super().__init__(params, dtype=torch.float32, target_mode=target_mode)
+        self.decay = decay
+
+    def after_base_step(self) -> None:
+        update_ema(self.buffers, self.params, self.decay)
+
+
+class NoisedInputs(Target):
+    """p(·|x + z; θ): the same weights on noised input embeddings (no state)."""
+
+    def __init__(self, noise: InputNoise):
+        self.noise = noise
+
+    def output(self, ctx, batch) -> LossOutput:
+        with replayed_rng(ctx.device), self.noise.applied(ctx.step, batch) as kwargs:
+            return ctx.no_grad_forward(batch, **kwargs).as_target()
+
+
+def _saved(state: dict, key: str):
+    if key not in state:
+        raise ValueError(f"the checkpoint holds no {key!r} for this update rule (it holds: {sorted(state) or 'nothing'}); "
+                         "was it written by another optimizer.name?")
+    return state[key]

@@ -1,0 +1,154 @@
+"""Update rules: what happens inside one optimizer step, written once (docs/algorithms.md).
+
+An update rule is a class registered with ``@register_optimizer`` whose config has a ``base`` field (the base
+optimizer it wraps; ``fabric_tram.config.rule_base``). The engine builds it with ``Rule(config, model,
+optimizer)`` after Fabric has set up the model and the base optimizer, and calls ``rule.step(ctx)`` once per
+optimizer step with a :class:`~fabric_tram.optim.step.StepContext`. A base optimizer alone runs as
+:class:`UpdateRule` itself: one pass, one base step.
+
+A rule says what differs by overriding a few methods (``optim/rules.py``):
+
+- ``build_geometry``: the shape of the perturbation e (``optim/geometry.py``); None for a one-pass rule;
+- ``radius``: e's radius (ρ, γ, or TRAM's scaled trust-region distance d);
+- ``ascent_objective`` / ``descent_objective``: what each pass differentiates (``optim/objectives.py``);
+- ``build_target``: the trust-region target (``optim/targets.py``), which owns the rule's persistent state and
+  advances it around the base step.
+
+Persistent per-parameter state goes into ``state_dict()`` (saved per rank by checkpoints); transient buffers
+are never saved.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from fabric_tram.config import base_optimizer_name
+from fabric_tram.distributed import is_dtensor
+from fabric_tram.optim.geometry import EPS, Geometry, climb, scaled_gradient_norm
+from fabric_tram.optim.objectives import DivergenceMeter
+from fabric_tram.optim.step import Objective, StepContext
+from fabric_tram.optim.targets import Target
+from fabric_tram.optim.weights import clone_weights, perturbed
+from fabric_tram.registry import OPTIMIZERS
+
+
+class Passes(NamedTuple):
+    """Passes per step over the step's micro-batches (FLOPs/MFU accounting, the estimator, the tests)."""
+
+    forward: int  # forwards with gradient
+    no_grad_forward: int  # target forwards
+    backward: int
+
+
+NONNEGATIVE = ("rho", "gamma", "eta", "sigma", "lam", "radius_scale", "max_radius")
+
+
+class UpdateRule:
+    """The step every rule runs; as is, the plain one-pass step of its base optimizer."""
+
+    passes = Passes(1, 0, 1)
+    state_factor = 0  # copies of the parameters (in their dtype) held between steps: restore point, θ_0, ...
+    fp32_state = 0  # float32 copies of the parameters held between steps (mesa's EMA)
+    divergence_gradients = 0  # outputs whose divergence has a gradient in a pass (each holds an output-sized
+    # gradient from the divergence's forward to the backward): 1 for trpo/mesa, 2 for r3f (both branches)
+
+    def __init__(self, config, model, optimizer):
+        self.config, self.model, self.optimizer = config, model, optimizer
+        for name in NONNEGATIVE:
+            value = getattr(config, name, None)
+            if value is not None and value < 0:
+                raise ValueError(f"optimizer.{name} must be >= 0, got {value}")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.per_rank = getattr(config, "m_sharpness", False)  # m-sharpness: each rank's own ascent
+        if self.per_rank and any(is_dtensor(p) for p in self.params):
+            raise ValueError("optimizer.m_sharpness (per-rank perturbations) is refused under sharding (fsdp): each "
+                             "rank holds only a slice of θ; use ddp, or set optimizer.m_sharpness=false")
+        self.meter: Optional[DivergenceMeter] = None  # the step's d, where the rule has one
+        self.geometry = self.build_geometry()
+        self.backup = clone_weights(self.params) if self.geometry is not None else None  # the restore point
+        self.target = self.build_target()
+
+    @classmethod
+    def held_per_param_byte(cls, param_bytes: int) -> float:
+        """Bytes held between steps per parameter byte, for parameters of ``param_bytes`` bytes per element."""
+        return cls.state_factor + cls.fp32_state * 4 / param_bytes
+
+    # ------------------------------------------------------------------------------------------- what rules override
+
+    def build_geometry(self) -> Optional[Geometry]:
+        return None
+
+    def radius(self, d: Optional[float]) -> float:
+        raise NotImplementedError(f"{type(self).__name__} has a geometry but no radius")
+
+    def ascent_objective(self, ctx: StepContext) -> Objective:
+        return ctx.forward
+
+    def descent_objective(self, ctx: StepContext) -> Objective:
+        return ctx.forward
+
+    def build_target(self) -> Target:
+        return Target()  # none, and no state
+
+    def state_dict(self) -> dict:
+        return self.target.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------------- the step
+
+    def step(self, ctx: StepContext) -> dict:
+        if self.meter is not None:
+            self.meter.reset()
+        ascent = ctx.forward_backward(self.ascent_objective(ctx), per_rank=self.per_rank)  # g at θ: the logged loss
+        d = self.meter.mean(ctx) if self.meter is not None else None  # the trust-region distance or the regulariser's D
+        stats = {"loss": ascent.loss} if d is None else {"loss": ascent.loss, "d": d}
+        if ascent.regulariser is not None:
+            stats["regulariser"] = ascent.regulariser
+        if self.geometry is not None:
+            radius, scale = self.radius(d), ctx.loss_scale()
+            norm = scaled_gradient_norm(self.geometry, self.params, scale)  # ‖g‖, ‖T g‖ or sqrt(Σ g²/f), all shards
+            stats.update(Tg_norm=float(norm), radius=radius)
+            if not self._finite(ctx, norm, radius, d):  # fp16 overflow in the ascent pass: skip the whole step
+                return {**stats, "e_norm": float("nan"), **ctx.skip_step()}
+            with perturbed(self.params, self.backup):  # backup ← w here; w ← backup on leaving, bit-exact
+                # climb to the local maximum w + e(w)
+                stats["e_norm"] = climb(self.geometry, self.params, radius / (float(norm) + EPS), scale)
+                ctx.zero_grad()
+                ctx.forward_backward(self.descent_objective(ctx))  # the sharpness-aware gradient, at w + e(w)
+        self.target.before_base_step()
+        stats.update(ctx.clip_and_step())  # the base optimizer steps (unscaled, clipped) with the last gradient
+        self.target.after_base_step()
+        return stats
+
+    @staticmethod
+    def _finite(ctx: StepContext, norm: torch.Tensor, radius: float, d: Optional[float]) -> bool:
+        ok = bool(torch.isfinite(norm)) and math.isfinite(radius) and (d is None or math.isfinite(d))
+        bad = torch.tensor(0.0 if ok else 1.0, device=ctx.device)
+        return float(ctx.all_reduce_sum(bad)) == 0.0  # every rank agrees (m-sharpness ranks may differ)
+
+
+def is_rule(target) -> bool:
+    return isinstance(target, type) and issubclass(target, UpdateRule)
+
+
+def rule_class(name: str) -> type[UpdateRule]:
+    """The class that runs ``optimizer.name``: the rule itself, or UpdateRule for a base optimizer."""
+    target = OPTIMIZERS.get(name).target
+    return target if is_rule(target) else UpdateRule
+
+
+def build_base_optimizer(section, params):
+    name = base_optimizer_name(section)
+    target = OPTIMIZERS.get(name).target
+    if is_rule(target):
+        raise ValueError(f"optimizer.base={name!r} is an update rule; choose a base optimizer: adam, adamw, sgd")
+    return target(params, section)
+
+
+def build_update_rule(section, model, optimizer) -> UpdateRule:
+    return rule_class(section.name)(section, model, optimizer)
