@@ -1,4 +1,5 @@
 """fabric_tram: fine-tune pre-trained models with TRAM and its baselines on Lightning Fabric, exact at any scale."""
+
 from fabric_tram.registry import (  # noqa: F401
     register_divergence,
     register_model,

@@ -1,10 +1,11 @@
 """``fabric-tram``: train, evaluate, list.
 
-    fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
-    fabric-tram evaluate runs/tiny/checkpoints/step-00000050
-    fabric-tram list
-    fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
+fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
+fabric-tram evaluate runs/tiny/checkpoints/step-00000050
+fabric-tram list
+fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,13 @@ import click
 from fabric_tram.config import ConfigError, load_config, merge, parse_overrides, resolve
 from fabric_tram.registry import REGISTRIES, load_plugins
 
-plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
-                             help="import MODULE first, so its @register_* decorators add models/tasks/optimizers")
+plugin_option = click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="MODULE",
+    help="import MODULE first, so its @register_* decorators add models/tasks/optimizers",
+)
 
 
 def _fail(err: Exception) -> None:
@@ -80,7 +86,9 @@ def evaluate(checkpoint, overrides, splits, plugins):
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True)
-@click.option("--out", "out_dir", default="report", show_default=True, help="folder for report.{csv,json,md} and figure2.png")
+@click.option(
+    "--out", "out_dir", default="report", show_default=True, help="folder for report.{csv,json,md} and figure2.png"
+)
 @click.option("--split", default=None, help="split to compare (default: test if evaluated, else the first)")
 def report(run_dirs, out_dir, split):
     """Put several runs side by side (grouped by update rule, mean ± std over seeds) and draw Figure 2."""

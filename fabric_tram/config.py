@@ -7,6 +7,7 @@ of its base optimizer's config, flat: ``optimizer.name=sam optimizer.base=adam o
 
 Overrides are dotted ``key=value`` strings; values are parsed as YAML and coerced to the field's type.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -34,7 +35,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 through ModelParallelStrategy)
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
     accelerator: str = "auto"  # auto | cpu | cuda | ...
-    devices: Union[int, str] = "auto"  # `fabric run --devices N` overrides this
+    devices: int | str = "auto"  # `fabric run --devices N` overrides this
     num_nodes: int = 1  # `fabric run --num-nodes M` overrides this
     micro_batch_size: int = 8  # sequences per micro-batch per device
     accumulate: int = 1  # micro-batches per optimizer step on each device
@@ -49,7 +50,7 @@ class TrainerConfig:
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 3
     select_best: bool = False  # keep the checkpoint with the lowest in-domain validation loss; evaluate it at the end
-    resume: Optional[str] = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
+    resume: str | None = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
     progress_bar: bool = True
     keep_freed_cpu_memory: bool = True  # CPU runs: malloc reuses freed memory instead of page-faulting it back
 
@@ -63,7 +64,12 @@ class Config:
     trainer: TrainerConfig
 
 
-SECTION_REGISTRIES: dict[str, Registry] = {"model": MODELS, "task": TASKS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+SECTION_REGISTRIES: dict[str, Registry] = {
+    "model": MODELS,
+    "task": TASKS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+}
 DEFAULT_NAMES = {"schedule": "constant"}
 _section_classes: dict[tuple, type] = {}
 
@@ -121,13 +127,13 @@ def _shared_keys(section: str, new_name: str, base) -> set:
     return {f.name for f in dataclasses.fields(section_class(section, new_name, base))}
 
 
-def _base_field(name: str) -> Optional[dataclasses.Field]:
+def _base_field(name: str) -> dataclasses.Field | None:
     """The ``base`` field of an optimizer entry's config: present for update rules only."""
     config_cls = OPTIMIZERS.get(name).config
     return next((f for f in dataclasses.fields(config_cls) if f.name == "base"), None) if config_cls else None
 
 
-def rule_base(name: str, values: dict) -> Optional[str]:
+def rule_base(name: str, values: dict) -> str | None:
     """The one place that decides "which base optimizer": for an update rule (an optimizer whose config has a
     ``base`` field) the base named in ``values`` or the rule's default; None for a base optimizer itself."""
     field_ = _base_field(name)
@@ -150,7 +156,7 @@ def base_optimizer_name(section) -> str:
 # ------------------------------------------------------------------------------------------- resolution
 
 
-def section_class(section: str, name: str, base: Optional[str]) -> type:
+def section_class(section: str, name: str, base: str | None) -> type:
     """The dataclass of one section: the entry's config plus ``name`` (and the base optimizer's keys)."""
     registry = SECTION_REGISTRIES[section]
     try:
@@ -195,7 +201,9 @@ def resolve(raw: dict) -> Config:
         values = dict(raw.get(section) or {})
         name = values.get("name", DEFAULT_NAMES.get(section))
         if name is None:
-            raise ConfigError(f"{section}.name is missing; choose one of: {', '.join(SECTION_REGISTRIES[section].names())}")
+            raise ConfigError(
+                f"{section}.name is missing; choose one of: {', '.join(SECTION_REGISTRIES[section].names())}"
+            )
         base = rule_base(name, values) if section == "optimizer" and name in OPTIMIZERS else None
         sections[section] = build_dataclass(section_class(section, name, base), values, section)
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
@@ -258,7 +266,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
+        ):
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
         return int(value)
     if tp is float:

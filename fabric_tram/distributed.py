@@ -5,9 +5,10 @@ Under FSDP2 every parameter and gradient is a DTensor holding one shard: sums of
 local shard and all-reduced over the shard group. Under DDP gradients are replicated after the backward, so a
 local sum is already the global one.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def shard_group(tensors: Iterable[torch.Tensor]) -> Optional[dist.ProcessGroup]:
+def shard_group(tensors: Iterable[torch.Tensor]) -> dist.ProcessGroup | None:
     """The process group over which the DTensors among ``tensors`` are sharded (None if none is)."""
     for t in tensors:
         if is_dtensor(t):
@@ -39,7 +40,7 @@ def shard_sum(local_total: torch.Tensor, like: Iterable[torch.Tensor]) -> torch.
     return local_total
 
 
-def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
+def sum_of_squares(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
     """Σ t² over every element of every tensor, across all shards, in float32; the same on every rank."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
@@ -50,7 +51,7 @@ def sum_of_squares(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
     return shard_sum(total, tensors)
 
 
-def global_norm(tensors: Iterable[Optional[torch.Tensor]]) -> torch.Tensor:
+def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
     return sum_of_squares(tensors).sqrt()
 
 

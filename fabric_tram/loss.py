@@ -4,10 +4,11 @@ A loss function ``loss_fn(model, batch, **forward_kwargs) -> LossOutput`` return
 micro-batch's targets and their number; the engine divides by the step's global target count, so accumulation
 and data parallelism give the gradient of one big batch (docs/design.md, "Normalisation").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,10 +30,10 @@ class LossOutput:
 
     loss_sum: torch.Tensor
     count: torch.Tensor  # number of targets in the micro-batch (a 0-dim tensor)
-    logits: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
-    log_probs: Optional[torch.Tensor] = None
-    regulariser: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    regulariser: torch.Tensor | None = None
 
     def objective_sum(self) -> torch.Tensor:
         """What the backward differentiates: the loss sum plus the regulariser, if any."""
@@ -43,16 +44,21 @@ class LossOutput:
         if self.log_probs is not None:
             return self.log_probs, True
         if self.logits is None:
-            raise ValueError("this update rule compares output distributions, but the loss function returned no "
-                             "logits: return a LossOutput (or a tuple loss_sum, count, logits, mask) with them")
+            raise ValueError(
+                "this update rule compares output distributions, but the loss function returned no "
+                "logits: return a LossOutput (or a tuple loss_sum, count, logits, mask) with them"
+            )
         return self.logits, False
 
-    def as_target(self) -> "LossOutput":
-        """What a target distribution needs: the logits are dropped when log_probs exist (the loss is kept, detached)."""
+    def as_target(self) -> LossOutput:
+        """What a target distribution needs: the logits are dropped when log_probs exist (the loss is kept,
+        detached)."""
         keep_logits = self.log_probs is None
-        return LossOutput(self.loss_sum.detach(), self.count, self.logits if keep_logits else None, self.mask, self.log_probs)
+        return LossOutput(
+            self.loss_sum.detach(), self.count, self.logits if keep_logits else None, self.mask, self.log_probs
+        )
 
-    def with_regulariser(self, term: torch.Tensor) -> "LossOutput":
+    def with_regulariser(self, term: torch.Tensor) -> LossOutput:
         return replace(self, regulariser=term if self.regulariser is None else self.regulariser + term)
 
 
@@ -69,8 +75,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     """
     mask = labels != ignore_index
     log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    loss_sum = torch.nn.functional.nll_loss(log_probs.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                            ignore_index=ignore_index, reduction="sum")
+    loss_sum = torch.nn.functional.nll_loss(
+        log_probs.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
     return LossOutput(loss_sum=loss_sum, count=mask.sum(), logits=logits, mask=mask, log_probs=log_probs)
 
 

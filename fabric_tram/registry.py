@@ -6,13 +6,15 @@
 Every entry carries its config dataclass and a one-line description; a duplicate name raises.
 Plugins are explicit imports: ``--plugin my_pkg.tasks`` or the entry-point group ``fabric_tram.plugins``.
 """
+
 from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Optional
+from typing import Any
 
 PLUGIN_ENTRY_POINT_GROUP = "fabric_tram.plugins"
 
@@ -21,7 +23,7 @@ PLUGIN_ENTRY_POINT_GROUP = "fabric_tram.plugins"
 class Entry:
     name: str
     target: Any  # the registered class or function
-    config: Optional[type]  # its config dataclass (None: takes no options)
+    config: type | None  # its config dataclass (None: takes no options)
     description: str
 
 
@@ -29,7 +31,7 @@ class Registry:
     """Entries of one kind by name. ``builtins``: the module whose import registers our own entries, imported
     on the first lookup (so that ``import fabric_tram.optim.api`` never loads a task or a data module)."""
 
-    def __init__(self, kind: str, builtins: Optional[str] = None):
+    def __init__(self, kind: str, builtins: str | None = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._builtins = builtins
@@ -39,7 +41,7 @@ class Registry:
             module, self._builtins = self._builtins, None  # first: a lookup during that import must not recurse
             importlib.import_module(module)
 
-    def register(self, name: str, config: Optional[type] = None, description: str = "") -> Callable:
+    def register(self, name: str, config: type | None = None, description: str = "") -> Callable:
         def decorator(target):
             self.load_builtins()  # a plugin's duplicate of a built-in name is caught here, naming the plugin
             if name in self._entries:
@@ -90,7 +92,13 @@ TASKS = Registry("task", "fabric_tram.tasks")
 OPTIMIZERS = Registry("optimizer", "fabric_tram.optim")
 DIVERGENCES = Registry("divergence", "fabric_tram.optim.divergences")
 SCHEDULES = Registry("schedule", "fabric_tram.optim.schedules")
-REGISTRIES = {"models": MODELS, "tasks": TASKS, "optimizers": OPTIMIZERS, "divergences": DIVERGENCES, "schedules": SCHEDULES}
+REGISTRIES = {
+    "models": MODELS,
+    "tasks": TASKS,
+    "optimizers": OPTIMIZERS,
+    "divergences": DIVERGENCES,
+    "schedules": SCHEDULES,
+}
 
 register_model = MODELS.register
 register_task = TASKS.register

@@ -11,14 +11,15 @@ one (bible: the World English Bible). Prints the per-domain table (mean ± std o
 
 Run folders that already hold results are reused, so an interrupted demo continues where it stopped.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 from fabric_tram.analysis.results import report
-from fabric_tram.config import merge, parse_overrides, resolve
 from fabric_tram.cli import train_job
+from fabric_tram.config import merge, parse_overrides, resolve
 
 RULES = ["adam", "asam", "tram-prev"]
 RECIPE = {
@@ -26,8 +27,14 @@ RECIPE = {
     "task": {"name": "lm", "data_dir": "demo", "tokenizer": "demo", "block_size": 128, "train_domains": ["jargon"]},
     "optimizer": {"name": "adam", "lr": 5e-4, "betas": [0.9, 0.99]},
     "schedule": {"name": "polynomial", "warmup_steps": 15},
-    "trainer": {"max_steps": 150, "micro_batch_size": 16, "precision": "32-true", "eval_splits": ["validation", "test"],
-                "eval_batches": 0, "progress_bar": False},
+    "trainer": {
+        "max_steps": 150,
+        "micro_batch_size": 16,
+        "precision": "32-true",
+        "eval_splits": ["validation", "test"],
+        "eval_batches": 0,
+        "progress_bar": False,
+    },
 }
 SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2}}
 

@@ -6,6 +6,7 @@ layout) to fabric_tram/assets/models/demo-gpt2, where `model.pretrained=bundled:
 This is the command that made the bundled checkpoint; TRAM is about fine-tuning a *pre-trained* model, so the
 demo (recipes/demo.py) starts from it.
 """
+
 import sys
 from pathlib import Path
 
@@ -16,15 +17,40 @@ from fabric_tram.models.gpt2 import export_hf_checkpoint
 EXPORT = Path(__file__).resolve().parents[1] / "fabric_tram" / "assets" / "models" / "demo-gpt2"
 
 RECIPE = {
-    "model": {"name": "gpt2", "preset": "tiny", "n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 128,
-              "vocab_size": 4096, "dropout": 0.1},
+    "model": {
+        "name": "gpt2",
+        "preset": "tiny",
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "n_positions": 128,
+        "vocab_size": 4096,
+        "dropout": 0.1,
+    },
     "task": {"name": "lm", "data_dir": "demo", "tokenizer": "demo", "block_size": 128},
     "optimizer": {"name": "adam", "lr": 3e-3, "betas": [0.9, 0.99]},
     "schedule": {"name": "cosine", "warmup_steps": 100, "end_factor": 0.05},
-    "trainer": {"run_dir": "runs/demo_pretrain", "max_steps": 2000, "micro_batch_size": 16, "precision": "32-true",
-                "eval_every": 500, "eval_batches": 16, "save_every": 500, "keep_last": 1, "seed": 1234},
+    "trainer": {
+        "run_dir": "runs/demo_pretrain",
+        "max_steps": 2000,
+        "micro_batch_size": 16,
+        "precision": "32-true",
+        "eval_every": 500,
+        "eval_batches": 16,
+        "save_every": 500,
+        "keep_last": 1,
+        "seed": 1234,
+    },
 }
-SMOKE = {"trainer": {"run_dir": "runs/smoke/demo_pretrain", "max_steps": 3, "eval_every": 0, "save_every": 0, "eval_batches": 1}}
+SMOKE = {
+    "trainer": {
+        "run_dir": "runs/smoke/demo_pretrain",
+        "max_steps": 3,
+        "eval_every": 0,
+        "save_every": 0,
+        "eval_batches": 1,
+    }
+}
 
 if __name__ == "__main__":
     smoke = "--smoke" in sys.argv

@@ -3,8 +3,9 @@
     python recipes/gpt2_s2orc.py optimizer.name=tram-prev          # or fabric run --devices N ...
     python recipes/gpt2_s2orc.py --smoke                          # the same code path, tiny, on a CPU
 
-Settings: recipes/_m2d2.py (gpt2_base_recipe). radius_scale = 1: d is the per-token KL (ALGORITHMS.md).
+Settings: recipes/_m2d2.py (gpt2_base_recipe). radius_scale = 1: d is the per-token KL (docs/algorithms.md).
 """
+
 import sys
 from pathlib import Path
 

@@ -1,10 +1,12 @@
-"""GPT-2 base fine-tuned on M2D2 Wikipedia Society and social sciences, evaluated on ten unseen Wikipedia domains (paper section 4.2, Table 4).
+"""GPT-2 base fine-tuned on M2D2 Wikipedia Society and social sciences, evaluated on ten unseen Wikipedia domains
+(paper section 4.2, Table 4).
 
     python recipes/gpt2_wiki.py optimizer.name=tram-prev          # or fabric run --devices N ...
     python recipes/gpt2_wiki.py --smoke                          # the same code path, tiny, on a CPU
 
-Settings: recipes/_m2d2.py (gpt2_base_recipe). radius_scale = 1: d is the per-token KL (ALGORITHMS.md).
+Settings: recipes/_m2d2.py (gpt2_base_recipe). radius_scale = 1: d is the per-token KL (docs/algorithms.md).
 """
+
 import sys
 from pathlib import Path
 

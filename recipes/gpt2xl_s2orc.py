@@ -7,9 +7,10 @@ decay after 10k warm-up steps, the checkpoint with the lowest in-domain validati
     python recipes/gpt2xl_s2orc.py --smoke                     # the same code path, tiny, on a CPU
     OMP_NUM_THREADS=1 fabric run --devices 2 --accelerator cpu recipes/gpt2xl_s2orc.py --smoke
 
-radius_scale = 1: d is the per-token KL (ALGORITHMS.md); the published code's d is 1/(B·V) of ours times an
+radius_scale = 1: d is the per-token KL (docs/algorithms.md); the published code's d is 1/(B·V) of ours times an
 unreported logit_scale, so no published value carries over; log d and ‖e‖ and adjust it if the radius is off.
 """
+
 import sys
 from pathlib import Path
 
@@ -23,9 +24,20 @@ RECIPE = {
     "task": m2d2_task(S2ORC_DOMAINS),
     "optimizer": {"name": "adam", "lr": 2e-5, "betas": [0.9, 0.99]},  # optimizer.name=tram-prev etc. keeps these
     "schedule": {"name": "polynomial", "warmup_steps": 10_000},
-    "trainer": {"run_dir": "runs/gpt2xl_s2orc", "strategy": "fsdp", "precision": "bf16-mixed", "micro_batch_size": 4,
-                "accumulate": 1, "max_steps": 100_000, "activation_checkpointing": True, "eval_every": 5_000,
-                "save_every": 5_000, "eval_splits": ["validation", "test"], "select_best": True, "keep_last": 2},
+    "trainer": {
+        "run_dir": "runs/gpt2xl_s2orc",
+        "strategy": "fsdp",
+        "precision": "bf16-mixed",
+        "micro_batch_size": 4,
+        "accumulate": 1,
+        "max_steps": 100_000,
+        "activation_checkpointing": True,
+        "eval_every": 5_000,
+        "save_every": 5_000,
+        "eval_splits": ["validation", "test"],
+        "select_best": True,
+        "keep_last": 2,
+    },
 }
 SMOKE = smoke("runs/smoke/gpt2xl_s2orc")
 

@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py as ``fabric run --devices 2 tests/dist_worker.py STRATEGY DATA OUT``.
 
 One launch per strategy covers: equivalence runs (sgd, adam), a checkpoint round trip with dropout (per-rank
-RNG matters), and the FSDP2 facts of DESIGN.md (mesh size, shard sizes, resharding after no-grad forwards).
+RNG matters), and the FSDP2 facts of docs/design.md (mesh size, shard sizes, resharding after no-grad forwards).
 """
+
 import json
 import sys
 import time
@@ -13,12 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_config, trajectory  # noqa: E402
 
-from fabric_tram.engine import trainer as trainer_module  # noqa: E402
 from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
     local,
     reshard_after_no_grad_forward,
 )
+from fabric_tram.engine import trainer as trainer_module  # noqa: E402
 from fabric_tram.engine.evaluation import evaluate  # noqa: E402
 from fabric_tram.engine.trainer import train  # noqa: E402
 
@@ -51,13 +52,30 @@ for optimizer in ("sgd", "adam"):
 
 RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "trpo", "r3f")
 for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards
-    run = train(small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
+    run = train(
+        small_config(
+            data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]
+        )
+    )
     results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
 
 try:  # per-rank perturbations: allowed under DDP, refused under sharding, before any step
-    run = train(small_config(data, out / "m-sharpness", "sam", micro=2, accumulate=2, steps=2, strategy=strategy,
-                             extra=["optimizer.m_sharpness=true", "optimizer.base=sgd"]))
-    results["m_sharpness"] = {"steps": len(run.history), "finite": all(torch.isfinite(torch.tensor(s["loss"])) for s in run.history)}
+    run = train(
+        small_config(
+            data,
+            out / "m-sharpness",
+            "sam",
+            micro=2,
+            accumulate=2,
+            steps=2,
+            strategy=strategy,
+            extra=["optimizer.m_sharpness=true", "optimizer.base=sgd"],
+        )
+    )
+    results["m_sharpness"] = {
+        "steps": len(run.history),
+        "finite": all(torch.isfinite(torch.tensor(s["loss"])) for s in run.history),
+    }
 except ValueError as err:
     results["m_sharpness"] = {"error": str(err)}
 
@@ -66,7 +84,11 @@ if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) giv
 
     real_shard_sum = geometry.shard_sum
     geometry.shard_sum = lambda total, like: total
-    run = train(small_config(data, out / "per-shard", "asam", micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]))
+    run = train(
+        small_config(
+            data, out / "per-shard", "asam", micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]
+        )
+    )
     results["asam_per_shard_norm"] = {"history": run.history, "params": trajectory(run)["params"]}
     geometry.shard_sum = real_shard_sum
 
@@ -84,36 +106,78 @@ if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gra
         return result
 
     StepContext.forward_backward = poisoned
-    run = train(small_config(data, out / "fp16", "sam", micro=2, accumulate=2, steps=2, strategy=strategy,
-                             extra=["trainer.precision=16-mixed", "optimizer.base=sgd"]))
+    run = train(
+        small_config(
+            data,
+            out / "fp16",
+            "sam",
+            micro=2,
+            accumulate=2,
+            steps=2,
+            strategy=strategy,
+            extra=["trainer.precision=16-mixed", "optimizer.base=sgd"],
+        )
+    )
     StepContext.forward_backward = real_fb
     scale = torch.tensor([run.fabric.strategy.precision.scaler.get_scale()])
     skipped = torch.tensor([float(s["skipped"]) for s in run.history])
-    results["fp16"] = {"scale": run.fabric.all_gather(scale).tolist(), "skipped": run.fabric.all_gather(skipped).tolist(),
-                       "finite": bool(all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())) if run.fabric.global_rank == 0 else True}
+    results["fp16"] = {
+        "scale": run.fabric.all_gather(scale).tolist(),
+        "skipped": run.fabric.all_gather(skipped).tolist(),
+        "finite": bool(all(torch.isfinite(p).all() for p in trajectory(run)["params"].values()))
+        if run.fabric.global_rank == 0
+        else True,
+    }
 
 if strategy == "ddp":  # negative control: forgetting the factor W leaves g / W, which SGD does not hide
     from fabric_tram.optim.step import StepContext
 
     original = StepContext.world_size
     StepContext.world_size = property(lambda self: 1)
-    results["sgd_without_W"] = trajectory(train(small_config(data, out / "no-w", "sgd", micro=2, accumulate=2, strategy=strategy)))
+    results["sgd_without_W"] = trajectory(
+        train(small_config(data, out / "no-w", "sgd", micro=2, accumulate=2, strategy=strategy))
+    )
     StepContext.world_size = original
 
 # checkpoint round trip: 4 uninterrupted steps saving at 2, then a fresh run resumed from step 2
 extra = ["model.dropout=0.1", "trainer.save_every=2"]
 a = train(small_config(data, out / "ckpt-a", "adam", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra))
 results["uninterrupted"] = trajectory(a)
-b = train(small_config(data, out / "ckpt-b", "adam", micro=2, accumulate=2, steps=4, strategy=strategy,
-                       extra=extra + [f"trainer.resume={out / 'ckpt-a' / 'checkpoints' / 'step-00000002'}"]))
+b = train(
+    small_config(
+        data,
+        out / "ckpt-b",
+        "adam",
+        micro=2,
+        accumulate=2,
+        steps=4,
+        strategy=strategy,
+        extra=extra + [f"trainer.resume={out / 'ckpt-a' / 'checkpoints' / 'step-00000002'}"],
+    )
+)
 results["resumed"] = trajectory(b)
 # the same for tram-prev, whose previous iterate (sharded like the parameters) must survive the resume
 extra_tram = extra + ["optimizer.base=sgd"]
-a2 = train(small_config(data, out / "tram-a", "tram-prev", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra_tram))
-b2 = train(small_config(data, out / "tram-b", "tram-prev", micro=2, accumulate=2, steps=4, strategy=strategy,
-                        extra=extra_tram + [f"trainer.resume={out / 'tram-a' / 'checkpoints' / 'step-00000002'}"]))
-results["tram_resume"] = {"full": [s["d"] for s in a2.history[2:]], "resumed": [s["d"] for s in b2.history],
-                          "diff": (trajectory(a2)["params"], trajectory(b2)["params"])}
+a2 = train(
+    small_config(data, out / "tram-a", "tram-prev", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra_tram)
+)
+b2 = train(
+    small_config(
+        data,
+        out / "tram-b",
+        "tram-prev",
+        micro=2,
+        accumulate=2,
+        steps=4,
+        strategy=strategy,
+        extra=extra_tram + [f"trainer.resume={out / 'tram-a' / 'checkpoints' / 'step-00000002'}"],
+    )
+)
+results["tram_resume"] = {
+    "full": [s["d"] for s in a2.history[2:]],
+    "resumed": [s["d"] for s in b2.history],
+    "diff": (trajectory(a2)["params"], trajectory(b2)["params"]),
+}
 
 if strategy == "fsdp":
     model = b.model

@@ -1,8 +1,10 @@
 """Scale equivalence (a): k micro-batches of B/k equal one batch of B, with token-weighted normalisation."""
+
 import pytest
-from fabric_tram.optim import step as step_module
-from fabric_tram.engine.trainer import train
 from helpers import max_param_diff, small_config, trajectory
+
+from fabric_tram.engine.trainer import train
+from fabric_tram.optim import step as step_module
 
 TOL = {"sgd": 2e-6, "adam": 2e-5}  # fp32; Adam divides by sqrt(v): relative errors of ~1e-7 grow to ~1e-6
 
@@ -15,7 +17,7 @@ def _run(corpus, tmp_path, name, optimizer, micro, accumulate):
 def test_accumulation_matches_one_big_batch(corpus, tmp_path, optimizer):
     one = _run(corpus, tmp_path, "k1", optimizer, micro=8, accumulate=1)
     four = _run(corpus, tmp_path, "k4", optimizer, micro=2, accumulate=4)
-    for a, b in zip(one["steps"], four["steps"]):
+    for a, b in zip(one["steps"], four["steps"], strict=True):
         assert a["n_targets"] == b["n_targets"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -29,7 +31,7 @@ def _per_micro_batch_mean(self, objective=None, per_rank=False):
     """The classic mistake: average each micro-batch's loss, then divide by k."""
     k = len(self.micro_batches)
     total = 0.0
-    for i, batch in enumerate(self.micro_batches):
+    for batch in self.micro_batches:
         out = self.loss_fn(self.model, batch)
         self.fabric.backward(out.loss_sum / out.count / k)
         total += float(out.loss_sum.detach())

@@ -1,4 +1,5 @@
 """The benchmarks run on a tiny setting and write sane JSON (figures themselves are for the README, not tests)."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def bench(tmp_path, name, *args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout, json.loads((tmp_path / f"{name}.json").read_text())
 
@@ -58,8 +65,20 @@ def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
 
 
 def test_gpu_check_path_on_cpu(tmp_path):
-    text, result = bench(tmp_path, "gpu_check", "--device", "cpu", "--preset", "tiny", "--block", "64", "--steps", "2",
-                         "--precision", "32-true")
+    text, result = bench(
+        tmp_path,
+        "gpu_check",
+        "--device",
+        "cpu",
+        "--preset",
+        "tiny",
+        "--block",
+        "64",
+        "--steps",
+        "2",
+        "--precision",
+        "32-true",
+    )
     assert len(result["losses"]) == 2 and "tokens/s: tram-prev" in text
 
 

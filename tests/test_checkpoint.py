@@ -1,21 +1,33 @@
 """Scale equivalence (c) on one process, atomic writes, keep-last-N, refusals; the run folder is never lost."""
+
 import pytest
 import torch
+from helpers import max_param_diff, small_config, trajectory
 
 from fabric_tram.config import ConfigError
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.evaluation import evaluate_checkpoint
 from fabric_tram.engine.trainer import train
-from helpers import max_param_diff, small_config, trajectory
 
 DROPOUT = ["model.dropout=0.1"]  # so that the restored RNG state matters
 
 
 def test_stop_after_step_2_and_resume_equals_uninterrupted(corpus, tmp_path):
-    full = trajectory(train(small_config(corpus, tmp_path / "full", "adam", micro=2, accumulate=2, steps=4, extra=DROPOUT)))
+    full = trajectory(
+        train(small_config(corpus, tmp_path / "full", "adam", micro=2, accumulate=2, steps=4, extra=DROPOUT))
+    )
     train(small_config(corpus, tmp_path / "stopped", "adam", micro=2, accumulate=2, steps=2, extra=DROPOUT))
-    resumed = train(small_config(corpus, tmp_path / "stopped", "adam", micro=2, accumulate=2, steps=4,
-                                 extra=DROPOUT + ["trainer.resume=auto"]))
+    resumed = train(
+        small_config(
+            corpus,
+            tmp_path / "stopped",
+            "adam",
+            micro=2,
+            accumulate=2,
+            steps=4,
+            extra=DROPOUT + ["trainer.resume=auto"],
+        )
+    )
     assert resumed.start_step == 2
     assert trajectory(resumed)["steps"] == full["steps"][2:]
     assert max_param_diff(trajectory(resumed)["params"], full["params"]) == 0.0
@@ -59,8 +71,13 @@ def test_existing_run_folder_is_not_overwritten(corpus, tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_naming_keys(corpus, tmp_path):
     train(small_config(corpus, tmp_path / "a", "sgd", steps=1))
-    config = small_config(corpus, tmp_path / "b", "sgd", steps=2,
-                          extra=["model.n_embd=36", f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'step-00000001'}"])
+    config = small_config(
+        corpus,
+        tmp_path / "b",
+        "sgd",
+        steps=2,
+        extra=["model.n_embd=36", f"trainer.resume={tmp_path / 'a' / 'checkpoints' / 'step-00000001'}"],
+    )
     with pytest.raises(ckpt.CheckpointError, match=r"model.n_embd: checkpoint 33 vs config 36"):
         train(config)
 

@@ -1,4 +1,5 @@
 """Tokenised-split cache (built once, rebuilt for another tokenizer, resumable) and M2D2 from a hub cache offline."""
+
 import io
 import json
 import os
@@ -21,7 +22,9 @@ def test_cache_is_built_once_and_matches_direct_tokenisation(corpus, tmp_path):
     again = token_cache.tokenize_split(source, cache_root=tmp_path, progress=False)
     assert meta_file.stat().st_mtime_ns == stamp  # read, not rebuilt
     tok = load_tokenizer("gpt2")
-    expected = [t for doc in source.read_text().split("\n\n") if doc.strip() for t in tok.encode(doc.strip()).ids + [GPT2_EOT]]
+    expected = [
+        t for doc in source.read_text().split("\n\n") if doc.strip() for t in tok.encode(doc.strip()).ids + [GPT2_EOT]
+    ]
     assert np.asarray(first.tokens).tolist() == expected == np.asarray(again.tokens).tolist()
     assert isinstance(first.tokens, np.memmap)  # memory-mapped, not loaded
 
@@ -43,7 +46,9 @@ def test_cache_of_another_tokenizer_is_rebuilt(corpus, tmp_path):
 def test_interrupted_tokenisation_resumes(corpus, tmp_path, monkeypatch):
     source = corpus / "alpha" / "train.txt"
     monkeypatch.setattr(token_cache, "BATCH_DOCS", 7)
-    reference = np.asarray(token_cache.tokenize_split(source, cache_root=tmp_path / "ref", progress=False).tokens).copy()
+    reference = np.asarray(
+        token_cache.tokenize_split(source, cache_root=tmp_path / "ref", progress=False).tokens
+    ).copy()
     tok = load_tokenizer("gpt2")
     calls = {"n": 0}
     real = type(tok).encode_batch
@@ -87,12 +92,21 @@ def test_m2d2_domains_load_offline_from_a_hub_cache(tmp_path):
     for domain in ("math_l1", "Art"):
         text = "\n".join(f"{words} {domain} {i}" for i in range(30)) + "\n"
         (repo / "snapshots" / rev / "data" / f"{domain}.tar.gz").write_bytes(
-            _archive(domain, {"train": text, "valid": text[:400], "test": text[:400]}))
-    code = ("from fabric_tram.config import load_config; from fabric_tram.registry import TASKS;"
-            "c = load_config(None, ['model.name=gpt2', 'task.name=lm', 'optimizer.name=adam', 'task.data_dir=hf://machelreid/m2d2',"
-            " 'task.train_domains=[math_l1]', 'task.eval_domains=[math_l1,Art]', 'task.doc_format=lines', 'task.block_size=16']);"
-            "t = TASKS.build('lm', c.task); print(len(t.train_set), sorted(t.eval_sets('validation')))")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "FABRIC_TRAM_CACHE": str(tmp_path / "ft")}
+            _archive(domain, {"train": text, "valid": text[:400], "test": text[:400]})
+        )
+    code = (
+        "from fabric_tram.config import load_config; from fabric_tram.registry import TASKS;"
+        "c = load_config(None, ['model.name=gpt2', 'task.name=lm', 'optimizer.name=adam',"
+        " 'task.data_dir=hf://machelreid/m2d2', 'task.train_domains=[math_l1]', 'task.eval_domains=[math_l1,Art]',"
+        " 'task.doc_format=lines', 'task.block_size=16']);"
+        "t = TASKS.build('lm', c.task); print(len(t.train_set), sorted(t.eval_sets('validation')))"
+    )
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "FABRIC_TRAM_CACHE": str(tmp_path / "ft"),
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     n, domains = out.stdout.strip().split(" ", 1)

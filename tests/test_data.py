@@ -1,6 +1,8 @@
 """Data pipeline: the true GPT-2 tokenizer offline, domains and splits, packing, padding, errors, batching."""
+
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,13 +10,13 @@ from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler, eval_batches
 from fabric_tram.data.text import DataError
 from fabric_tram.data.tokenizer import GPT2_EOT, load_tokenizer
-import numpy as np
-
 from fabric_tram.tasks.language_modeling import DocumentSequences, LanguageModelingTask, PackedBlocks
 
 
 def lm(data_dir, *overrides):
-    config = load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adam", f"task.data_dir={data_dir}", *overrides])
+    config = load_config(
+        None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adam", f"task.data_dir={data_dir}", *overrides]
+    )
     return LanguageModelingTask(config.task)
 
 
@@ -27,14 +29,18 @@ def test_bundled_gpt2_tokenizer_gives_gpt2_ids():
 
 def test_domains_splits_and_packing(corpus):
     task = lm(corpus, "task.block_size=16", "task.train_domains=[alpha]")
-    assert task.domains == ["alpha", "beta"] and task.train_domains == ["alpha"] and task.eval_domains == ["alpha", "beta"]
+    assert (
+        task.domains == ["alpha", "beta"] and task.train_domains == ["alpha"] and task.eval_domains == ["alpha", "beta"]
+    )
     assert all(len(task.train_set[i]) == 17 for i in range(len(task.train_set)))  # block + 1 shifted target
     tokens = load_tokenizer("gpt2")
     first_doc = (corpus / "alpha" / "train.txt").read_text().split("\n\n")[0]
     expected = tokens.encode(first_doc).ids + [GPT2_EOT]
     assert task.train_set[0].tolist() == expected[:17]
     batch = task.collate([task.train_set[0], task.train_set[1]], [0, 1])
-    assert torch.equal(batch["labels"][0], task.train_set[0][1:]) and torch.equal(batch["input_ids"][0], task.train_set[0][:-1])
+    assert torch.equal(batch["labels"][0], task.train_set[0][1:]) and torch.equal(
+        batch["input_ids"][0], task.train_set[0][:-1]
+    )
 
 
 def test_packed_blocks_keep_token_order_and_drop_the_tail():

@@ -1,5 +1,6 @@
 """The bundled demo: corpus, tokenizer and pre-trained checkpoint ship with the package; the demo command runs
 end to end on a cut-down setting; our GPT-2 export loads in Hugging Face transformers with identical logits."""
+
 import json
 import subprocess
 import sys
@@ -19,7 +20,9 @@ def test_demo_assets_are_bundled():
     domains = sorted(p.name for p in bundled_data_dir("demo").iterdir() if p.is_dir())
     assert domains == ["bible", "jargon", "python-manual", "wordnet"]
     for domain in domains:
-        sizes = {s: (bundled_data_dir("demo") / domain / f"{s}.txt").stat().st_size for s in ("train", "validation", "test")}
+        sizes = {
+            s: (bundled_data_dir("demo") / domain / f"{s}.txt").stat().st_size for s in ("train", "validation", "test")
+        }
         assert sizes["train"] > 900_000 and sizes["validation"] > 90_000 and sizes["test"] > 90_000
     assert load_tokenizer("demo").get_vocab_size() == 4096 and end_of_text_id("demo") == 0
     model = GPT2.from_config(GPT2Config(pretrained="bundled:demo-gpt2"))
@@ -41,14 +44,45 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
 
 
 def test_demo_command_on_a_cut_down_setting(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(tmp_path / "demo"),
-                          "--rules", "adam,tram-prev"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "demo.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path / "demo"),
+            "--rules",
+            "adam,tram-prev",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| run | jargon | bible | python-manual | wordnet | ZS Avg. |" in out.stdout
     assert "| tram-prev |" in out.stdout and "| adam |" in out.stdout
     assert (tmp_path / "demo" / "report" / "figure2.png").is_file()
     summary = json.loads((tmp_path / "demo" / "tram-prev-seed0" / "results.json").read_text())
-    assert summary["train_domains"] == ["jargon"] and set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}
-    rerun = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(tmp_path / "demo"),
-                            "--rules", "adam,tram-prev"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert summary["train_domains"] == ["jargon"] and set(summary["results"]["test"]) == {
+        "bible",
+        "jargon",
+        "python-manual",
+        "wordnet",
+    }
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "demo.py"),
+            "--smoke",
+            "--out",
+            str(tmp_path / "demo"),
+            "--rules",
+            "adam,tram-prev",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # interrupted or finished runs are reused

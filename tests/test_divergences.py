@@ -1,4 +1,5 @@
 """Divergences against values computed independently (torch's kl_div, hand formulas), chunking and masking."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,12 @@ def test_kl_variants_match_torch_and_ignore_masked_positions():
     lp, lq = target.log_softmax(-1)[mask], current.log_softmax(-1)[mask]
     forward = F.kl_div(lq, lp, log_target=True, reduction="sum")
     reverse = F.kl_div(lp, lq, log_target=True, reduction="sum")
-    for name, expected in (("kl", forward), ("kl-reverse", reverse), ("kl-sym", forward + reverse),
-                           ("l2", (lp.exp() - lq.exp()).norm(dim=-1).sum())):
+    for name, expected in (
+        ("kl", forward),
+        ("kl-reverse", reverse),
+        ("kl-sym", forward + reverse),
+        ("l2", (lp.exp() - lq.exp()).norm(dim=-1).sum()),
+    ):
         total, count = divergence_sum(name, target, current, mask, chunk_size=3)  # chunks cross rows
         assert int(count) == 7
         assert float(total) == pytest.approx(float(expected), rel=1e-5)
@@ -34,7 +39,9 @@ def test_mmd_for_classification_and_a_clear_error_for_language_modelling():
     pp, qq = p.softmax(-1), q.softmax(-1)
 
     def k(a, b):
-        return sum(1.0 / torch.sqrt(h * h + ((a[:, None] - b[None]) ** 2).sum(-1)) for h in (0.1, 0.2, 0.5, 1, 2, 5, 10)).mean()
+        return sum(
+            1.0 / torch.sqrt(h * h + ((a[:, None] - b[None]) ** 2).sum(-1)) for h in (0.1, 0.2, 0.5, 1, 2, 5, 10)
+        ).mean()
 
     assert int(count) == 2
     assert float(total) == pytest.approx(2 * float(k(pp, pp) + k(qq, qq) - 2 * k(pp, qq)), rel=1e-5)
@@ -53,7 +60,7 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
     mask = torch.rand(3, 5) > 0.3
 
     def ours(t, c):
-        inputs = [x.log_softmax(-1) if n else x for x, n in zip((t, c), normalized)]
+        inputs = [x.log_softmax(-1) if n else x for x, n in zip((t, c), normalized, strict=True)]
         return divergence_sum(name, *inputs, mask, chunk_size=4, normalized=normalized)  # chunks cross rows
 
     total, count = ours(target, current)
@@ -68,12 +75,14 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
     torch.testing.assert_close(total, expected.detach())
     torch.testing.assert_close(target.grad, t2.grad)
     torch.testing.assert_close(current.grad, c2.grad)
-    assert torch.autograd.gradcheck(lambda t, c: ours(t, c)[0], (t2.detach().requires_grad_(True), c2.detach().requires_grad_(True)))
+    assert torch.autograd.gradcheck(
+        lambda t, c: ours(t, c)[0], (t2.detach().requires_grad_(True), c2.detach().requires_grad_(True))
+    )
     # a graph kept with retain_graph=True gives the same gradients again (an incoming gradient of 3, not 1)
     graph = ours(target, current)[0] * 3.0
     first = torch.autograd.grad(graph, (target, current), retain_graph=True)
     second = torch.autograd.grad(graph, (target, current))
-    for a, b, expected_grad in zip(first, second, (t2.grad, c2.grad)):
+    for a, b, expected_grad in zip(first, second, (t2.grad, c2.grad), strict=True):
         torch.testing.assert_close(a, 3.0 * expected_grad)
         torch.testing.assert_close(b, 3.0 * expected_grad)
 
@@ -81,6 +90,7 @@ def test_chunked_kl_gradients_match_autograd_in_both_branches(name, normalized):
 def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():
     """cross_entropy_sum hands its log-softmax to the divergences: CE + λ KL read from it equals CE + λ KL on logits."""
     from fabric_tram.loss import cross_entropy_sum
+
     torch.manual_seed(2)
     target, labels = torch.randn(2, 6, 9), torch.randint(0, 9, (2, 6))
     labels[1, 4:] = -100
@@ -99,7 +109,9 @@ def test_log_probabilities_from_the_loss_give_the_logits_value_and_gradient():
     p, q = target.softmax(-1), torch.randn(2, 6, 9, generator=torch.Generator().manual_seed(3)).softmax(-1)
     onehot = F.one_hot(labels.clamp(min=0), 9) * (labels != -100)[..., None]
     expected = (q - onehot) * (labels != -100)[..., None] + 0.7 * (q - p) * (labels != -100)[..., None]
-    torch.testing.assert_close(grads[1], expected)  # d(CE + λ KL(p‖q))/d logits = (q − onehot) + λ (q − p) on valid rows
+    torch.testing.assert_close(
+        grads[1], expected
+    )  # d(CE + λ KL(p‖q))/d logits = (q − onehot) + λ (q − p) on valid rows
 
 
 @pytest.mark.parametrize("rule", ["trpo", "r3f", "mesa", "tram-prev", "asam+r3f"])
@@ -108,13 +120,15 @@ def test_rules_reading_the_loss_log_probabilities_train_like_rules_reading_logit
     divergences recompute it from the logits): same losses, d and weights."""
     import dataclasses
 
+    from fabric_tram.loss import cross_entropy_sum
     from fabric_tram.models.gpt2 import GPT2, GPT2Config
     from fabric_tram.optim.api import UpdateRuleLoop
-    from fabric_tram.loss import cross_entropy_sum
 
     def run(keep_log_probs: bool):
         torch.manual_seed(0)
-        model = GPT2(GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=16, n_positions=12, vocab_size=37, dropout=0.1))
+        model = GPT2(
+            GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=16, n_positions=12, vocab_size=37, dropout=0.1)
+        )
 
         def loss_fn(m, batch, **kw):
             out = cross_entropy_sum(m(batch["input_ids"], **kw), batch["labels"])
@@ -126,11 +140,13 @@ def test_rules_reading_the_loss_log_probabilities_train_like_rules_reading_logit
         ids = torch.randint(0, 37, (3, 13), generator=torch.Generator().manual_seed(1))
         labels = ids[:, 1:].clone()
         labels[2, 7:] = -100
-        stats = [loop.step({"input_ids": ids[:, :-1], "labels": labels, "example_index": torch.arange(3)}) for _ in range(3)]
+        stats = [
+            loop.step({"input_ids": ids[:, :-1], "labels": labels, "example_index": torch.arange(3)}) for _ in range(3)
+        ]
         return stats, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     (fast, fast_params), (slow, slow_params) = run(True), run(False)
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         # d is a KL of nearly equal float32 distributions (~1e-3 here): the order of a log-softmax's reductions
         # (whole rows vs chunks) moves it by ~1e-4 relative
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["d"] == pytest.approx(b["d"], rel=1e-3, abs=1e-7)

@@ -1,15 +1,16 @@
 """Precision modes, activation checkpointing, and the set-up refusals (strategy/precision/devices, CLI)."""
+
 import math
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import GLIBC, max_param_diff, page_faults_per_step, small_config, trajectory
 
 from fabric_tram.cli import main
 from fabric_tram.config import ConfigError
 from fabric_tram.engine.fabric_setup import build_fabric
 from fabric_tram.engine.trainer import train
-from helpers import GLIBC, max_param_diff, page_faults_per_step, small_config, trajectory
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "16-mixed"])
@@ -40,15 +41,19 @@ def test_16_mixed_overflow_skips_the_step_and_backs_off(corpus, tmp_path, monkey
     monkeypatch.setattr(step_module.StepContext, "forward_backward", poisoned)
     config = small_config(corpus, tmp_path / "fp16", "sgd", steps=1, extra=["trainer.precision=16-mixed"])
     before = {}
-    run = train(config, callbacks=(lambda run, s: before.update(scale=run.fabric.strategy.precision.scaler.get_scale()),))
+    run = train(
+        config, callbacks=(lambda run, s: before.update(scale=run.fabric.strategy.precision.scaler.get_scale()),)
+    )
     assert run.history[0]["skipped"] is True
-    assert before["scale"] < 2.0 ** 16  # backed off from GradScaler's initial scale
+    assert before["scale"] < 2.0**16  # backed off from GradScaler's initial scale
     assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())
 
 
 def test_activation_checkpointing_gives_the_same_updates(corpus, tmp_path):
     plain = trajectory(train(small_config(corpus, tmp_path / "plain", "adam", steps=2)))
-    ckpt = trajectory(train(small_config(corpus, tmp_path / "ac", "adam", steps=2, extra=["trainer.activation_checkpointing=true"])))
+    ckpt = trajectory(
+        train(small_config(corpus, tmp_path / "ac", "adam", steps=2, extra=["trainer.activation_checkpointing=true"]))
+    )
     assert max_param_diff(plain["params"], ckpt["params"]) < 1e-6
 
 
@@ -73,9 +78,20 @@ def test_devices_conflicting_with_fabric_run_are_refused(corpus, tmp_path, monke
 def test_cli_reports_bad_input_clearly(corpus, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["train", "recipes/tiny_sample.py", "optimizer.name=adma"])
-    assert result.exit_code != 0 and "Valid optimizer names: adam, adamw, asam" in result.output and "tram-prev" in result.output
-    result = runner.invoke(main, ["train", "recipes/tiny_sample.py", f"task.data_dir={tmp_path / 'nothing'}",
-                                  f"trainer.run_dir={tmp_path / 'run'}"])
+    assert (
+        result.exit_code != 0
+        and "Valid optimizer names: adam, adamw, asam" in result.output
+        and "tram-prev" in result.output
+    )
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "recipes/tiny_sample.py",
+            f"task.data_dir={tmp_path / 'nothing'}",
+            f"trainer.run_dir={tmp_path / 'run'}",
+        ],
+    )
     assert result.exit_code != 0 and "does not exist; set task.data_dir" in result.output
     result = runner.invoke(main, ["train", "no_such_recipe.py"])
     assert result.exit_code != 0 and "recipe 'no_such_recipe.py' does not exist" in result.output
@@ -84,8 +100,16 @@ def test_cli_reports_bad_input_clearly(corpus, tmp_path):
 def test_cli_trains_and_evaluates_a_recipe(corpus, tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "cli"
-    args = ["train", "recipes/tiny_sample.py", f"task.data_dir={corpus}", f"trainer.run_dir={run_dir}",
-            "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress_bar=false"]
+    args = [
+        "train",
+        "recipes/tiny_sample.py",
+        f"task.data_dir={corpus}",
+        f"trainer.run_dir={run_dir}",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.progress_bar=false",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (run_dir / "results.json").is_file() and (run_dir / "logs" / "csv" / "metrics.csv").is_file()
@@ -99,9 +123,9 @@ def test_vocabulary_sized_outputs_are_freed_before_the_model_backward(rule):
     largest tensors of a language-model step) must be gone by the time the backward reaches the embedding."""
     import weakref
 
+    from fabric_tram.loss import cross_entropy_sum
     from fabric_tram.models.gpt2 import GPT2, GPT2Config
     from fabric_tram.optim.api import UpdateRuleLoop
-    from fabric_tram.loss import cross_entropy_sum
 
     torch.manual_seed(0)
     model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=16, n_positions=8, vocab_size=50, dropout=0.0))
@@ -124,8 +148,10 @@ def test_vocabulary_sized_outputs_are_freed_before_the_model_backward(rule):
 def test_cpu_runs_keep_freed_memory_unless_told_not_to(keep):
     """trainer.keep_freed_cpu_memory (default on): a CPU run's large tensors reuse freed memory instead of
     page-faulting fresh pages every step (measured 1,004 -> 1,682 tokens/s for adam, README)."""
-    setup = ("from fabric_tram.config import TrainerConfig; from fabric_tram.engine.fabric_setup import build_fabric; "
-             f"build_fabric(TrainerConfig(accelerator='cpu', devices=1, keep_freed_cpu_memory={keep}))")
+    setup = (
+        "from fabric_tram.config import TrainerConfig; from fabric_tram.engine.fabric_setup import build_fabric; "
+        f"build_fabric(TrainerConfig(accelerator='cpu', devices=1, keep_freed_cpu_memory={keep}))"
+    )
     _, faults = page_faults_per_step(setup)
     if GLIBC:
         assert (faults < 1000) if keep else (faults >= 2 * 16384), faults

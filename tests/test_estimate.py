@@ -1,28 +1,37 @@
 """fabric-tram estimate: its parameter-and-state part equals the bytes actually allocated for a small model."""
+
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import small_config
 
 from fabric_tram.analysis.estimate import estimate
 from fabric_tram.cli import main
 from fabric_tram.config import load_config
 from fabric_tram.engine.trainer import train
-from helpers import small_config
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None and t.numel() > 1)  # scalars (Adam's step) aside
+    return sum(
+        t.numel() * t.element_size() for t in tensors if t is not None and t.numel() > 1
+    )  # scalars (Adam's step) aside
 
 
 @pytest.mark.parametrize("rule", ["adam", "sgd", "tram-init", "mesa", "asam+trpo"])
 def test_parameter_and_state_bytes_match_allocated_tensors(corpus, tmp_path, rule):
-    extra = ["optimizer.base=adam"] if rule not in ("adam", "sgd") else (["optimizer.momentum=0.9"] if rule == "sgd" else [])
+    extra = (
+        ["optimizer.base=adam"]
+        if rule not in ("adam", "sgd")
+        else (["optimizer.momentum=0.9"] if rule == "sgd" else [])
+    )
     config = small_config(corpus, tmp_path / rule, rule, steps=1, extra=extra)
     run = train(config)
     params = [p for p in run.model.parameters()]
     for p in params:  # the gradients a step holds
         p.grad = torch.zeros_like(p)
-    optimizer_state = [t for state in run.optimizer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    optimizer_state = [
+        t for state in run.optimizer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    ]
     rule_state = [t for buffers in run.rule.state_dict().values() for t in buffers]
     backup = getattr(run.rule, "backup", None)
     if backup is not None and all(backup is not v for v in run.rule.state_dict().values()):
@@ -35,7 +44,9 @@ def test_parameter_and_state_bytes_match_allocated_tensors(corpus, tmp_path, rul
 
 
 def test_estimate_command_for_the_gpt2xl_recipe():
-    result = CliRunner().invoke(main, ["estimate", "recipes/gpt2xl_s2orc.py", "--devices", "4", "optimizer.name=tram-prev"])
+    result = CliRunner().invoke(
+        main, ["estimate", "recipes/gpt2xl_s2orc.py", "--devices", "4", "optimizer.name=tram-prev"]
+    )
     assert result.exit_code == 0, result.output
     assert "1,557.6M parameters" in result.output and "4 device(s)" in result.output
     assert "2 fwd + 1 no-grad fwd + 2 bwd" in result.output
@@ -47,8 +58,12 @@ def test_estimate_command_for_the_gpt2xl_recipe():
 def test_activation_terms_follow_the_graphs_and_output_sized_tensors_of_each_rule():
     """adam: one graph with its float32 logits and log-probabilities; trpo adds the target's log-probabilities
     and the divergence's gradient; r3f holds two graphs and a divergence gradient for each."""
-    acts = {rule: estimate(load_config("recipes/gpt2_s2orc.py", [f"optimizer.name={rule}"]), devices=1)["bytes"]["activations"]
-            for rule in ("adam", "trpo", "r3f", "sam", "tram-prev")}
+    acts = {
+        rule: estimate(load_config("recipes/gpt2_s2orc.py", [f"optimizer.name={rule}"]), devices=1)["bytes"][
+            "activations"
+        ]
+        for rule in ("adam", "trpo", "r3f", "sam", "tram-prev")
+    }
     config = load_config("recipes/gpt2_s2orc.py")
     output = config.trainer.micro_batch_size * config.task.block_size * 50257 * 4  # one float32 (B, T, V) tensor
     assert acts["trpo"] - acts["adam"] == 2 * output

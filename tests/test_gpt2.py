@@ -1,5 +1,6 @@
 """GPT-2: parity with Hugging Face transformers (the reference, used only here), hub-cache loading offline,
 preset sizes, refusal of mismatched checkpoints."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,16 @@ transformers = pytest.importorskip("transformers")
 
 def hf_tiny(tmp_path, dropout=0.0):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=101,
-                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=101,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     folder = tmp_path / "hf-gpt2"
     model.save_pretrained(folder, safe_serialization=True)
@@ -51,16 +60,22 @@ def test_hub_id_loads_offline_from_the_cache_layout(tmp_path):
     (repo / "refs" / "main").write_text(rev)
     for f in ("config.json", "model.safetensors"):
         (repo / "snapshots" / rev / f).write_bytes((folder / f).read_bytes())
-    code = ("from fabric_tram.models.gpt2 import GPT2, GPT2Config;"
-            "m = GPT2.from_config(GPT2Config(pretrained='someone/tiny-gpt2'));"
-            "print(sum(p.numel() for p in m.parameters()))")
+    code = (
+        "from fabric_tram.models.gpt2 import GPT2, GPT2Config;"
+        "m = GPT2.from_config(GPT2Config(pretrained='someone/tiny-gpt2'));"
+        "print(sum(p.numel() for p in m.parameters()))"
+    )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) == sum(p.numel() for p in GPT2.from_config(GPT2Config(pretrained=str(folder))).parameters())
+    assert int(out.stdout.split()[-1]) == sum(
+        p.numel() for p in GPT2.from_config(GPT2Config(pretrained=str(folder))).parameters()
+    )
     # a repo missing from the cache gets an error naming it and the fix
-    code = "from fabric_tram.models.gpt2 import GPT2, GPT2Config; GPT2.from_config(GPT2Config(pretrained='nobody/absent'))"
+    code = (
+        "from fabric_tram.models.gpt2 import GPT2, GPT2Config; GPT2.from_config(GPT2Config(pretrained='nobody/absent'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "nobody/absent" in out.stderr and "local folder" in out.stderr
 

@@ -1,5 +1,6 @@
 """The README's example runs verbatim, as a script and as a plugin (--plugin and entry points); .ci/run runs
 exactly the README's install and test commands."""
+
 import os
 import re
 import subprocess
@@ -28,7 +29,11 @@ def test_readme_plugin_example_trains_and_registers(tmp_path):
     loss = float(out.stdout.strip().splitlines()[-1].split()[-1])
     assert 0 < loss < 0.6931 + 0.05  # at most chance (ln 2) plus noise: it trained without error
     assert (tmp_path / "runs" / "parity" / "results.json").is_file()
-    listed = run([sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "my_parity"], tmp_path, {"PYTHONPATH": str(tmp_path)})
+    listed = run(
+        [sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "my_parity"],
+        tmp_path,
+        {"PYTHONPATH": str(tmp_path)},
+    )
     assert listed.returncode == 0, listed.stderr
     for name in ("bag-of-embeddings", "parity", "signsgd"):
         assert name in listed.stdout
@@ -47,8 +52,11 @@ def test_entry_point_plugins_load_without_flags(tmp_path):
 
 
 def test_ci_runs_exactly_the_readme_commands():
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    ci = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd ", "export "))
+    ]
     setup_block = re.search(r"```bash\n(pip install torch.*?)```", README, flags=re.S).group(1).splitlines()
     readme_install_and_test = [c for c in setup_block if c.startswith("pip ") or "pytest" in c]
     assert ci == readme_install_and_test

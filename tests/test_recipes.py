@@ -1,5 +1,6 @@
 """The paper's recipes: --smoke of each (1 process; gpt2xl_s2orc also on 2 processes with FSDP), and the
 best-checkpoint selection they use."""
+
 import csv
 import json
 import os
@@ -9,19 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import small_config
 
 from fabric_tram.cli import train_job
 from fabric_tram.config import load_config
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.trainer import train
-from helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("recipe", ["gpt2_s2orc", "gpt2_wiki"])
 def test_recipe_smoke_in_process(recipe, tmp_path):
-    config = load_config(ROOT / "recipes" / f"{recipe}.py", [f"trainer.run_dir={tmp_path / recipe}", "optimizer.name=tram-prev"], smoke=True)
+    config = load_config(
+        ROOT / "recipes" / f"{recipe}.py",
+        [f"trainer.run_dir={tmp_path / recipe}", "optimizer.name=tram-prev"],
+        smoke=True,
+    )
     full = load_config(ROOT / "recipes" / f"{recipe}.py")
     assert full.trainer.max_steps == 50_000 and full.trainer.micro_batch_size == 16 and full.model.pretrained == "gpt2"
     assert full.task.data_dir == "hf://machelreid/m2d2" and len(full.task.eval_domains) == 11
@@ -40,14 +45,35 @@ def _free_port():
 @pytest.mark.parametrize("devices", [1, 2])
 def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
     full = load_config(ROOT / "recipes" / "gpt2xl_s2orc.py")
-    assert (full.trainer.strategy, full.trainer.precision, full.trainer.micro_batch_size, full.trainer.max_steps) == ("fsdp", "bf16-mixed", 4, 100_000)
+    assert (full.trainer.strategy, full.trainer.precision, full.trainer.micro_batch_size, full.trainer.max_steps) == (
+        "fsdp",
+        "bf16-mixed",
+        4,
+        100_000,
+    )
     assert full.model.pretrained == "gpt2-xl" and full.schedule.warmup_steps == 10_000
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(ROOT / "recipes" / "gpt2xl_s2orc.py"), "--smoke", f"trainer.run_dir={tmp_path / 'xl'}", "optimizer.name=tram-prev"]
+    args = [
+        str(ROOT / "recipes" / "gpt2xl_s2orc.py"),
+        "--smoke",
+        f"trainer.run_dir={tmp_path / 'xl'}",
+        "optimizer.name=tram-prev",
+    ]
     if devices == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu", "--main-port", str(_free_port()), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lightning.fabric.cli",
+            "--devices",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--main-port",
+            str(_free_port()),
+            *args,
+        ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     if devices == 2 and out.returncode != 0 and "SIGABRT" in out.stderr:  # intermittent gloo abort: retry once
         import shutil
@@ -62,9 +88,21 @@ def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
 
 def test_select_best_evaluates_the_lowest_validation_loss_checkpoint(corpus, tmp_path):
     # SGD with a huge learning rate diverges: the best in-domain validation loss is early, not at the end
-    config = small_config(corpus, tmp_path / "best", "sgd", steps=5, extra=[
-        "optimizer.lr=60", "trainer.eval_every=1", "trainer.select_best=true", "trainer.save_every=1", "trainer.keep_last=1",
-        "task.train_domains=[alpha]", "trainer.eval_batches=0"])
+    config = small_config(
+        corpus,
+        tmp_path / "best",
+        "sgd",
+        steps=5,
+        extra=[
+            "optimizer.lr=60",
+            "trainer.eval_every=1",
+            "trainer.select_best=true",
+            "trainer.save_every=1",
+            "trainer.keep_last=1",
+            "task.train_domains=[alpha]",
+            "trainer.eval_batches=0",
+        ],
+    )
     train(config)
     rows = list(csv.DictReader(open(tmp_path / "best" / "logs" / "csv" / "metrics.csv")))
     losses = {int(r["step"]): float(r["validation/alpha/loss"]) for r in rows if r.get("validation/alpha/loss")}

@@ -36,8 +36,17 @@ BASE = ["model.name=gpt2", "task.name=lm", "optimizer.name=adam"]
 
 
 def test_overrides_are_typed():
-    config = load_config(None, BASE + ["optimizer.lr=1e-4", "optimizer.betas=[0.9,0.95]", "trainer.max_steps=7",
-                                       "trainer.activation_checkpointing=true", "model.pretrained=null"])
+    config = load_config(
+        None,
+        BASE
+        + [
+            "optimizer.lr=1e-4",
+            "optimizer.betas=[0.9,0.95]",
+            "trainer.max_steps=7",
+            "trainer.activation_checkpointing=true",
+            "model.pretrained=null",
+        ],
+    )
     assert config.optimizer.lr == 1e-4 and isinstance(config.optimizer.lr, float)
     assert config.optimizer.betas == [0.9, 0.95]
     assert config.trainer.max_steps == 7 and config.trainer.activation_checkpointing is True
@@ -64,16 +73,20 @@ def test_wrong_type_names_the_expected_type():
 
 def test_switching_optimizer_keeps_shared_keys_and_drops_foreign_ones(tmp_path):
     recipe = tmp_path / "r.py"
-    recipe.write_text("RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
-                      " 'optimizer': {'name': 'adam', 'lr': 0.1, 'betas': [0.8, 0.9]}}\n")
+    recipe.write_text(
+        "RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
+        " 'optimizer': {'name': 'adam', 'lr': 0.1, 'betas': [0.8, 0.9]}}\n"
+    )
     config = load_config(recipe, ["optimizer.name=sgd"])
     assert config.optimizer.name == "sgd" and config.optimizer.lr == 0.1 and not hasattr(config.optimizer, "betas")
 
 
 def test_switching_to_an_update_rule_keeps_the_base_optimizer_keys(tmp_path):
     recipe = tmp_path / "r.py"
-    recipe.write_text("RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
-                      " 'optimizer': {'name': 'adam', 'lr': 5e-4, 'betas': [0.8, 0.9]}}\n")
+    recipe.write_text(
+        "RECIPE = {'model': {'name': 'gpt2'}, 'task': {'name': 'lm'},"
+        " 'optimizer': {'name': 'adam', 'lr': 5e-4, 'betas': [0.8, 0.9]}}\n"
+    )
     for rule in ("asam", "tram-prev", "trpo"):
         config = load_config(recipe, [f"optimizer.name={rule}"])
         assert (config.optimizer.base, config.optimizer.lr, config.optimizer.betas) == ("adam", 5e-4, [0.8, 0.9])

@@ -1,4 +1,5 @@
 """Result tables (per run, and side by side across runs with mean ± spread) and Figure 2, on fake run folders."""
+
 import csv
 import json
 
@@ -10,10 +11,15 @@ from fabric_tram.cli import main
 
 def fake_run(folder, optimizer, seed, math_ppl, art_ppl, cs_ppl):
     folder.mkdir(parents=True)
-    results = {"test": {d: {"loss": 0.0, "ppl": p, "tokens": 100.0} for d, p in
-                        (("math_l1", math_ppl), ("Art", art_ppl), ("cs_l1", cs_ppl))}}
-    (folder / "results.json").write_text(json.dumps({"optimizer": optimizer, "seed": seed, "train_domains": ["math_l1"],
-                                                     "results": results}))
+    results = {
+        "test": {
+            d: {"loss": 0.0, "ppl": p, "tokens": 100.0}
+            for d, p in (("math_l1", math_ppl), ("Art", art_ppl), ("cs_l1", cs_ppl))
+        }
+    }
+    (folder / "results.json").write_text(
+        json.dumps({"optimizer": optimizer, "seed": seed, "train_domains": ["math_l1"], "results": results})
+    )
     return folder
 
 
@@ -32,8 +38,12 @@ def test_per_run_table_files(tmp_path):
 
 
 def test_report_side_by_side_with_seeds_and_figure(tmp_path):
-    runs = [fake_run(tmp_path / "adam0", "adam", 0, 10.0, 30.0, 20.0), fake_run(tmp_path / "adam1", "adam", 1, 12.0, 32.0, 22.0),
-            fake_run(tmp_path / "asam0", "asam", 0, 9.0, 33.0, 19.0), fake_run(tmp_path / "tram0", "tram-prev", 0, 8.5, 29.0, 18.0)]
+    runs = [
+        fake_run(tmp_path / "adam0", "adam", 0, 10.0, 30.0, 20.0),
+        fake_run(tmp_path / "adam1", "adam", 1, 12.0, 32.0, 22.0),
+        fake_run(tmp_path / "asam0", "asam", 0, 9.0, 33.0, 19.0),
+        fake_run(tmp_path / "tram0", "tram-prev", 0, 8.5, 29.0, 18.0),
+    ]
     result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "| adam (n=2) | 11.00 ± 1.41 | 31.00 ± 1.41 | 21.00 ± 1.41 | 26.00 ± 1.41 |" in result.output

@@ -5,6 +5,7 @@ Model: logits = h * w with h = embed(x) (an Identity the noise hooks onto), x = 
 Loss: L(w) = (3 w0² + w1²) / 2, so g = (3 w0, w1); one position, two classes, for the divergences.
 Base optimizer: SGD, lr 0.1.
 """
+
 import pytest
 import torch
 
@@ -42,16 +43,29 @@ def w(model):
     return model.w.detach().tolist()
 
 
-@pytest.mark.parametrize("name,hyper,e,new", [
-    # e = ρ g/‖g‖ with g = (3, -2)
-    ("sam", {"rho": 0.05}, [0.04160251471688065, -0.027735009811253767], [0.6875192455849358, -1.7972264990188747]),
-    # T = |w| = (1, 2): e = ρ T²g/‖Tg‖ = 0.5 (3, -8)/5
-    ("asam", {"rho": 0.5}, [0.3, -0.8], [0.61, -1.72]),
-    # f = 1 + 0.1 g²: e = γ (g/f)/sqrt(Σ g²/f)
-    ("fsam", {"gamma": 0.1, "eta": 0.1}, [0.05729711925509414, -0.051840250754608984], [0.6828108642234717, -1.7948159749245391]),
-    # the loss ignores x, so the noised ascent gives g̃ = g: the same numbers as fsam
-    ("tram-fisher", {"gamma": 0.1, "eta": 0.1, "embedding_module": "embed"}, [0.05729711925509414, -0.051840250754608984], [0.6828108642234717, -1.7948159749245391]),
-])
+@pytest.mark.parametrize(
+    "name,hyper,e,new",
+    [
+        # e = ρ g/‖g‖ with g = (3, -2)
+        ("sam", {"rho": 0.05}, [0.04160251471688065, -0.027735009811253767], [0.6875192455849358, -1.7972264990188747]),
+        # T = |w| = (1, 2): e = ρ T²g/‖Tg‖ = 0.5 (3, -8)/5
+        ("asam", {"rho": 0.5}, [0.3, -0.8], [0.61, -1.72]),
+        # f = 1 + 0.1 g²: e = γ (g/f)/sqrt(Σ g²/f)
+        (
+            "fsam",
+            {"gamma": 0.1, "eta": 0.1},
+            [0.05729711925509414, -0.051840250754608984],
+            [0.6828108642234717, -1.7948159749245391],
+        ),
+        # the loss ignores x, so the noised ascent gives g̃ = g: the same numbers as fsam
+        (
+            "tram-fisher",
+            {"gamma": 0.1, "eta": 0.1, "embedding_module": "embed"},
+            [0.05729711925509414, -0.051840250754608984],
+            [0.6828108642234717, -1.7948159749245391],
+        ),
+    ],
+)
 def test_one_step_perturbation_and_update(name, hyper, e, new):
     model, rule, seen = make(name, **hyper)
     stats = rule.step(X)
@@ -72,17 +86,26 @@ def test_tram_weight_targets(name):
     second = rule.step(X)
     # step 2: d = KL(softmax(w0) ‖ softmax(w1)) for both (θ_{s−2} = θ_0 here)
     assert second["d"] == pytest.approx(0.006589446130024216, rel=1e-9)
-    torch.testing.assert_close(seen[0], torch.tensor([1.0, -2.0], dtype=torch.float64), rtol=0, atol=0)  # target ran at θ_0
+    torch.testing.assert_close(
+        seen[0], torch.tensor([1.0, -2.0], dtype=torch.float64), rtol=0, atol=0
+    )  # target ran at θ_0
     e = seen[2] - seen[1]
     t = seen[1].abs()
     g = torch.tensor([3 * 0.7, -1.8], dtype=torch.float64)
-    assert torch.allclose(e / (t ** 2 * g), (e / (t ** 2 * g))[0].expand(2), rtol=1e-9)  # e ∥ T² g
+    assert torch.allclose(e / (t**2 * g), (e / (t**2 * g))[0].expand(2), rtol=1e-9)  # e ∥ T² g
     assert float((e / t).norm()) == pytest.approx(second["d"], rel=1e-9)  # ‖e / T‖ = d
-    torch.testing.assert_close(seen[2] - seen[1], torch.tensor([0.0019057817496180168, -0.010801281986173252], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        seen[2] - seen[1],
+        torch.tensor([0.0019057817496180168, -0.010801281986173252], dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
     third = rule.step(X)
     # step 3 tells them apart: tram-prev's target is θ_1, tram-init's stays θ_0
-    expected = {"tram-prev": (0.006012415596669145, [0.3423663499990059, -1.4560891692395581]),
-                "tram-init": (0.023737427663545564, [0.3416781652086469, -1.4533217721426293])}[name]
+    expected = {
+        "tram-prev": (0.006012415596669145, [0.3423663499990059, -1.4560891692395581]),
+        "tram-init": (0.023737427663545564, [0.3416781652086469, -1.4533217721426293]),
+    }[name]
     assert third["d"] == pytest.approx(expected[0], rel=1e-9)
     assert w(model) == pytest.approx(expected[1], abs=1e-12)
 
@@ -93,16 +116,24 @@ def test_tram_x_with_a_given_noise():
     stats = rule.step(X)
     # d = KL(softmax((x+z) w0) ‖ softmax(x w0)); e = d T²g/‖Tg‖; the descent ran on clean inputs
     assert stats["d"] == pytest.approx(0.0002399316636205566, rel=1e-9)
-    torch.testing.assert_close(seen[2] - seen[1], torch.tensor([0.00014395899817230517, -0.00038389066179281376], dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        seen[2] - seen[1],
+        torch.tensor([0.00014395899817230517, -0.00038389066179281376], dtype=torch.float64),
+        rtol=0,
+        atol=1e-14,
+    )
     assert w(model) == pytest.approx([0.6999568123005483, -1.7999616109338206], abs=1e-12)
 
 
-@pytest.mark.parametrize("name,hyper,new", [
-    # grad at step 2 = g + λ (q − p): d KL(p‖q)/d logits_q = q − p, with p from θ_0 (trpo) ...
-    ("trpo", {"lam": 0.1}, [0.4902843230684367, -1.6202843230684367]),
-    # ... or from the EMA (decay 0.5): ema = (w0 + w1)/2 after step 1
-    ("mesa", {"lam": 0.1, "ema_decay": 0.5}, [0.49015771529847235, -1.6201577152984723]),
-])
+@pytest.mark.parametrize(
+    "name,hyper,new",
+    [
+        # grad at step 2 = g + λ (q − p): d KL(p‖q)/d logits_q = q − p, with p from θ_0 (trpo) ...
+        ("trpo", {"lam": 0.1}, [0.4902843230684367, -1.6202843230684367]),
+        # ... or from the EMA (decay 0.5): ema = (w0 + w1)/2 after step 1
+        ("mesa", {"lam": 0.1, "ema_decay": 0.5}, [0.49015771529847235, -1.6201577152984723]),
+    ],
+)
 def test_regularisers_two_steps(name, hyper, new):
     model, rule, _ = make(name, **hyper)
     rule.step(X)
@@ -124,13 +155,20 @@ def test_r3f_gradient_through_both_branches():
     torch.testing.assert_close(model.w.detach(), (w0 - 0.1 * w0.grad).detach(), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["sam", "asam", "fsam", "tram-prev", "tram-init", "tram-x", "tram-fisher", "asam+trpo", "asam+r3f", "asam+mesa"])
+@pytest.mark.parametrize(
+    "name",
+    ["sam", "asam", "fsam", "tram-prev", "tram-init", "tram-x", "tram-fisher", "asam+trpo", "asam+r3f", "asam+mesa"],
+)
 def test_restore_is_bit_exact(name):
     model = TwoParam()
     start = model.w.detach().clone()
-    rule = UpdateRuleLoop(name, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                          lambda m, batch, **kw: (0.5 * (3 * m.w[0] ** 2 + m.w[1] ** 2), None, m(batch), None),
-                          **({"embedding_module": "embed"} if name in ("tram-x", "tram-fisher", "asam+r3f") else {}))
+    rule = UpdateRuleLoop(
+        name,
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        lambda m, batch, **kw: (0.5 * (3 * m.w[0] ** 2 + m.w[1] ** 2), None, m(batch), None),
+        **({"embedding_module": "embed"} if name in ("tram-x", "tram-fisher", "asam+r3f") else {}),
+    )
     for _ in range(3):
         stats = rule.step(X)
         assert stats["e_norm"] > 0 or name in ("tram-prev", "tram-init")  # the weights really moved during the step

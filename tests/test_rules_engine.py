@@ -1,18 +1,31 @@
 """The update rules through the engine on the LM task: pass counts, accumulation equivalence, tram-prev's
 first steps, checkpoint round trips of persistent state, and set-up refusals."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fabric_tram.engine.trainer import train
 from helpers import max_param_diff, small_config, trajectory
 
-# ALGORITHMS.md: (forward with gradient, no-grad forward, backward) per step
-PASSES = {"sam": (2, 0, 2), "asam": (2, 0, 2), "fsam": (2, 0, 2), "tram-prev": (2, 1, 2), "tram-init": (2, 1, 2),
-          "tram-x": (2, 1, 2), "tram-fisher": (2, 0, 2), "trpo": (1, 1, 1), "r3f": (2, 0, 1), "mesa": (1, 1, 1),
-          "asam+trpo": (2, 2, 2), "asam+r3f": (4, 0, 2), "asam+mesa": (2, 2, 2)}
+from fabric_tram.engine.trainer import train
+
+# docs/algorithms.md: (forward with gradient, no-grad forward, backward) per step
+PASSES = {
+    "sam": (2, 0, 2),
+    "asam": (2, 0, 2),
+    "fsam": (2, 0, 2),
+    "tram-prev": (2, 1, 2),
+    "tram-init": (2, 1, 2),
+    "tram-x": (2, 1, 2),
+    "tram-fisher": (2, 0, 2),
+    "trpo": (1, 1, 1),
+    "r3f": (2, 0, 1),
+    "mesa": (1, 1, 1),
+    "asam+trpo": (2, 2, 2),
+    "asam+r3f": (4, 0, 2),
+    "asam+mesa": (2, 2, 2),
+}
 
 
 @pytest.mark.parametrize("rule", sorted(PASSES))
@@ -23,7 +36,9 @@ def test_two_step_smoke_of_every_rule(corpus, tmp_path, rule):
         assert math.isfinite(stats["loss"])
         assert (stats["passes/forward"], stats["passes/no_grad_forward"], stats["passes/backward"]) == PASSES[rule]
     assert tuple(run.rule.passes) == PASSES[rule]
-    initial = trajectory(train(small_config(corpus, tmp_path / "init", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    initial = trajectory(train(small_config(corpus, tmp_path / "init", "sgd", steps=1, extra=["optimizer.lr=0"])))[
+        "params"
+    ]
     assert max_param_diff(trajectory(run)["params"], initial) > 0  # the weights changed
     logged = run.history[-1]
     if rule not in ("sam", "asam", "fsam", "tram-fisher"):
@@ -41,12 +56,16 @@ ACCUMULATION_RULES = ["sam", "asam", "fsam", "tram-prev", "tram-x"]
 @pytest.mark.parametrize("rule", ACCUMULATION_RULES)
 def test_accumulation_equivalence_of_rules(corpus, tmp_path, rule):
     def run(micro, k):
-        r = train(small_config(corpus, tmp_path / f"{rule}-{k}", rule, micro=micro, accumulate=k, extra=["optimizer.base=sgd"]))
+        r = train(
+            small_config(
+                corpus, tmp_path / f"{rule}-{k}", rule, micro=micro, accumulate=k, extra=["optimizer.base=sgd"]
+            )
+        )
         return r.history, trajectory(r)["params"]
 
     one, p1 = run(8, 1)
     four, p4 = run(2, 4)
-    for a, b in zip(one, four):
+    for a, b in zip(one, four, strict=True):
         for key, rel in (("loss", 1e-6), ("Tg_norm", 1e-5), ("e_norm", D_REL), ("d", D_REL)):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=rel), key
@@ -72,7 +91,9 @@ def test_tram_prev_first_step_is_the_base_step_and_d_is_the_kl_of_successive_ite
     task = run.task
     idx = StepSampler(len(task.train_set), 8, 1, 1, 0, seed=0).step_indices(1)[0]
     batch = task.collate([task.train_set[i] for i in idx], idx)
-    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))[
+        "params"
+    ]
     logits = []
     for state in (initial, weights[0]):
         model = GPT2(config.model)
@@ -101,13 +122,16 @@ def test_checkpoint_round_trip_restores_persistent_state(corpus, tmp_path, rule)
         assert all(b.dtype == torch.float32 for b in saved["ema"])  # the EMA is accumulated in fp32
 
 
-@pytest.mark.parametrize("name,override,message", [
-    ("asam", "optimizer.rho=-0.1", "optimizer.rho must be >= 0"),
-    ("tram-x", "optimizer.sigma=-1", "optimizer.sigma must be >= 0"),
-    ("trpo", "optimizer.lam=-0.5", "optimizer.lam must be >= 0"),
-    ("tram-prev", "optimizer.divergence=js", "unknown divergence 'js'"),
-    ("tram-x", "optimizer.embedding_module=encoder.tokens", "embedding module 'encoder.tokens' not found"),
-])
+@pytest.mark.parametrize(
+    "name,override,message",
+    [
+        ("asam", "optimizer.rho=-0.1", "optimizer.rho must be >= 0"),
+        ("tram-x", "optimizer.sigma=-1", "optimizer.sigma must be >= 0"),
+        ("trpo", "optimizer.lam=-0.5", "optimizer.lam must be >= 0"),
+        ("tram-prev", "optimizer.divergence=js", "unknown divergence 'js'"),
+        ("tram-x", "optimizer.embedding_module=encoder.tokens", "embedding module 'encoder.tokens' not found"),
+    ],
+)
 def test_bad_rule_settings_fail_at_setup(corpus, tmp_path, name, override, message):
     steps = []
     with pytest.raises((ValueError, KeyError), match=message):
@@ -127,9 +151,20 @@ def test_noise_rule_on_a_model_without_input_noise_or_named_embedding_is_refused
 
 def test_activation_checkpointing_recomputes_at_the_perturbed_weights(corpus, tmp_path):
     """The restore runs after the descent backward, so recomputed activations see θ + e as the forward did."""
-    plain = trajectory(train(small_config(corpus, tmp_path / "plain", "tram-prev", steps=3, extra=["optimizer.base=sgd"])))
-    ac = trajectory(train(small_config(corpus, tmp_path / "ac", "tram-prev", steps=3,
-                                       extra=["optimizer.base=sgd", "trainer.activation_checkpointing=true"])))
+    plain = trajectory(
+        train(small_config(corpus, tmp_path / "plain", "tram-prev", steps=3, extra=["optimizer.base=sgd"]))
+    )
+    ac = trajectory(
+        train(
+            small_config(
+                corpus,
+                tmp_path / "ac",
+                "tram-prev",
+                steps=3,
+                extra=["optimizer.base=sgd", "trainer.activation_checkpointing=true"],
+            )
+        )
+    )
     assert max_param_diff(plain["params"], ac["params"]) < 1e-6
 
 
@@ -146,21 +181,30 @@ def test_fp16_overflow_in_the_ascent_pass_skips_the_whole_step(corpus, tmp_path,
             next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
         return result
 
-    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))["params"]
+    initial = trajectory(train(small_config(corpus, tmp_path / "zero", "sgd", steps=1, extra=["optimizer.lr=0"])))[
+        "params"
+    ]
     monkeypatch.setattr(step_module.StepContext, "forward_backward", poisoned)
     run = train(small_config(corpus, tmp_path / "fp16", "tram-prev", steps=1, extra=["trainer.precision=16-mixed"]))
     assert run.history[0]["skipped"] is True
     assert passes == [1]  # the ascent pass only: no descent pass ran
-    assert run.fabric.strategy.precision.scaler.get_scale() < 2.0 ** 16  # backed off
+    assert run.fabric.strategy.precision.scaler.get_scale() < 2.0**16  # backed off
     assert max_param_diff(trajectory(run)["params"], initial) == 0.0  # no update, no NaN
-    assert all(torch.equal(b, initial_b) for b, initial_b in zip(run.rule.backup, [p.detach() for p in run.model.parameters()]))
+    assert all(torch.equal(b, p.detach()) for b, p in zip(run.rule.backup, run.model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_rules_train_in_mixed_precision(corpus, tmp_path, precision):
     for rule in ("tram-prev", "fsam"):
-        run = train(small_config(corpus, tmp_path / f"{rule}-{precision}", rule, steps=2,
-                                 extra=[f"trainer.precision={precision}", "optimizer.lr=0.001"]))
+        run = train(
+            small_config(
+                corpus,
+                tmp_path / f"{rule}-{precision}",
+                rule,
+                steps=2,
+                extra=[f"trainer.precision={precision}", "optimizer.lr=0.001"],
+            )
+        )
         assert all(math.isfinite(s["loss"]) and not s["skipped"] for s in run.history)
         assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())
 
@@ -170,6 +214,9 @@ def test_target_forward_replays_the_dropout_masks(corpus, tmp_path):
     pass's own dropout masks, d is exactly 0; with target_mode=eval (the published code) it is the dropout gap."""
     replayed = train(small_config(corpus, tmp_path / "train", "tram-prev", steps=1, extra=["model.dropout=0.1"]))
     assert replayed.history[0]["d"] == 0.0
-    published = train(small_config(corpus, tmp_path / "eval", "tram-prev", steps=1,
-                                   extra=["model.dropout=0.1", "optimizer.target_mode=eval"]))
+    published = train(
+        small_config(
+            corpus, tmp_path / "eval", "tram-prev", steps=1, extra=["model.dropout=0.1", "optimizer.target_mode=eval"]
+        )
+    )
     assert published.history[0]["d"] > 1e-4

@@ -7,6 +7,7 @@ the attention-score term that fused attention does not store), only the block in
 checkpointing, plus the float32 logits and log-probabilities, plus a target forward's log-probabilities for the
 rules that run one, plus the divergence's output-sized gradients for the regularisers; r3f holds two graphs.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from fabric_tram.config import Config, base_optimizer_name
 from fabric_tram.models import build_model
 from fabric_tram.registry import OPTIMIZERS
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def meta_model(config: Config) -> torch.nn.Module:
@@ -32,7 +33,9 @@ def meta_model(config: Config) -> torch.nn.Module:
         if name in PRESETS or name in HF_IDS:
             section = replace(section, pretrained=None, preset=name)
         elif (Path(name) / "config.json").is_file():
-            section = config_from_hf(replace(section, pretrained=None), json.loads((Path(name) / "config.json").read_text()))
+            section = config_from_hf(
+                replace(section, pretrained=None), json.loads((Path(name) / "config.json").read_text())
+            )
         else:
             raise ValueError(f"cannot size model.pretrained={name!r} offline: use a preset name or a local folder")
     with torch.device("meta"):
@@ -50,8 +53,12 @@ def rule_declarations(name: str) -> dict:
     """What an update rule declares (``optim/update_rule.py``), read through the registry: passes per step,
     state held between steps, divergence gradients; a base optimizer alone is one forward and one backward."""
     target = OPTIMIZERS.get(name).target
-    return {"passes": tuple(getattr(target, "passes", (1, 0, 1))), "state_factor": getattr(target, "state_factor", 0),
-            "fp32_state": getattr(target, "fp32_state", 0), "divergence_gradients": getattr(target, "divergence_gradients", 0)}
+    return {
+        "passes": tuple(getattr(target, "passes", (1, 0, 1))),
+        "state_factor": getattr(target, "state_factor", 0),
+        "fp32_state": getattr(target, "fp32_state", 0),
+        "divergence_gradients": getattr(target, "divergence_gradients", 0),
+    }
 
 
 def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
@@ -71,38 +78,54 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     V = getattr(model.config, "vocab_size", 0)
     block_full = 34 * B * T * C * act_bytes / 2
     graphs = fwd // bwd  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
-    activations = {"without_checkpointing": graphs * L * block_full,
-                   "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full)}
+    activations = {
+        "without_checkpointing": graphs * L * block_full,
+        "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full),
+    }
     logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * B * T * V * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_params * param_bytes / shards,
         "optimizer_state": n_params * 4 * optimizer_state_factor(config) / shards,
         "update_rule_buffers": rule_bytes / shards,
-        "activations": activations["with_checkpointing" if t.activation_checkpointing else "without_checkpointing"] + logits,
+        "activations": activations["with_checkpointing" if t.activation_checkpointing else "without_checkpointing"]
+        + logits,
     }
     tokens = B * T * t.accumulate
     flops_fwd = model.forward_flops_per_token(T) * tokens if hasattr(model, "forward_flops_per_token") else float("nan")
-    return {"world_size": world, "sharded_over": shards, "n_params": n_params, "bytes": parts,
-            "activations_without_checkpointing": activations["without_checkpointing"] + logits,
-            "activations_with_checkpointing": activations["with_checkpointing"] + logits,
-            "total_bytes": sum(parts.values()), "passes": {"forward": fwd, "no_grad_forward": nograd, "backward": bwd},
-            "flops_per_step_per_device": flops_fwd * (fwd + nograd + 2 * bwd), "tokens_per_step_per_device": tokens}
+    return {
+        "world_size": world,
+        "sharded_over": shards,
+        "n_params": n_params,
+        "bytes": parts,
+        "activations_without_checkpointing": activations["without_checkpointing"] + logits,
+        "activations_with_checkpointing": activations["with_checkpointing"] + logits,
+        "total_bytes": sum(parts.values()),
+        "passes": {"forward": fwd, "no_grad_forward": nograd, "backward": bwd},
+        "flops_per_step_per_device": flops_fwd * (fwd + nograd + 2 * bwd),
+        "tokens_per_step_per_device": tokens,
+    }
 
 
 def format_estimate(config: Config, e: dict) -> str:
     b = e["bytes"]
-    lines = [f"{config.model.name} ({e['n_params'] / 1e6:,.1f}M parameters), update rule {config.optimizer.name} "
-             f"(base {base_optimizer_name(config.optimizer)}), {config.trainer.strategy}, {config.trainer.precision}, "
-             f"{e['world_size']} device(s); per device:"]
+    lines = [
+        f"{config.model.name} ({e['n_params'] / 1e6:,.1f}M parameters), update rule {config.optimizer.name} "
+        f"(base {base_optimizer_name(config.optimizer)}), {config.trainer.strategy}, {config.trainer.precision}, "
+        f"{e['world_size']} device(s); per device:"
+    ]
     for key in ("parameters", "gradients", "optimizer_state", "update_rule_buffers"):
         lines.append(f"  {key.replace('_', ' '):<22} {b[key] / GIB:9.2f} GiB")
-    lines.append(f"  {'activations':<22} {e['activations_without_checkpointing'] / GIB:9.2f} GiB without checkpointing, "
-                 f"{e['activations_with_checkpointing'] / GIB:.2f} GiB with (this config: "
-                 f"{'on' if config.trainer.activation_checkpointing else 'off'})")
+    lines.append(
+        f"  {'activations':<22} {e['activations_without_checkpointing'] / GIB:9.2f} GiB without checkpointing, "
+        f"{e['activations_with_checkpointing'] / GIB:.2f} GiB with (this config: "
+        f"{'on' if config.trainer.activation_checkpointing else 'off'})"
+    )
     lines.append(f"  {'total':<22} {e['total_bytes'] / GIB:9.2f} GiB (+ framework and allocator overhead)")
     p = e["passes"]
-    lines.append(f"  compute: {e['flops_per_step_per_device'] / 1e12:,.2f} TFLOP per step per device "
-                 f"({p['forward']} fwd + {p['no_grad_forward']} no-grad fwd + {p['backward']} bwd over "
-                 f"{e['tokens_per_step_per_device']:,} tokens)")
+    lines.append(
+        f"  compute: {e['flops_per_step_per_device'] / 1e12:,.2f} TFLOP per step per device "
+        f"({p['forward']} fwd + {p['no_grad_forward']} no-grad fwd + {p['backward']} bwd over "
+        f"{e['tokens_per_step_per_device']:,} tokens)"
+    )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Result tables like the paper's Table 4 (perplexity on the training domain, each zero-shot domain and their
 average), per run and across runs (``fabric-tram report``), and the paper's Figure 2 (in-domain vs
 out-of-domain perplexity, one point per run, the trend line of the non-TRAM runs)."""
+
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,6 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Optional
 
 ZS_AVG = "ZS Avg."
 
@@ -78,7 +78,7 @@ def load_run(run_dir: Path) -> dict:
     return data
 
 
-def report(run_dirs: list[Path], out_dir: Path, split: Optional[str] = None) -> str:
+def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str:
     """Side-by-side table of several runs (grouped by update rule: mean ± spread over seeds) and Figure 2."""
     runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
     split = split or pick_split(runs[0][1]["results"])
@@ -89,7 +89,9 @@ def report(run_dirs: list[Path], out_dir: Path, split: Optional[str] = None) -> 
         groups.setdefault(name, []).append(row)
     table = {}
     for name, rows in groups.items():
-        table[f"{name} (n={len(rows)})" if len(rows) > 1 else name] = {c: _mean_spread([r[c] for r in rows if c in r]) for c in columns}
+        table[f"{name} (n={len(rows)})" if len(rows) > 1 else name] = {
+            c: _mean_spread([r[c] for r in rows if c in r]) for c in columns
+        }
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
     plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
@@ -122,14 +124,18 @@ def plot_in_vs_out(per_run, train_domains: list[str], path: Path) -> None:
     for i, name in enumerate(names):
         xs = [x for n, x, _ in points if n == name]
         ys = [y for n, _, y in points if n == name]
-        ax.scatter(xs, ys, label=name, color=colors[i % len(colors)], marker="*" if name.startswith("tram") else "o", s=60)
+        ax.scatter(
+            xs, ys, label=name, color=colors[i % len(colors)], marker="*" if name.startswith("tram") else "o", s=60
+        )
     baseline = [(x, y) for n, x, y in points if not n.startswith("tram") and math.isfinite(y)]
     if len({x for x, _ in baseline}) >= 2:
         n = len(baseline)
         mx, my = sum(x for x, _ in baseline) / n, sum(y for _, y in baseline) / n
         slope = sum((x - mx) * (y - my) for x, y in baseline) / sum((x - mx) ** 2 for x, _ in baseline)
         xs = sorted(x for _, x, _ in points)
-        ax.plot([xs[0], xs[-1]], [my + slope * (xs[0] - mx), my + slope * (xs[-1] - mx)], "b:", label="trend (non-TRAM)")
+        ax.plot(
+            [xs[0], xs[-1]], [my + slope * (xs[0] - mx), my + slope * (xs[-1] - mx)], "b:", label="trend (non-TRAM)"
+        )
     ax.set_xlabel(f"in-domain perplexity ({', '.join(_abbrev(d) for d in train_domains)})")
     ax.set_ylabel("zero-shot average perplexity")
     ax.legend(fontsize=8)

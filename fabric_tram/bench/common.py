@@ -1,4 +1,5 @@
 """Shared by the benchmarks: a model and batch of a given size, timing, tables and JSON output."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
-from fabric_tram.models.gpt2 import GPT2, GPT2Config
 from fabric_tram.loss import cross_entropy_sum
+from fabric_tram.models.gpt2 import GPT2, GPT2Config
 
 SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
     "tiny": (2, 2, 64, 2048, 64, 4),
@@ -31,8 +32,11 @@ def arguments(description: str, extra=None, timing: bool = False) -> argparse.Na
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (the median is reported)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
     if timing:
-        parser.add_argument("--system-malloc", action="store_true",
-                            help="on CPU, keep glibc's default of returning large freed blocks to the system")
+        parser.add_argument(
+            "--system-malloc",
+            action="store_true",
+            help="on CPU, keep glibc's default of returning large freed blocks to the system",
+        )
     if extra:
         extra(parser)
     args = parser.parse_args()
@@ -45,7 +49,9 @@ def arguments(description: str, extra=None, timing: bool = False) -> argparse.Na
 def make_model(size: str, device: str, seed: int = 0) -> GPT2:
     n_layer, n_head, n_embd, vocab, block, _ = SIZES[size]
     torch.manual_seed(seed)
-    config = GPT2Config(preset="tiny", n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab, dropout=0.1)
+    config = GPT2Config(
+        preset="tiny", n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab, dropout=0.1
+    )
     return GPT2(config).to(device)
 
 

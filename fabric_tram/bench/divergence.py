@@ -1,6 +1,7 @@
 """Large-vocabulary d: peak memory of the chunked computation (fabric_tram) vs a naive full float32
 log-softmax of the whole batch, each in its own process; logits given in bf16, shape (batch, seq, vocab),
 by default (16, 1024, 50257), the naive one measured at batch 4 and scaled (it would not fit in 24 GB)."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,11 @@ def child(mode: str, batch: int, device: str, seq: int = 1024, vocab: int = 5025
         else:
             log_p, log_q = target.float().log_softmax(-1), current.float().log_softmax(-1)
             d = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"d": d, "extra_peak_bytes": peak - base}
 
 
@@ -53,16 +58,44 @@ def main() -> dict:
         return {}
     results = {}
     for mode, batch in (("chunked", args.batch), ("naive", args.naive_batch)):
-        cmd = [sys.executable, "-m", "fabric_tram.bench.divergence", "--device", args.device, "--seq", str(args.seq),
-               "--vocab", str(args.vocab), "--child", mode, str(batch)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fabric_tram.bench.divergence",
+            "--device",
+            args.device,
+            "--seq",
+            str(args.seq),
+            "--vocab",
+            str(args.vocab),
+            "--child",
+            mode,
+            str(batch),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = {"batch": batch, **json.loads(out.stdout.strip().splitlines()[-1])}
     scaled = results["naive"]["extra_peak_bytes"] * args.batch / args.naive_batch
-    mib = 2 ** 20
-    print(table(["computation", "batch", "extra peak (MiB)", f"at batch {args.batch} (MiB)"],
-                [["chunked (fabric_tram)", args.batch, results["chunked"]["extra_peak_bytes"] / mib, results["chunked"]["extra_peak_bytes"] / mib],
-                 ["naive float32", args.naive_batch, results["naive"]["extra_peak_bytes"] / mib, scaled / mib]]))
-    payload = {"device": args.device, "shape": [args.batch, args.seq, args.vocab], "results": results, "naive_scaled_bytes": scaled}
+    mib = 2**20
+    print(
+        table(
+            ["computation", "batch", "extra peak (MiB)", f"at batch {args.batch} (MiB)"],
+            [
+                [
+                    "chunked (fabric_tram)",
+                    args.batch,
+                    results["chunked"]["extra_peak_bytes"] / mib,
+                    results["chunked"]["extra_peak_bytes"] / mib,
+                ],
+                ["naive float32", args.naive_batch, results["naive"]["extra_peak_bytes"] / mib, scaled / mib],
+            ],
+        )
+    )
+    payload = {
+        "device": args.device,
+        "shape": [args.batch, args.seq, args.vocab],
+        "results": results,
+        "naive_scaled_bytes": scaled,
+    }
     print(f"written: {write_json(args.out, 'divergence', payload)}")
     return payload
 

@@ -1,5 +1,6 @@
 """Engine overhead: adam through fabric_tram's training step vs a minimal hand-written PyTorch loop on the same
 model, data and precision, interleaved; reported as the engine's tokens/s over the loop's (target >= 0.97)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,13 +19,32 @@ TARGET = 0.97
 def main() -> dict:
     args = arguments(__doc__.splitlines()[0], timing=True)
     n_layer, n_head, n_embd, _, block, batch = SIZES[args.size]
-    config = load_config(None, [
-        "model.name=gpt2", "model.preset=tiny", f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
-        f"model.n_positions={block}", "model.dropout=0.0", "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
-        f"task.block_size={block}", "optimizer.name=adam", "optimizer.lr=1e-4", "trainer.grad_clip=0",
-        f"trainer.micro_batch_size={batch}", f"trainer.precision={args.precision}", f"trainer.accelerator={args.device}",
-        "trainer.devices=1", "trainer.max_steps=1000000", "trainer.run_dir=runs/bench_engine",
-        f"trainer.keep_freed_cpu_memory={not args.system_malloc}"])
+    config = load_config(
+        None,
+        [
+            "model.name=gpt2",
+            "model.preset=tiny",
+            f"model.n_layer={n_layer}",
+            f"model.n_head={n_head}",
+            f"model.n_embd={n_embd}",
+            f"model.n_positions={block}",
+            "model.dropout=0.0",
+            "task.name=lm",
+            "task.data_dir=demo",
+            "task.tokenizer=gpt2",
+            f"task.block_size={block}",
+            "optimizer.name=adam",
+            "optimizer.lr=1e-4",
+            "trainer.grad_clip=0",
+            f"trainer.micro_batch_size={batch}",
+            f"trainer.precision={args.precision}",
+            f"trainer.accelerator={args.device}",
+            "trainer.devices=1",
+            "trainer.max_steps=1000000",
+            "trainer.run_dir=runs/bench_engine",
+            f"trainer.keep_freed_cpu_memory={not args.system_malloc}",
+        ],
+    )
     run = setup(config, training=True)
     sampler = StepSampler(len(run.task.train_set), batch, 1, 1, 0)
     model = copy.deepcopy(getattr(run.model, "module", run.model)).to(args.device)  # the same weights, no engine
@@ -50,12 +70,24 @@ def main() -> dict:
     median = interleave({"engine": engine_step, "loop": loop_step}, args.device, args.repeats)
     ratio = median["loop"] / median["engine"]  # tokens/s ratio: same tokens per step
     print(f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}")
-    print(table(["", "step (ms)", "tokens/s vs loop", f">= {TARGET}"],
-                [["hand-written loop", median["loop"] * 1e3, 1.0, ""],
-                 ["fabric_tram (adam)", median["engine"] * 1e3, ratio, "yes" if ratio >= TARGET else "no"]]))
-    payload = {"size": args.size, "device": args.device, "precision": args.precision, "allocator": args.allocator,
-               "engine_seconds": median["engine"],
-               "loop_seconds": median["loop"], "engine_over_loop_tokens_per_s": ratio}
+    print(
+        table(
+            ["", "step (ms)", "tokens/s vs loop", f">= {TARGET}"],
+            [
+                ["hand-written loop", median["loop"] * 1e3, 1.0, ""],
+                ["fabric_tram (adam)", median["engine"] * 1e3, ratio, "yes" if ratio >= TARGET else "no"],
+            ],
+        )
+    )
+    payload = {
+        "size": args.size,
+        "device": args.device,
+        "precision": args.precision,
+        "allocator": args.allocator,
+        "engine_seconds": median["engine"],
+        "loop_seconds": median["loop"],
+        "engine_over_loop_tokens_per_s": ratio,
+    }
     print(f"written: {write_json(args.out, 'engine_overhead', payload)}")
     return payload
 

@@ -5,6 +5,7 @@ tokens/s beside adam's. Weights are randomly initialised (no download), data is 
     python benchmarks/gpu_check.py                 # on a GPU machine
     python benchmarks/gpu_check.py --device cpu --preset tiny --block 64    # the same path on a CPU (tests)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,33 @@ from fabric_tram.engine.trainer import train
 
 
 def run(rule: str, args) -> tuple[object, float]:
-    config = load_config(None, [
-        "model.name=gpt2", f"model.preset={args.preset}", "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
-        f"task.block_size={args.block}", f"optimizer.name={rule}", "optimizer.lr=2e-5", "trainer.strategy=fsdp",
-        f"trainer.precision={args.precision}", f"trainer.accelerator={args.device}", f"trainer.micro_batch_size={args.batch}",
-        f"trainer.max_steps={args.steps}", "trainer.eval_batches=1", "trainer.progress_bar=false",
-        f"trainer.run_dir={args.out}/gpu_check-{rule}-{time.strftime('%Y%m%d-%H%M%S')}"])
+    config = load_config(
+        None,
+        [
+            "model.name=gpt2",
+            f"model.preset={args.preset}",
+            "task.name=lm",
+            "task.data_dir=demo",
+            "task.tokenizer=gpt2",
+            f"task.block_size={args.block}",
+            f"optimizer.name={rule}",
+            "optimizer.lr=2e-5",
+            "trainer.strategy=fsdp",
+            f"trainer.precision={args.precision}",
+            f"trainer.accelerator={args.device}",
+            f"trainer.micro_batch_size={args.batch}",
+            f"trainer.max_steps={args.steps}",
+            "trainer.eval_batches=1",
+            "trainer.progress_bar=false",
+            f"trainer.run_dir={args.out}/gpu_check-{rule}-{time.strftime('%Y%m%d-%H%M%S')}",
+        ],
+    )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = train(config)
-    tokens_per_s = sum(s["n_targets"] for s in result.history[1:]) / sum(s["n_targets"] / s["tokens_per_s"] for s in result.history[1:])
+    tokens_per_s = sum(s["n_targets"] for s in result.history[1:]) / sum(
+        s["n_targets"] / s["tokens_per_s"] for s in result.history[1:]
+    )
     return result, tokens_per_s, config
 
 
@@ -49,12 +67,26 @@ def main() -> dict:
     adam, adam_tps, _ = run("adam", args)
     predicted = estimate(config, devices=tram.fabric.world_size)
     if tram.fabric.is_global_zero:
-        print(f"devices: {tram.fabric.world_size} x {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
+        print(
+            f"devices: {tram.fabric.world_size} x "
+            f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
+        )
         print(f"losses (tram-prev): {[round(s['loss'], 4) for s in tram.history]}")
-        print(f"peak memory per device: {peak / 2**30:.2f} GiB measured, {predicted['total_bytes'] / 2**30:.2f} GiB estimated")
-        print(f"tokens/s: tram-prev {tram_tps:,.0f}, adam {adam_tps:,.0f} (ratio {adam_tps / tram_tps:.2f}x; floor about 2.3-2.5x)")
-        payload = {"world_size": tram.fabric.world_size, "losses": [s["loss"] for s in tram.history], "peak_bytes": peak,
-                   "estimated_bytes": predicted["total_bytes"], "tokens_per_s": {"tram-prev": tram_tps, "adam": adam_tps}}
+        print(
+            f"peak memory per device: {peak / 2**30:.2f} GiB measured, "
+            f"{predicted['total_bytes'] / 2**30:.2f} GiB estimated"
+        )
+        print(
+            f"tokens/s: tram-prev {tram_tps:,.0f}, adam {adam_tps:,.0f} "
+            f"(ratio {adam_tps / tram_tps:.2f}x; floor about 2.3-2.5x)"
+        )
+        payload = {
+            "world_size": tram.fabric.world_size,
+            "losses": [s["loss"] for s in tram.history],
+            "peak_bytes": peak,
+            "estimated_bytes": predicted["total_bytes"],
+            "tokens_per_s": {"tram-prev": tram_tps, "adam": adam_tps},
+        }
         print(f"written: {write_json(args.out, 'gpu_check', payload)}")
         return payload
     return {}

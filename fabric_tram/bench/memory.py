@@ -1,5 +1,6 @@
 """Bytes an update rule holds between steps per parameter byte, counted from its tensors; peak memory of a step
 for adam vs tram-prev, each measured in its own process (a process's peak only grows)."""
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def peak_of_one_step(rule: str, size: str, device: str, precision: str) -> int:
 
 
 def main() -> dict:
-    args = arguments(__doc__.splitlines()[0], lambda p: p.add_argument("--peak-child", default=None, help=argparse_hidden()))
+    args = arguments(
+        __doc__.splitlines()[0], lambda p: p.add_argument("--peak-child", default=None, help=argparse_hidden())
+    )
     if args.peak_child:
         print(json.dumps({"peak": peak_of_one_step(args.peak_child, args.size, args.device, args.precision)}))
         return {}
@@ -74,14 +77,33 @@ def main() -> dict:
     print(table(["rule", "held / param bytes", "target", "at target"], rows))
     peaks = {}
     for rule in ("adam", "tram-prev"):
-        cmd = [sys.executable, "-m", "fabric_tram.bench.memory", "--peak-child", rule, "--size", args.size,
-               "--device", args.device, "--precision", args.precision]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fabric_tram.bench.memory",
+            "--peak-child",
+            rule,
+            "--size",
+            args.size,
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peaks[rule] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     what = "CUDA allocator peak" if args.device.startswith("cuda") else "resident peak above the pre-step size"
-    print(f"{what} of two steps: adam {peaks['adam'] / 2**20:.1f} MiB, tram-prev {peaks['tram-prev'] / 2**20:.1f} MiB "
-          f"(+{(peaks['tram-prev'] - peaks['adam']) / 2**20:.1f} MiB; parameters {param_bytes / 2**20:.1f} MiB)")
-    payload = {"size": args.size, "device": args.device, "rules": results, "peak_bytes": peaks, "param_bytes": param_bytes}
+    print(
+        f"{what} of two steps: adam {peaks['adam'] / 2**20:.1f} MiB, tram-prev {peaks['tram-prev'] / 2**20:.1f} MiB "
+        f"(+{(peaks['tram-prev'] - peaks['adam']) / 2**20:.1f} MiB; parameters {param_bytes / 2**20:.1f} MiB)"
+    )
+    payload = {
+        "size": args.size,
+        "device": args.device,
+        "rules": results,
+        "peak_bytes": peaks,
+        "param_bytes": param_bytes,
+    }
     print(f"written: {write_json(args.out, 'memory', payload)}")
     return payload
 

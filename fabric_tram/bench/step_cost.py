@@ -4,6 +4,7 @@ The floor of a rule is (forward-with-gradient passes × T_fb + no-grad forward p
 (forward + backward) and T_f (no-grad forward) measured in the same run on the same model and batch; a forward
 with gradient counts its own backward, so r3f's backward through two graphs counts twice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,21 @@ from fabric_tram.bench.common import arguments, interleave, loss_fn, make_batch,
 from fabric_tram.optim.api import UpdateRuleLoop
 from fabric_tram.registry import OPTIMIZERS, load_builtins
 
-RULES = ["sam", "asam", "fsam", "tram-prev", "tram-init", "tram-x", "tram-fisher", "trpo", "r3f", "mesa",
-         "asam+trpo", "asam+r3f", "asam+mesa"]
+RULES = [
+    "sam",
+    "asam",
+    "fsam",
+    "tram-prev",
+    "tram-init",
+    "tram-x",
+    "tram-fisher",
+    "trpo",
+    "r3f",
+    "mesa",
+    "asam+trpo",
+    "asam+r3f",
+    "asam+mesa",
+]
 TARGET = 1.05  # within 5% of the floor
 
 
@@ -39,7 +53,7 @@ def main() -> dict:
 
     candidates = {"fwd+bwd": forward_backward, "no-grad fwd": forward_only}
     for name, loop in loops.items():
-        candidates[name] = (lambda l: lambda: l.step(batch))(loop)
+        candidates[name] = (lambda rule_loop: lambda: rule_loop.step(batch))(loop)
     median = interleave(candidates, args.device, args.repeats)
     t_fb, t_f = median["fwd+bwd"], median["no-grad fwd"]
     rows, results = [], {}
@@ -47,15 +61,32 @@ def main() -> dict:
         fwd, nograd, bwd = OPTIMIZERS.get(name).target.passes
         floor = (fwd * t_fb + nograd * t_f) / t_fb
         ratio = median[name] / median["adam"]
-        results[name] = {"ratio_to_adam": ratio, "floor": floor, "over_floor": ratio / floor, "passes": [fwd, nograd, bwd],
-                         "seconds": median[name]}
-        rows.append([name, ratio, floor, f"{100 * (ratio / floor - 1):+.1f}%", "yes" if ratio / floor <= TARGET else "no"])
-    print(f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}; adam step {median['adam'] * 1e3:.1f} ms, "
-          f"fwd+bwd {t_fb * 1e3:.1f} ms, no-grad fwd {t_f * 1e3:.1f} ms (medians of {args.repeats} interleaved rounds)")
+        results[name] = {
+            "ratio_to_adam": ratio,
+            "floor": floor,
+            "over_floor": ratio / floor,
+            "passes": [fwd, nograd, bwd],
+            "seconds": median[name],
+        }
+        rows.append(
+            [name, ratio, floor, f"{100 * (ratio / floor - 1):+.1f}%", "yes" if ratio / floor <= TARGET else "no"]
+        )
+    print(
+        f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}; "
+        f"adam step {median['adam'] * 1e3:.1f} ms, "
+        f"fwd+bwd {t_fb * 1e3:.1f} ms, no-grad fwd {t_f * 1e3:.1f} ms (medians of {args.repeats} interleaved rounds)"
+    )
     print(table(["rule", "step / adam", "floor", "over floor", "within 5%"], rows))
-    payload = {"size": args.size, "device": args.device, "precision": args.precision, "allocator": args.allocator,
-               "adam_seconds": median["adam"],
-               "fwd_bwd_seconds": t_fb, "no_grad_fwd_seconds": t_f, "rules": results}
+    payload = {
+        "size": args.size,
+        "device": args.device,
+        "precision": args.precision,
+        "allocator": args.allocator,
+        "adam_seconds": median["adam"],
+        "fwd_bwd_seconds": t_fb,
+        "no_grad_fwd_seconds": t_f,
+        "rules": results,
+    }
     print(f"written: {write_json(args.out, 'step_cost', payload)}")
     return payload
 

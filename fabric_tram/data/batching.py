@@ -6,10 +6,11 @@ and cuts it into ``accumulate`` micro-batches. So the examples of a step do not 
 (k = 1 vs k = 4, 1 vs 2 processes), and the data position of a run is just its step number: resuming needs no
 iterator state.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -38,7 +39,9 @@ class StepSampler:
         if not self.shuffle:
             return offset
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            self._perms = {
+                epoch: torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            }
         return int(self._perms[epoch][offset])
 
     def step_indices(self, step: int) -> list[list[int]]:
@@ -46,13 +49,15 @@ class StepSampler:
         per_rank = self.micro_batch_size * self.accumulate
         start = step * self.global_batch_size + self.rank * per_rank
         mine = [self._index(j) for j in range(start, start + per_rank)]
-        return [mine[i * self.micro_batch_size:(i + 1) * self.micro_batch_size] for i in range(self.accumulate)]
+        return [mine[i * self.micro_batch_size : (i + 1) * self.micro_batch_size] for i in range(self.accumulate)]
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch_size / self.num_examples
 
 
-def eval_batches(num_examples: int, batch_size: int, world_size: int, rank: int, max_batches: int = 0) -> list[list[int]]:
+def eval_batches(
+    num_examples: int, batch_size: int, world_size: int, rank: int, max_batches: int = 0
+) -> list[list[int]]:
     """Sequential evaluation batches; every rank gets the same number (FSDP needs all ranks in every forward).
 
     A rank with no examples left gets an empty list, which the caller turns into a zero-weight batch.

@@ -3,11 +3,12 @@
 ``.txt``: documents separated by blank lines (``doc_format="paragraphs"``) or one per line (``"lines"``, as
 M2D2). ``.jsonl``: one JSON object per line with a text field. ``valid`` is accepted for ``validation``.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 SPLIT_SUFFIXES = (".jsonl", ".txt")
 SPLIT_ALIASES = {"validation": ("validation", "valid"), "train": ("train",), "test": ("test",)}
@@ -21,11 +22,18 @@ class DataError(ValueError):
 def discover_domains(data_dir: str | Path) -> list[str]:
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"data folder {str(root)!r} does not exist; set task.data_dir to a folder with one sub-folder per domain")
-    domains = sorted(p.name for p in root.iterdir() if p.is_dir() and any(split_file(p, s, must_exist=False) for s in ("train", "validation", "test")))
+        raise DataError(
+            f"data folder {str(root)!r} does not exist; set task.data_dir to a folder with one sub-folder per domain"
+        )
+    domains = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and any(split_file(p, s, must_exist=False) for s in ("train", "validation", "test"))
+    )
     if not domains:
         raise DataError(
-            f"data folder {str(root)!r} holds no domain: expected <domain>/train.txt (or .jsonl), validation, test files"
+            f"data folder {str(root)!r} holds no domain: "
+            "expected <domain>/train.txt (or .jsonl), validation, test files"
         )
     return domains
 
@@ -54,9 +62,13 @@ def read_documents(path: Path, text_key: str = "text", doc_format: str = "paragr
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line") from None
+                    raise DataError(
+                        f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line"
+                    ) from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)")
+                    raise DataError(
+                        f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)"
+                    )
                 yield record[text_key]
     elif doc_format == "lines":
         with path.open(encoding="utf-8") as fh:

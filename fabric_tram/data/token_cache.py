@@ -6,14 +6,15 @@ from (source file, its size and mtime, the tokenizer's fingerprint) and, while b
 interrupted build resumes where it stopped. A cache built from another source or tokenizer is rebuilt.
 Concurrent ranks take a file lock: one builds, the others wait and read.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -56,14 +57,26 @@ class TokenizedSplit:
         return int(self.doc_ends[-1]) if len(self.doc_ends) else 0
 
 
-def tokenize_split(source: Path, tokenizer: str = "gpt2", cache_root: Path | None = None, doc_format: str = "paragraphs",
-                   text_key: str = "text", progress: bool = True) -> TokenizedSplit:
+def tokenize_split(
+    source: Path,
+    tokenizer: str = "gpt2",
+    cache_root: Path | None = None,
+    doc_format: str = "paragraphs",
+    text_key: str = "text",
+    progress: bool = True,
+) -> TokenizedSplit:
     root = Path(cache_root) if cache_root else default_cache_root()
     stem = cache_stem(source, tokenizer, doc_format)
     paths = {k: root / f"{stem}.{k}" for k in ("tokens", "docs", "json")}
     stat = source.stat()
-    wanted = {"source": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns,
-              "tokenizer": tokenizer_fingerprint(tokenizer), "doc_format": doc_format, "text_key": text_key}
+    wanted = {
+        "source": str(source.resolve()),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime_ns,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "doc_format": doc_format,
+        "text_key": text_key,
+    }
     with _locked(root / f"{stem}.lock"):
         meta = json.loads(paths["json"].read_text()) if paths["json"].is_file() else None
         if meta is not None and any(meta.get(k) != v for k, v in wanted.items()):
@@ -93,8 +106,14 @@ def _build(source, tokenizer_name, doc_format, text_key, paths, wanted, meta, pr
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=wanted["size"], unit="B", unit_scale=True, desc=f"tokenising {source.parent.name}/{source.name}",
-                   initial=meta.get("bytes_done", 0) if meta else 0, disable=None)
+        bar = tqdm(
+            total=wanted["size"],
+            unit="B",
+            unit_scale=True,
+            desc=f"tokenising {source.parent.name}/{source.name}",
+            initial=meta.get("bytes_done", 0) if meta else 0,
+            disable=None,
+        )
     with open(paths["tokens"], mode) as tok_fh, open(paths["docs"], mode) as doc_fh:
         for batch, bytes_done in _document_batches(source, doc_format, text_key, skip=done_docs):
             encoded = tokenizer.encode_batch(batch)
@@ -106,8 +125,17 @@ def _build(source, tokenizer_name, doc_format, text_key, paths, wanted, meta, pr
             tok_fh.flush()
             doc_fh.flush()
             n_tokens, done_docs = int(ends[-1]), done_docs + len(batch)
-            paths["json"].write_text(json.dumps({**wanted, "complete": False, "docs_done": done_docs,
-                                                 "tokens_done": n_tokens, "bytes_done": bytes_done}))
+            paths["json"].write_text(
+                json.dumps(
+                    {
+                        **wanted,
+                        "complete": False,
+                        "docs_done": done_docs,
+                        "tokens_done": n_tokens,
+                        "bytes_done": bytes_done,
+                    }
+                )
+            )
             if bar is not None:
                 bar.n = bytes_done
                 bar.refresh()

@@ -1,4 +1,5 @@
 """GPT-2 byte-level BPE through the `tokenizers` package, from the files bundled with fabric_tram or a folder."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -16,8 +17,9 @@ def bundled_tokenizer_dir(name: str = "gpt2") -> Path:
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str = "gpt2"):
     """``"gpt2"``: the bundled GPT-2 BPE; a folder with ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
-    from tokenizers import Tokenizer
     from tokenizers.implementations import ByteLevelBPETokenizer
+
+    from tokenizers import Tokenizer
 
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():

@@ -10,13 +10,13 @@ Layout of ``RUN/checkpoints/step-00000042/``:
 Everything is written into ``step-….tmp`` and renamed once complete, so a crash mid-save leaves the previous
 checkpoint loadable. The data position is the step number (see ``fabric_tram.data.batching``).
 """
+
 from __future__ import annotations
 
 import json
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -37,12 +37,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-             and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -71,7 +74,11 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
     fabric.barrier()
     fabric.save(tmp / "state", {"model": model, "optimizer": optimizer, "step": step})
     scaler = getattr(fabric.strategy.precision, "scaler", None)
-    per_rank = {"rng": rng_state(), "rule": rule.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+    per_rank = {
+        "rng": rng_state(),
+        "rule": rule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
     torch.save(per_rank, tmp / f"rank-{fabric.global_rank}.pt")
     fabric.barrier()
     if fabric.global_rank == 0:
@@ -108,7 +115,9 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a complete fabric_tram checkpoint (no meta.json); pick a folder under RUN/checkpoints/")
+        raise CheckpointError(
+            f"{path} is not a complete fabric_tram checkpoint (no meta.json); pick a folder under RUN/checkpoints/"
+        )
     return json.loads(meta_file.read_text())
 
 
@@ -116,11 +125,16 @@ def check_compatible(meta: dict, model_section: dict, path: Path) -> None:
     """Refuse a checkpoint of another model or preset, naming the keys that differ."""
     saved = meta.get("model", {})
     keys = ("name", "preset", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-    differ = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_section.get(k)!r}"
-              for k in keys if k in saved and k in model_section and saved.get(k) != model_section.get(k)]
+    differ = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_section.get(k)!r}"
+        for k in keys
+        if k in saved and k in model_section and saved.get(k) != model_section.get(k)
+    ]
     if differ:
-        raise CheckpointError(f"checkpoint {path} was written for another model ({'; '.join(differ)}); "
-                              "use the config it was trained with (its run folder's config.yaml)")
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model ({'; '.join(differ)}); "
+            "use the config it was trained with (its run folder's config.yaml)"
+        )
 
 
 def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_section: dict) -> int:
@@ -131,7 +145,8 @@ def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_sect
     if optimizer is not None and meta["world_size"] != fabric.world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {meta['world_size']} processes, this run has {fabric.world_size}: "
-            "per-rank RNG and data positions would not continue the same run; resume with the same --devices/--num-nodes"
+            "per-rank RNG and data positions would not continue the same run; "
+            "resume with the same --devices/--num-nodes"
         )
     state = {"model": model, "optimizer": optimizer} if optimizer is not None else {"model": model}
     try:

@@ -7,6 +7,7 @@ machine (`benchmarks/step_cost.py`): ~77,000 page faults per adam step at the `s
 against 467 ms with freed memory kept; r3f, which holds two graphs, 1,261 ms against 939 ms. The price: the
 process's resident size stays at its high-water mark, as GPU memory does under the caching allocator.
 """
+
 from __future__ import annotations
 
 import ctypes

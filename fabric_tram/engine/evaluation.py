@@ -1,5 +1,6 @@
 """Evaluation: the loop (metrics per domain or language, the same number of forwards on every rank), the
 in-domain validation loss that selects the best checkpoint, and ``fabric-tram evaluate`` of a saved checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def evaluate(run: Run, split: str, max_batches: int = 0) -> dict[str, dict[str, 
     results = {}
     for name, data in task.eval_sets(split).items():
         totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)
-        for idx in eval_batches(len(data), run.config.trainer.micro_batch_size, fabric.world_size, fabric.global_rank, max_batches):
+        for idx in eval_batches(
+            len(data), run.config.trainer.micro_batch_size, fabric.world_size, fabric.global_rank, max_batches
+        ):
             batch = task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
             if not idx:  # this rank ran out of examples: a zero-weight batch keeps FSDP's collectives in step
                 batch["labels"].fill_(-100)
@@ -42,7 +45,11 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for split, per_domain in results.items():
         lines.append(f"{split}:")
         for name, m in per_domain.items():
-            lines.append("  " + f"{name:<24}" + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+            lines.append(
+                "  "
+                + f"{name:<24}"
+                + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+            )
     return "\n".join(lines)
 
 
@@ -78,4 +85,6 @@ def evaluate_checkpoint(path: str | Path, overrides=(), splits=()) -> dict:
     config = load_config(run_dir / "config.yaml", ["trainer.progress_bar=false", *overrides])
     run = setup(config, training=False)
     ckpt.load_checkpoint(run.fabric, checkpoint, run.model, None, None, to_dict(config)["model"])
-    return {split: evaluate(run, split, config.trainer.eval_batches) for split in (splits or config.trainer.eval_splits)}
+    return {
+        split: evaluate(run, split, config.trainer.eval_batches) for split in (splits or config.trainer.eval_splits)
+    }

@@ -1,4 +1,5 @@
 """Fabric set-up: strategy (auto | ddp | fsdp = FSDP2), precision, devices decided by `fabric run` or the config."""
+
 from __future__ import annotations
 
 import atexit
@@ -16,7 +17,7 @@ class ShardedDataParallel(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) with data-parallel size = world size and tensor-parallel size = 1.
 
     ModelParallelStrategy's ``"auto"`` mesh makes data-parallel size = number of nodes, so ``--devices 4`` on one
-    node would shard nothing and feed every rank the same data (DESIGN.md). Fix the mesh at launch instead.
+    node would shard nothing and feed every rank the same data (docs/design.md). Fix the mesh at launch instead.
     """
 
     def setup_environment(self) -> None:
@@ -91,8 +92,14 @@ def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
         plugins, precision = [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))], None
     atexit.unregister(release_process_group)  # registered once per process, however many runs it holds
     atexit.register(release_process_group)
-    return Fabric(accelerator=config.accelerator, strategy=strategy, precision=precision, plugins=plugins,
-                  loggers=loggers, **kwargs)
+    return Fabric(
+        accelerator=config.accelerator,
+        strategy=strategy,
+        precision=precision,
+        plugins=plugins,
+        loggers=loggers,
+        **kwargs,
+    )
 
 
 def release_process_group() -> None:

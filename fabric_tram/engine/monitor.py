@@ -1,5 +1,6 @@
 """What a run shows and records: rank-0 progress bar, CSV (always) and TensorBoard (when installed) loggers,
 throughput and MFU counting every forward and backward an update rule runs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,9 @@ def available_flops(device, precision: str) -> float | None:
     import torch
     from lightning.fabric.utilities.throughput import get_available_flops
 
-    dtype = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+    dtype = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(
+        precision, torch.float32
+    )
     try:
         return get_available_flops(device, dtype) if device.type == "cuda" else None
     except Exception:  # unknown device

@@ -1,10 +1,10 @@
 """Setting up a job: Fabric, task, model, base optimizer and update rule (``setup``), and the run folder
 (``prepare_run_dir``: never overwrite a run; find the checkpoint to resume from)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -23,13 +23,13 @@ class Run:
     fabric: object
     task: object
     model: torch.nn.Module
-    optimizer: Optional[object] = None
-    rule: Optional[object] = None
+    optimizer: object | None = None
+    rule: object | None = None
     start_step: int = 0  # optimizer steps already taken (a resumed run continues from here)
     history: list = field(default_factory=list)  # per-step stats on this rank
     results: dict = field(default_factory=dict)  # final evaluation, {split: {domain: metrics}}
     last_saved: int = -1  # the step of the newest checkpoint this run wrote or resumed from
-    evaluated_step: Optional[int] = None  # the step whose weights the final evaluation scored
+    evaluated_step: int | None = None  # the step whose weights the final evaluation scored
 
     @property
     def run_dir(self) -> Path:
@@ -46,14 +46,14 @@ def launch(fabric) -> None:
         fabric.launch()
 
 
-def agree(fabric, error: Optional[str]) -> None:
+def agree(fabric, error: str | None) -> None:
     """Rank 0 decided; every rank raises the same error (or none)."""
     error = fabric.broadcast(error, src=0) if fabric.world_size > 1 else error
     if error:
         raise ConfigError(error)
 
 
-def prepare_run_dir(fabric, config: Config) -> Optional[Path]:
+def prepare_run_dir(fabric, config: Config) -> Path | None:
     """Refuse to overwrite an existing run; return the checkpoint to resume from, if any."""
     t = config.trainer
     run_dir = Path(t.run_dir)
@@ -67,8 +67,10 @@ def prepare_run_dir(fabric, config: Config) -> Optional[Path]:
         elif t.resume == "auto":
             resume = ckpt.latest_checkpoint(run_dir)
         elif has_run:
-            error = (f"run folder {str(run_dir)!r} already holds a run (config.yaml); pass trainer.resume=auto to "
-                     "continue it, or choose another trainer.run_dir. Nothing was written.")
+            error = (
+                f"run folder {str(run_dir)!r} already holds a run (config.yaml); pass trainer.resume=auto to "
+                "continue it, or choose another trainer.run_dir. Nothing was written."
+            )
         if error is None:
             run_dir.mkdir(parents=True, exist_ok=True)
             target = run_dir / "config.yaml"
@@ -83,8 +85,10 @@ def prepare_run_dir(fabric, config: Config) -> Optional[Path]:
 def build_task(config: Config):
     task = TASKS.build(config.task.name, config.task)
     if not callable(getattr(task, "count_targets", None)):
-        raise ConfigError(f"task {config.task.name!r} has no count_targets(batch): the engine needs a step's target "
-                          "count before its first backward (e.g. fabric_tram.loss.count_targets(batch['labels']))")
+        raise ConfigError(
+            f"task {config.task.name!r} has no count_targets(batch): the engine needs a step's target "
+            "count before its first backward (e.g. fabric_tram.loss.count_targets(batch['labels']))"
+        )
     return task
 
 
@@ -99,7 +103,9 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         model = build_model(config.model)
     if t.activation_checkpointing:
         if not hasattr(model, "block_class"):
-            raise ConfigError(f"model {config.model.name!r} declares no block_class: trainer.activation_checkpointing is unsupported")
+            raise ConfigError(
+                f"model {config.model.name!r} declares no block_class: trainer.activation_checkpointing is unsupported"
+            )
         model.activation_checkpointing = True
     model = fabric.setup_module(model)
     run = Run(config, fabric, task, model)
@@ -112,9 +118,13 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
 
 
 def resume(run: Run, path: Path) -> None:
-    run.start_step = ckpt.load_checkpoint(run.fabric, path, run.model, run.optimizer, run.rule, to_dict(run.config)["model"])
+    run.start_step = ckpt.load_checkpoint(
+        run.fabric, path, run.model, run.optimizer, run.rule, to_dict(run.config)["model"]
+    )
 
 
 def save(run: Run, step: int) -> Path:
     meta = {"model": to_dict(run.config)["model"], "optimizer": run.config.optimizer.name}
-    return ckpt.save_checkpoint(run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, run.config.trainer.keep_last)
+    return ckpt.save_checkpoint(
+        run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, run.config.trainer.keep_last
+    )

@@ -6,12 +6,13 @@ checkpoint is written, the weights of the best checkpoint are put back when ``tr
 (``select_final_weights``), every evaluation split is scored and ``RUN/results.json`` written
 (``write_results``). Paper tables are written by the callers of ``train`` (the CLI and the recipes).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -46,8 +47,9 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
 def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
     """The step loop from ``run.start_step + 1`` to ``trainer.max_steps``."""
     fabric, t = run.fabric, run.config.trainer
-    sampler = StepSampler(len(run.task.train_set), t.micro_batch_size, t.accumulate, fabric.world_size,
-                          fabric.global_rank, seed=t.seed)
+    sampler = StepSampler(
+        len(run.task.train_set), t.micro_batch_size, t.accumulate, fabric.world_size, fabric.global_rank, seed=t.seed
+    )
     progress = Progress(fabric, run.start_step, t.max_steps, t.progress_bar)
     peak = available_flops(fabric.device, t.precision)
     run.model.train()
@@ -70,23 +72,47 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
     lr = run.config.optimizer.lr * lr_factor(run.config.schedule, step, t.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    micro_batches = [fabric.to_device(task.collate([task.train_set[i] for i in idx], idx)) for idx in sampler.step_indices(step - 1)]
-    n_local = torch.stack([torch.as_tensor(task.count_targets(b)) for b in micro_batches]).sum().to(fabric.device, torch.float64)
-    ctx = StepContext(fabric=fabric, model=run.model, optimizer=run.optimizer, loss_fn=task.loss,
-                      micro_batches=micro_batches, step=step, n_global=all_reduce_sum(fabric, n_local), n_local=n_local,
-                      grad_clip=t.grad_clip, measure_grad_norm=step % t.log_every == 0 or step == t.max_steps,
-                      scaler=run.scaler)
+    micro_batches = [
+        fabric.to_device(task.collate([task.train_set[i] for i in idx], idx)) for idx in sampler.step_indices(step - 1)
+    ]
+    n_local = (
+        torch.stack([torch.as_tensor(task.count_targets(b)) for b in micro_batches])
+        .sum()
+        .to(fabric.device, torch.float64)
+    )
+    ctx = StepContext(
+        fabric=fabric,
+        model=run.model,
+        optimizer=run.optimizer,
+        loss_fn=task.loss,
+        micro_batches=micro_batches,
+        step=step,
+        n_global=all_reduce_sum(fabric, n_local),
+        n_local=n_local,
+        grad_clip=t.grad_clip,
+        measure_grad_norm=step % t.log_every == 0 or step == t.max_steps,
+        scaler=run.scaler,
+    )
     stats = run.rule.step(ctx)
     inputs = [b["input_ids"] for b in micro_batches if "input_ids" in b]
-    return {"step": step, "lr": lr, "n_targets": float(ctx.n_global), "n_local": float(n_local),
-            "tokens_local": float(sum(x.numel() for x in inputs)), "seq_len": max((x.shape[1] for x in inputs), default=1),
-            **{f"passes/{k}": v for k, v in ctx.passes.items()}, **stats}
+    return {
+        "step": step,
+        "lr": lr,
+        "n_targets": float(ctx.n_global),
+        "n_local": float(n_local),
+        "tokens_local": float(sum(x.numel() for x in inputs)),
+        "seq_len": max((x.shape[1] for x in inputs), default=1),
+        **{f"passes/{k}": v for k, v in ctx.passes.items()},
+        **stats,
+    }
 
 
-def add_throughput(run: Run, stats: dict, seconds: float, peak: Optional[float]) -> None:
+def add_throughput(run: Run, stats: dict, seconds: float, peak: float | None) -> None:
     """Targets per second, and FLOPs per second (and MFU against ``peak``) counting every pass the rule ran."""
     stats["tokens_per_s"] = stats["n_targets"] / seconds
-    flops = flops_per_step(getattr(run.model, "module", run.model), stats["tokens_local"], stats["seq_len"], run.rule.passes)
+    flops = flops_per_step(
+        getattr(run.model, "module", run.model), stats["tokens_local"], stats["seq_len"], run.rule.passes
+    )
     if flops is not None:
         stats["flops_per_s"] = flops / seconds
         if peak:
@@ -133,20 +159,33 @@ def select_final_weights(run: Run) -> None:
         record_best(run, t.max_steps, final_validation)
     else:
         run.evaluated_step = ckpt.best_step(run.run_dir)
-        ckpt.load_checkpoint(run.fabric, ckpt.checkpoint_path(run.run_dir, run.evaluated_step), run.model, None, None,
-                             to_dict(run.config)["model"])
+        ckpt.load_checkpoint(
+            run.fabric,
+            ckpt.checkpoint_path(run.run_dir, run.evaluated_step),
+            run.model,
+            None,
+            None,
+            to_dict(run.config)["model"],
+        )
 
 
 def write_results(run: Run) -> None:
     """Log the final metrics, write ``RUN/results.json`` (rank 0) and end the loggers; no rank returns before
     rank 0 has written (a rank that exits early may abort the others' collectives)."""
     fabric, config = run.fabric, run.config
-    fabric.log_dict({f"final/{s}/{d}/{k}": v for s, r in run.results.items() for d, m in r.items() for k, v in m.items()},
-                    step=config.trainer.max_steps)
+    fabric.log_dict(
+        {f"final/{s}/{d}/{k}": v for s, r in run.results.items() for d, m in r.items() for k, v in m.items()},
+        step=config.trainer.max_steps,
+    )
     if fabric.is_global_zero:
-        summary = {"step": config.trainer.max_steps, "evaluated_step": run.evaluated_step, "optimizer": config.optimizer.name,
-                   "seed": config.trainer.seed, "train_domains": list(getattr(run.task, "train_domains", [])),
-                   "results": run.results}
+        summary = {
+            "step": config.trainer.max_steps,
+            "evaluated_step": run.evaluated_step,
+            "optimizer": config.optimizer.name,
+            "seed": config.trainer.seed,
+            "train_domains": list(getattr(run.task, "train_domains", [])),
+            "results": run.results,
+        }
         (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         fabric.print(format_results(run.results))
     for logger in fabric.loggers:

@@ -3,11 +3,11 @@
 Parameter names follow Hugging Face's GPT-2 (``transformer.h.0.attn.c_attn.weight``, ...) with ``nn.Linear``
 weights (HF stores Conv1D weights transposed; loading transposes them).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -30,15 +30,15 @@ HF_IDS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-larg
 @dataclass
 class GPT2Config:
     preset: str = "tiny"  # tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl
-    pretrained: Optional[str] = None  # a hub id ("gpt2"), a local folder (config.json + model.safetensors), or null
-    n_layer: Optional[int] = None  # the preset's sizes unless set (ignored when loading a checkpoint)
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
-    n_positions: Optional[int] = None  # 1024 (128 for tiny) unless set
+    pretrained: str | None = None  # a hub id ("gpt2"), a local folder (config.json + model.safetensors), or null
+    n_layer: int | None = None  # the preset's sizes unless set (ignored when loading a checkpoint)
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_positions: int | None = None  # 1024 (128 for tiny) unless set
     vocab_size: int = 50257
     dropout: float = 0.0  # HF GPT-2 uses 0.1 (resid, embd, attn)
     layer_norm_epsilon: float = 1e-5
-    revision: Optional[str] = None  # hub revision for `pretrained`
+    revision: str | None = None  # hub revision for `pretrained`
 
     def sizes(self) -> dict:
         if self.preset not in PRESETS:
@@ -102,7 +102,11 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, eps=eps)
 
 
-@register_model("gpt2", config=GPT2Config, description="GPT-2 decoder (nanoGPT-style, SDPA, tied embeddings); presets tiny..gpt2-xl; loads HF checkpoints")
+@register_model(
+    "gpt2",
+    config=GPT2Config,
+    description="GPT-2 decoder (nanoGPT-style, SDPA, tied embeddings); presets tiny..gpt2-xl; loads HF checkpoints",
+)
 class GPT2(nn.Module):
     """GPT-2 language model. ``forward(input_ids, input_noise=None) -> logits``."""
 
@@ -114,8 +118,15 @@ class GPT2(nn.Module):
         self.config = config
         s = config.sizes()
         self.n_positions = s["n_positions"]
-        self.transformer = Transformer(config.vocab_size, s["n_positions"], s["n_layer"], s["n_head"], s["n_embd"],
-                                       config.dropout, config.layer_norm_epsilon)
+        self.transformer = Transformer(
+            config.vocab_size,
+            s["n_positions"],
+            s["n_layer"],
+            s["n_head"],
+            s["n_embd"],
+            config.dropout,
+            config.layer_norm_epsilon,
+        )
         self.lm_head = nn.Linear(s["n_embd"], config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT-2
         self.reset_parameters(s["n_layer"])
@@ -168,7 +179,7 @@ class GPT2(nn.Module):
     # --------------------------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_config(cls, config: GPT2Config) -> "GPT2":
+    def from_config(cls, config: GPT2Config) -> GPT2:
         """Build the model; with ``pretrained`` set, its sizes come from the checkpoint's config.json."""
         if config.pretrained is None:
             return cls(config)
@@ -193,10 +204,18 @@ class GPT2(nn.Module):
         if missing or unexpected or shapes:
             raise ValueError(
                 "checkpoint does not match this GPT-2: "
-                + "; ".join(f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                               ("shape mismatch", [f"{k} {tuple(converted[k].shape)} vs {tuple(ours[k].shape)}" for k in shapes]))
-                            if keys)
+                + "; ".join(
+                    f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                    for what, keys in (
+                        ("missing keys", missing),
+                        ("unexpected keys", unexpected),
+                        (
+                            "shape mismatch",
+                            [f"{k} {tuple(converted[k].shape)} vs {tuple(ours[k].shape)}" for k in shapes],
+                        ),
+                    )
+                    if keys
+                )
                 + ". Pick the preset/config that matches the checkpoint."
             )
         self.load_state_dict(converted, strict=True)
@@ -205,16 +224,21 @@ class GPT2(nn.Module):
 def config_from_hf(config: GPT2Config, hf: dict) -> GPT2Config:
     from dataclasses import replace
 
-    return replace(config, n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                   n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                   layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
-
+    return replace(
+        config,
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        vocab_size=hf["vocab_size"],
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+    )
 
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def export_hf_checkpoint(model: GPT2, folder, eos_token_id: Optional[int] = None) -> None:
+def export_hf_checkpoint(model: GPT2, folder, eos_token_id: int | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout (loadable by transformers)."""
     import json
     from pathlib import Path
@@ -231,11 +255,22 @@ def export_hf_checkpoint(model: GPT2, folder, eos_token_id: Optional[int] = None
         value = value.detach().cpu()
         state[key] = (value.t() if key.endswith(HF_CONV1D) else value).contiguous()
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-              "n_layer": s["n_layer"], "n_head": s["n_head"], "n_embd": s["n_embd"], "n_positions": s["n_positions"],
-              "n_ctx": s["n_positions"], "vocab_size": model.config.vocab_size, "layer_norm_epsilon": model.config.layer_norm_epsilon,
-              "resid_pdrop": model.config.dropout, "embd_pdrop": model.config.dropout, "attn_pdrop": model.config.dropout,
-              "tie_word_embeddings": True}
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "n_layer": s["n_layer"],
+        "n_head": s["n_head"],
+        "n_embd": s["n_embd"],
+        "n_positions": s["n_positions"],
+        "n_ctx": s["n_positions"],
+        "vocab_size": model.config.vocab_size,
+        "layer_norm_epsilon": model.config.layer_norm_epsilon,
+        "resid_pdrop": model.config.dropout,
+        "embd_pdrop": model.config.dropout,
+        "attn_pdrop": model.config.dropout,
+        "tie_word_embeddings": True,
+    }
     if eos_token_id is not None:
         config.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -2,24 +2,24 @@
 
 Weights are read from safetensors only: nothing downloaded is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
 
-def resolve_checkpoint_folder(name_or_path: str, revision: Optional[str] = None) -> Path:
+def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) -> Path:
     """``bundled:NAME`` (shipped with fabric_tram), a local folder as is, or else a hub id fetched (or found in
     the cache) by huggingface_hub."""
     if name_or_path.startswith("bundled:"):
         from importlib.resources import files
 
-        path = Path(str(files("fabric_tram") / "assets" / "models" / name_or_path[len("bundled:"):]))
+        path = Path(str(files("fabric_tram") / "assets" / "models" / name_or_path[len("bundled:") :]))
         if not path.is_dir():
             raise FileNotFoundError(f"no bundled checkpoint {name_or_path!r} (looked in {path})")
         return path
@@ -34,12 +34,13 @@ def resolve_checkpoint_folder(name_or_path: str, revision: Optional[str] = None)
         return Path(snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=WEIGHT_PATTERNS))
     except Exception as err:  # offline without a cached copy, unknown repo, ...
         raise FileNotFoundError(
-            f"could not get checkpoint {name_or_path!r} from the Hugging Face hub or its cache ({type(err).__name__}: {err}). "
+            f"could not get checkpoint {name_or_path!r} from the Hugging Face hub or its cache "
+            f"({type(err).__name__}: {err}). "
             "Pass a local folder holding config.json and model.safetensors, or go online once to fill the cache."
         ) from err
 
 
-def load_hf_state_dict(name_or_path: str, revision: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_hf_state_dict(name_or_path: str, revision: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Return (state dict, config.json as a dict) of a Hugging Face checkpoint, read from safetensors."""
     from safetensors.torch import load_file
 

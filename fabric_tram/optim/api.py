@@ -8,15 +8,17 @@
 :class:`~fabric_tram.loss.LossOutput` or a tuple ``(loss_sum, count, logits, mask)``; ``count`` and
 ``mask`` may be None (one target, all positions valid), and a plain scalar loss is a mean over one target.
 Rules with a divergence need the logits; a LossOutput that also carries ``log_probs`` (the log-softmax the loss
-computed, in its graph, as :func:`~fabric_tram.loss.cross_entropy_sum` returns) spares them recomputing it. ``forward_kwargs`` must reach the model's forward (rules that noise
-the inputs pass ``input_noise`` there); for a model whose forward has no ``input_noise`` argument, name its
-token-embedding module (``embedding_module="embeddings.word_embeddings"``) and the noise is added by a hook.
+computed, in its graph, as :func:`~fabric_tram.loss.cross_entropy_sum` returns) spares them recomputing it.
+``forward_kwargs`` must reach the model's forward (rules that noise the inputs pass ``input_noise`` there); for a
+model whose forward has no ``input_noise`` argument, name its token-embedding module
+(``embedding_module="embeddings.word_embeddings"``) and the noise is added by a hook.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +34,7 @@ class LocalFabric:
 
     world_size, global_rank = 1, 0
 
-    def __init__(self, device: torch.device, scaler: Optional[torch.amp.GradScaler] = None):
+    def __init__(self, device: torch.device, scaler: torch.amp.GradScaler | None = None):
         self.device, self.scaler = device, scaler
 
     def backward(self, tensor: torch.Tensor) -> None:
@@ -48,7 +50,7 @@ class LocalFabric:
 class _LocalOptimizer:
     """Steps a plain optimizer the way Fabric's wrapper does (through the scaler when there is one)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]):
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):
         self.optimizer, self.scaler = optimizer, scaler
 
     @property
@@ -76,8 +78,19 @@ class UpdateRuleLoop:
     fp16 without Fabric.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, optimizer, loss_fn: Callable, *, grad_clip: float = 0.0,
-                 noise_sampler: Optional[Callable] = None, fabric=None, scaler=None, **hyperparameters):
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        optimizer,
+        loss_fn: Callable,
+        *,
+        grad_clip: float = 0.0,
+        noise_sampler: Callable | None = None,
+        fabric=None,
+        scaler=None,
+        **hyperparameters,
+    ):
         entry = OPTIMIZERS.get(name)
         self.loss_fn = lambda m, batch, **kw: as_loss_output(loss_fn(m, batch, **kw))
         if fabric is None:
@@ -85,12 +98,20 @@ class UpdateRuleLoop:
             optimizer = _LocalOptimizer(optimizer, scaler)
         else:  # the precision plugin's loss scaler, if any (Fabric scales the loss in its backward)
             scaler = getattr(fabric.strategy.precision, "scaler", None)
-        self.fabric, self.model, self.optimizer, self.grad_clip, self.scaler = fabric, model, optimizer, grad_clip, scaler
+        self.fabric, self.model, self.optimizer, self.grad_clip, self.scaler = (
+            fabric,
+            model,
+            optimizer,
+            grad_clip,
+            scaler,
+        )
         config = self._config(entry, hyperparameters)
         self.rule: UpdateRule = rule_class(name)(config, model, optimizer)
         if noise_sampler is not None:
             if getattr(self.rule, "noise", None) is None:
-                raise TypeError(f"{name!r} draws no input noise: noise_sampler applies to tram-x, tram-fisher, r3f, asam+r3f")
+                raise TypeError(
+                    f"{name!r} draws no input noise: noise_sampler applies to tram-x, tram-fisher, r3f, asam+r3f"
+                )
             self.rule.noise.sampler = noise_sampler
         self.step_count = 0
 
@@ -98,22 +119,39 @@ class UpdateRuleLoop:
     def _config(entry, hyperparameters: dict):
         if not is_rule(entry.target):
             if hyperparameters:
-                raise TypeError(f"{entry.name!r} is a base optimizer: it takes no hyperparameters here, got {sorted(hyperparameters)}")
+                raise TypeError(
+                    f"{entry.name!r} is a base optimizer: it takes no hyperparameters here, "
+                    f"got {sorted(hyperparameters)}"
+                )
             return None
         valid = {f.name for f in dataclasses.fields(entry.config)} - {"base"}
         unknown = sorted(set(hyperparameters) - valid)
         if unknown:
-            raise TypeError(f"unknown hyperparameter(s) {unknown} for {entry.name!r}; valid: {', '.join(sorted(valid))}")
+            raise TypeError(
+                f"unknown hyperparameter(s) {unknown} for {entry.name!r}; valid: {', '.join(sorted(valid))}"
+            )
         return entry.config(**hyperparameters)
 
-    def step(self, batch, micro_batches: Optional[list] = None, n_targets: Optional[float] = None) -> dict:
+    def step(self, batch, micro_batches: list | None = None, n_targets: float | None = None) -> dict:
         """One optimizer step on ``batch`` (or on several ``micro_batches`` with their total ``n_targets``)."""
         self.step_count += 1
         batches = micro_batches if micro_batches is not None else [batch]
-        n_global = None if n_targets is None else torch.tensor(float(n_targets), dtype=torch.float64, device=self.fabric.device)
-        ctx = StepContext(fabric=self.fabric, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
-                          micro_batches=batches, step=self.step_count, n_global=n_global, grad_clip=self.grad_clip,
-                          scaler=self.scaler)
+        n_global = (
+            None
+            if n_targets is None
+            else torch.tensor(float(n_targets), dtype=torch.float64, device=self.fabric.device)
+        )
+        ctx = StepContext(
+            fabric=self.fabric,
+            model=self.model,
+            optimizer=self.optimizer,
+            loss_fn=self.loss_fn,
+            micro_batches=batches,
+            step=self.step_count,
+            n_global=n_global,
+            grad_clip=self.grad_clip,
+            scaler=self.scaler,
+        )
         stats = self.rule.step(ctx)
         return {**stats, **{f"passes/{k}": v for k, v in ctx.passes.items()}}
 

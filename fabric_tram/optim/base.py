@@ -1,4 +1,5 @@
 """Base optimizers: the only optimizers Fabric sees. Each entry builds a torch optimizer from parameters."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,22 +35,35 @@ class SGDConfig:
 
 def _check(config) -> None:
     if config.lr < 0 or config.weight_decay < 0:
-        raise ValueError(f"optimizer.lr and optimizer.weight_decay must be >= 0, got lr={config.lr}, weight_decay={config.weight_decay}")
+        raise ValueError(
+            "optimizer.lr and optimizer.weight_decay must be >= 0, "
+            f"got lr={config.lr}, weight_decay={config.weight_decay}"
+        )
 
 
-@register_optimizer("adam", config=AdamConfig, description="Adam (L2 weight decay); 1 fwd + 1 bwd per step, 2x param bytes of state")
+@register_optimizer(
+    "adam", config=AdamConfig, description="Adam (L2 weight decay); 1 fwd + 1 bwd per step, 2x param bytes of state"
+)
 def build_adam(params, config: AdamConfig) -> torch.optim.Optimizer:
     _check(config)
-    return torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    return torch.optim.Adam(
+        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
 
 
 @register_optimizer("adamw", config=AdamConfig, description="AdamW (decoupled weight decay); 1 fwd + 1 bwd per step")
 def build_adamw(params, config: AdamConfig) -> torch.optim.Optimizer:
     _check(config)
-    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
 
 
-@register_optimizer("sgd", config=SGDConfig, description="SGD with optional (Nesterov) momentum; 1 fwd + 1 bwd per step")
+@register_optimizer(
+    "sgd", config=SGDConfig, description="SGD with optional (Nesterov) momentum; 1 fwd + 1 bwd per step"
+)
 def build_sgd(params, config: SGDConfig) -> torch.optim.Optimizer:
     _check(config)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+    )

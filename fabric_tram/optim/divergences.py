@@ -1,9 +1,11 @@
-"""Per-position divergences between a target distribution p and the current one q (ALGORITHMS.md, "The divergence").
+"""Per-position divergences between a target distribution p and the current one q (docs/algorithms.md, "The
+divergence").
 
 Each entry maps float32 log-probabilities ``(log_p, log_q)`` of shape (positions, classes) to one value per
 position. :func:`divergence_sum` applies one over the valid positions in chunks, so no float32
 (batch, seq, vocab) copy of a whole micro-batch is ever held.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +42,9 @@ def _imq_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sum((h * h + sq).rsqrt() for h in MMD_BANDWIDTHS).mean()
 
 
-@register_divergence("mmd", description="MMD² between the sets of target and current output distributions (classification only)")
+@register_divergence(
+    "mmd", description="MMD² between the sets of target and current output distributions (classification only)"
+)
 def mmd(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Biased MMD² estimate between the *sets* {p_i} and {q_i} of a micro-batch (one value, not per position)."""
     p, q = log_p.exp(), log_q.exp()
@@ -101,21 +105,23 @@ class ChunkedKL(torch.autograd.Function):
         grads = [torch.empty_like(x) if need else None for x, need in ((target, need_t), (current, need_c))]
         total = current.new_zeros((), dtype=dtype)
         for s in range(0, current.size(0), chunk):
-            w = weight[s:s + chunk]
-            lp = _as_log_probs(target[s:s + chunk], normalized[0], dtype)
-            lq = _as_log_probs(current[s:s + chunk], normalized[1], dtype)
+            w = weight[s : s + chunk]
+            lp = _as_log_probs(target[s : s + chunk], normalized[0], dtype)
+            lq = _as_log_probs(current[s : s + chunk], normalized[1], dtype)
             rows, g_t, g_c, p, q = _kl_chunk(lp, lq, name, need_t, need_c)
             total = total + torch.dot(rows, w)
-            for grad, g_sign, probs, log_probs, is_log_probs in ((grads[0], g_t, p, lp, normalized[0]),
-                                                                 (grads[1], g_c, q, lq, normalized[1])):
+            for grad, g_sign, probs, log_probs, is_log_probs in (
+                (grads[0], g_t, p, lp, normalized[0]),
+                (grads[1], g_c, q, lq, normalized[1]),
+            ):
                 if grad is not None:
                     g, sign = g_sign
                     if not is_log_probs:  # through the log-softmax of logits
                         g = g - (probs if probs is not None else log_probs.exp()) * g.sum(-1, keepdim=True)
                     if g.dtype == grad.dtype:
-                        torch.mul(g, (sign * w).unsqueeze(-1), out=grad[s:s + chunk])
+                        torch.mul(g, (sign * w).unsqueeze(-1), out=grad[s : s + chunk])
                     else:
-                        grad[s:s + chunk] = g * (sign * w).unsqueeze(-1)
+                        grad[s : s + chunk] = g * (sign * w).unsqueeze(-1)
         ctx.grads = grads
         return total
 
@@ -140,24 +146,38 @@ def chunk_rows(classes: int, device: torch.device) -> int:
     return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // classes)
 
 
-def divergence_sum(name: str, target: torch.Tensor, current: torch.Tensor, mask: torch.Tensor | None = None,
-                   chunk_size: int | None = None, normalized: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor]:
+def divergence_sum(
+    name: str,
+    target: torch.Tensor,
+    current: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    normalized: tuple[bool, bool] = (False, False),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ over valid positions of D(p_target ‖ q_current), number of valid positions); gradient flows through the
     inputs that require it. ``target``/``current`` are logits, or log-probabilities where ``normalized`` says so
     (the same value either way: log-softmax is idempotent; log-probabilities save recomputing it)."""
     fn = DIVERGENCES.get(name).target
     set_level = not getattr(fn, "per_position", True)
     if set_level and current.dim() != 2:
-        raise ValueError(f"divergence {name!r} compares sets of output distributions and is supported for "
-                         "classification (logits of shape (batch, classes)) only; use kl, kl-reverse, kl-sym or l2")
+        raise ValueError(
+            f"divergence {name!r} compares sets of output distributions and is supported for "
+            "classification (logits of shape (batch, classes)) only; use kl, kl-reverse, kl-sym or l2"
+        )
     classes = current.size(-1)
     chunk_size = chunk_size or chunk_rows(classes, current.device)
     target_flat, current_flat = target.reshape(-1, classes), current.reshape(-1, classes)
     dtype = torch.promote_types(current.dtype, torch.float32)  # fp32 at least (an fp64 model keeps fp64)
     if name in KL_FAMILY:  # masked rows weigh 0; no row copies, nothing vocabulary-sized kept for the backward
-        weight = (mask.reshape(-1).to(dtype) if mask is not None else current_flat.new_ones(current_flat.size(0), dtype=dtype))
+        weight = (
+            mask.reshape(-1).to(dtype) if mask is not None else current_flat.new_ones(current_flat.size(0), dtype=dtype)
+        )
         total = ChunkedKL.apply(target_flat, current_flat, weight, name, chunk_size, dtype, tuple(normalized))
-        count = weight.sum().round().long() if mask is not None else torch.tensor(current_flat.size(0), device=current.device)
+        count = (
+            weight.sum().round().long()
+            if mask is not None
+            else torch.tensor(current_flat.size(0), device=current.device)
+        )
         return total, count
     if mask is not None:
         index = mask.reshape(-1).nonzero().squeeze(1)
@@ -165,10 +185,14 @@ def divergence_sum(name: str, target: torch.Tensor, current: torch.Tensor, mask:
     total = current.new_zeros((), dtype=dtype)
     if set_level:  # one value for the micro-batch, weighted by its number of positions
         n = current_flat.size(0)
-        value = fn(_as_log_probs(target_flat, normalized[0], dtype), _as_log_probs(current_flat, normalized[1], dtype)) if n else total
+        value = (
+            fn(_as_log_probs(target_flat, normalized[0], dtype), _as_log_probs(current_flat, normalized[1], dtype))
+            if n
+            else total
+        )
         return value * n, torch.tensor(n, device=current.device)
     for start in range(0, current_flat.size(0), chunk_size):
-        log_p = _as_log_probs(target_flat[start:start + chunk_size], normalized[0], dtype)
-        log_q = _as_log_probs(current_flat[start:start + chunk_size], normalized[1], dtype)
+        log_p = _as_log_probs(target_flat[start : start + chunk_size], normalized[0], dtype)
+        log_q = _as_log_probs(current_flat[start : start + chunk_size], normalized[1], dtype)
         total = total + fn(log_p, log_q).sum()
     return total, torch.tensor(current_flat.size(0), device=current.device)

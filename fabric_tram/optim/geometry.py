@@ -11,9 +11,8 @@ Norms are sums over the local shards completed by ``shard_sum`` (the only collec
 same e under FSDP2; every denominator carries ``+ 1e-12``, so a zero gradient gives e = 0. Gradients are read
 as the true gradient (divided by the fp16 loss scale, a power of two, so exactly) in at least float32.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -47,7 +46,7 @@ class ASAMGeometry(Geometry):
     def __init__(self, eta: float, scaled: list[bool]):
         self.eta, self.scaled = eta, scaled
 
-    def t(self, i: int, p: torch.Tensor) -> Optional[torch.Tensor]:
+    def t(self, i: int, p: torch.Tensor) -> torch.Tensor | None:
         return local(p).detach().abs().add(self.eta) if self.scaled[i] else None
 
     def squared(self, i, p, g):
@@ -79,7 +78,7 @@ def asam_geometry(config, names: list[str]) -> ASAMGeometry:
     return ASAMGeometry(eta, [not original or "weight" in name for name in names])
 
 
-def _true_grad(p: torch.Tensor, loss_scale: float) -> Optional[torch.Tensor]:
+def _true_grad(p: torch.Tensor, loss_scale: float) -> torch.Tensor | None:
     if p.grad is None:
         return None
     g = local(p.grad).detach()

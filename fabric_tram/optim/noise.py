@@ -4,12 +4,13 @@ So k = 1 vs k = 4, 1 vs 2 processes and a resumed run all draw the same z for th
 the output of the model's token-embedding lookup, through the model's ``input_noise`` forward argument when it
 has one, or by a forward hook on the embedding module the user names.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +36,7 @@ class NoiseSource:
     sigma: float = 0.1
     kind: str = "normal"
     seed: int = 0
-    max_len: Optional[int] = None
+    max_len: int | None = None
 
     def __post_init__(self):
         if self.sigma < 0:
@@ -81,14 +82,16 @@ def accepts_input_noise(model: torch.nn.Module) -> bool:
         return False
 
 
-def find_embedding(model: torch.nn.Module, name: Optional[str]) -> Optional[torch.nn.Module]:
+def find_embedding(model: torch.nn.Module, name: str | None) -> torch.nn.Module | None:
     """The module whose output gets the noise: ``name`` if given, else the model's ``input_embedding``."""
     if name:
         for module_name, module in model.named_modules():
             if module_name == name or module_name.endswith("." + name) or module_name.endswith("module." + name):
                 return module
-        raise ValueError(f"embedding module {name!r} not found in the model; pass the dotted name of its "
-                         "token-embedding module (e.g. 'embeddings.word_embeddings')")
+        raise ValueError(
+            f"embedding module {name!r} not found in the model; pass the dotted name of its "
+            "token-embedding module (e.g. 'embeddings.word_embeddings')"
+        )
     for candidate in (model, getattr(model, "module", None), getattr(model, "_original_module", None)):
         if candidate is not None and isinstance(getattr(type(candidate), "input_embedding", None), property):
             return candidate.input_embedding
@@ -98,7 +101,7 @@ def find_embedding(model: torch.nn.Module, name: Optional[str]) -> Optional[torc
 class NoiseInjector:
     """Applies ``fn(embeddings) -> noised embeddings`` to the model's input embeddings during a forward."""
 
-    def __init__(self, model: torch.nn.Module, embedding_module: Optional[str] = None):
+    def __init__(self, model: torch.nn.Module, embedding_module: str | None = None):
         self.use_kwarg = embedding_module is None and accepts_input_noise(model)
         self.module = None if self.use_kwarg else find_embedding(model, embedding_module)
         if not self.use_kwarg and self.module is None:
@@ -124,10 +127,19 @@ class NoiseInjector:
 class InputNoise:
     """z for one rule: its source (σ, kind, seed) and how it reaches the model (kwarg or hook)."""
 
-    def __init__(self, model: torch.nn.Module, sigma: float, kind: str = "normal", seed: int = 0,
-                 embedding_module: Optional[str] = None, sampler: Optional[Callable] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sigma: float,
+        kind: str = "normal",
+        seed: int = 0,
+        embedding_module: str | None = None,
+        sampler: Callable | None = None,
+    ):
         inner = getattr(model, "module", model)
-        max_len = getattr(inner, "n_positions", None) or getattr(getattr(inner, "_original_module", None), "n_positions", None)
+        max_len = getattr(inner, "n_positions", None) or getattr(
+            getattr(inner, "_original_module", None), "n_positions", None
+        )
         self.source = NoiseSource(sigma, kind, seed, max_len)
         self.sampler = sampler or self.source.sample  # (step, example_index, embeddings) -> z
         self.injector = NoiseInjector(model, embedding_module)

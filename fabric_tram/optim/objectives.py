@@ -10,6 +10,7 @@ step's micro-batches. The plain objective is ``ctx.forward``. The wrappers:
 
 The target's no-grad forward runs first, under the dropout masks the current forward then draws again.
 """
+
 from __future__ import annotations
 
 import torch

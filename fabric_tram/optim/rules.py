@@ -6,10 +6,10 @@ ours. Each class says what differs from the plain step of ``UpdateRule.step`` (w
 Passes per step are forward (with gradient) / no-grad forward / backward; state is what the rule holds between
 steps, in multiples of the parameter bytes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
 from fabric_tram.optim.noise import InputNoise
@@ -33,7 +33,7 @@ class PerRank:
 
 @dataclass
 class ASAMFields:
-    eta: Optional[float] = None  # T = |θ| + η; null: 0 (paper's code), or 0.01 with asam_like_original
+    eta: float | None = None  # T = |θ| + η; null: 0 (paper's code), or 0.01 with asam_like_original
     asam_like_original: bool = False  # original ASAM: T only on parameters named '*weight*', T = 1 elsewhere
 
 
@@ -41,7 +41,7 @@ class ASAMFields:
 class TrustRegionFields:
     divergence: str = "kl"  # kl, kl-reverse, kl-sym, l2 (mmd: classification only)
     radius_scale: float = 1.0  # multiplies d (the published code's d is 1/(B·V) of ours; docs/algorithms.md)
-    max_radius: Optional[float] = None  # optional clamp of the radius (the paper's d <= ρ bound)
+    max_radius: float | None = None  # optional clamp of the radius (the paper's d <= ρ bound)
     target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
 
 
@@ -50,7 +50,7 @@ class NoiseFields:
     sigma: float = 0.1  # σ of the input-embedding noise (R3F's setting; TRAM-x's is unreported)
     noise: str = "normal"  # normal | uniform in [-σ, σ]
     noise_seed: int = 0  # z = f(noise_seed, step, example index)
-    embedding_module: Optional[str] = None  # for models without an input_noise argument: its token-embedding module
+    embedding_module: str | None = None  # for models without an input_noise argument: its token-embedding module
 
 
 @dataclass
@@ -155,7 +155,9 @@ class ASAM(UpdateRule):
         return self.config.rho
 
 
-@register_optimizer("fsam", config=FSAMConfig, description="Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x")
+@register_optimizer(
+    "fsam", config=FSAMConfig, description="Fisher-SAM: e = γ (g/f)/sqrt(Σg²/f), f = 1+ηg²; 2 fwd / 2 bwd; state 1x"
+)
 class FSAM(UpdateRule):
     """Fisher-SAM (Kim et al. 2022) with the diagonal f = 1 + η g²: e = γ (g/f)/sqrt(Σ g²/f)."""
 
@@ -189,8 +191,11 @@ class TRAM(ASAM):
         return measuring(ctx, self.target, self.meter)
 
 
-@register_optimizer("tram-prev", config=TRAMConfig,
-                    description="TRAM-θ_{t-1}: e = d T²g/‖Tg‖, d = D(p(θ_{s-2})‖p(θ_{s-1})); 2 fwd + 1 no-grad / 2 bwd; state 1x")
+@register_optimizer(
+    "tram-prev",
+    config=TRAMConfig,
+    description="TRAM-θ_{t-1}: e = d T²g/‖Tg‖, d = D(p(θ_{s-2})‖p(θ_{s-1})); 2 fwd + 1 no-grad / 2 bwd; state 1x",
+)
 class TRAMPrev(TRAM):
     """TRAM-θ_{t−1}: d = D(p(·|x; θ_{s−2}) ‖ p(·|x; θ_{s−1})). Memory-optimal: the restore point is also the
     previous iterate (after the perturbation block it holds θ_{s−1}, the next step's θ_{s−2})."""
@@ -198,11 +203,16 @@ class TRAMPrev(TRAM):
     state_factor = 1
 
     def build_target(self):
-        return PreviousIterate(self.params, buffers=self.backup, target_mode=self.config.target_mode, is_restore_point=True)
+        return PreviousIterate(
+            self.params, buffers=self.backup, target_mode=self.config.target_mode, is_restore_point=True
+        )
 
 
-@register_optimizer("tram-init", config=TRAMConfig,
-                    description="TRAM-θ_0: as tram-prev with target θ_0; 2 fwd + 1 no-grad / 2 bwd; state 2x")
+@register_optimizer(
+    "tram-init",
+    config=TRAMConfig,
+    description="TRAM-θ_0: as tram-prev with target θ_0; 2 fwd + 1 no-grad / 2 bwd; state 2x",
+)
 class TRAMInit(TRAM):
     """TRAM-θ_0: d = D(p(·|x; θ_0) ‖ p(·|x; θ_{s−1}))."""
 
@@ -212,8 +222,11 @@ class TRAMInit(TRAM):
         return InitialWeights(self.params, target_mode=self.config.target_mode)
 
 
-@register_optimizer("tram-x", config=TRAMXConfig,
-                    description="TRAM-x: d = D(p(x+z;θ)‖p(x;θ)), descent on clean x; 2 fwd + 1 no-grad / 2 bwd; state 1x")
+@register_optimizer(
+    "tram-x",
+    config=TRAMXConfig,
+    description="TRAM-x: d = D(p(x+z;θ)‖p(x;θ)), descent on clean x; 2 fwd + 1 no-grad / 2 bwd; state 1x",
+)
 class TRAMX(TRAM):
     """TRAM-x: d = D(p(·|x + z; θ) ‖ p(·|x; θ)); the descent pass runs on clean inputs."""
 
@@ -224,8 +237,11 @@ class TRAMX(TRAM):
         return NoisedInputs(self.noise)
 
 
-@register_optimizer("tram-fisher", config=TRAMFisherConfig,
-                    description="TRAM-Fisher: FSAM with g̃ from an ascent pass on x+z, descent on x; 2 fwd / 2 bwd; state 1x")
+@register_optimizer(
+    "tram-fisher",
+    config=TRAMFisherConfig,
+    description="TRAM-Fisher: FSAM with g̃ from an ascent pass on x+z, descent on x; 2 fwd / 2 bwd; state 1x",
+)
 class TRAMFisher(FSAM):
     """TRAM-Fisher: Fisher-SAM whose ascent pass runs on x + z (so g̃ carries the input trust region); the
     descent pass runs on clean inputs."""
@@ -256,7 +272,9 @@ class Regularised(UpdateRule):
         return self.ascent_objective(ctx)
 
 
-@register_optimizer("trpo", config=TRPOConfig, description="TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x")
+@register_optimizer(
+    "trpo", config=TRPOConfig, description="TRPO: L + λ D(p(θ_{s-2})‖p(θ)); 1 fwd + 1 no-grad / 1 bwd; state 1x"
+)
 class TRPO(Regularised):
     """TRPO-style: L + λ D(p(·|x; θ_{s−2}) ‖ p(·|x; θ)); zero regulariser at step 1."""
 
@@ -266,7 +284,9 @@ class TRPO(Regularised):
         return PreviousIterate(self.params, target_mode=self.config.target_mode)
 
 
-@register_optimizer("mesa", config=MESAConfig, description="MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x")
+@register_optimizer(
+    "mesa", config=MESAConfig, description="MESA: L + λ D(p(θ_ema)‖p(θ)), fp32 EMA; 1 fwd + 1 no-grad / 1 bwd; state 1x"
+)
 class MESA(Regularised):
     """MESA: L + λ D(p(·|x; θ_ema) ‖ p(·|x; θ)), the EMA kept in float32 and updated after every base step."""
 
@@ -276,8 +296,11 @@ class MESA(Regularised):
         return ExponentialAverage(self.params, self.config.ema_decay, target_mode=self.config.target_mode)
 
 
-@register_optimizer("r3f", config=R3FConfig,
-                    description="R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0")
+@register_optimizer(
+    "r3f",
+    config=R3FConfig,
+    description="R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0",
+)
 class R3F(Regularised):
     """R3F (Aghajanyan et al. 2021): L + λ D_sym(p(·|x + z), p(·|x)), gradient through both branches."""
 
@@ -291,27 +314,36 @@ class R3F(Regularised):
         return noise_penalty(ctx, self.noise, self.meter, self.config.lam)
 
 
-# ------------------------------------------------------------------------------------------- ASAM + regulariser (paper C.3)
+# ------------------------------------------------------------------------------ ASAM + regulariser (paper C.3)
 
 
-@register_optimizer("asam+trpo", config=ASAMTRPOConfig,
-                    description="ASAM whose loss carries TRPO's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x")
+@register_optimizer(
+    "asam+trpo",
+    config=ASAMTRPOConfig,
+    description="ASAM whose loss carries TRPO's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
+)
 class ASAMTRPO(TRPO, ASAM):
     """ASAM on TRPO's loss (both passes; target outputs recomputed in each)."""
 
     passes, state_factor, divergence_gradients = Passes(2, 2, 2), 2, 1
 
 
-@register_optimizer("asam+mesa", config=ASAMMESAConfig,
-                    description="ASAM whose loss carries MESA's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x")
+@register_optimizer(
+    "asam+mesa",
+    config=ASAMMESAConfig,
+    description="ASAM whose loss carries MESA's term in both passes; 2 fwd + 2 no-grad / 2 bwd; state 2x",
+)
 class ASAMMESA(MESA, ASAM):
     """ASAM on MESA's loss (both passes)."""
 
     passes, state_factor, fp32_state, divergence_gradients = Passes(2, 2, 2), 1, 1, 1
 
 
-@register_optimizer("asam+r3f", config=ASAMR3FConfig,
-                    description="ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x")
+@register_optimizer(
+    "asam+r3f",
+    config=ASAMR3FConfig,
+    description="ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x",
+)
 class ASAMR3F(R3F, ASAM):
     """ASAM on R3F's loss (both passes, the same z)."""
 

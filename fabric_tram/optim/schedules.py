@@ -1,7 +1,8 @@
 """Learning-rate schedules: pure functions of the 1-based step, so a resumed run needs no scheduler state.
 
-Warm-up (decision, ALGORITHMS.md): linear, ``lr * s / W`` for ``s = 1..W``.
+Warm-up (decision, docs/algorithms.md): linear, ``lr * s / W`` for ``s = 1..W``.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,17 +39,25 @@ def constant(step: int, max_steps: int, config: ConstantConfig) -> float:
     return 1.0 if w is None else w
 
 
-@register_schedule("polynomial", config=PolynomialConfig, description="linear warm-up, then polynomial decay to end_factor at the last step (paper, LM)")
+@register_schedule(
+    "polynomial",
+    config=PolynomialConfig,
+    description="linear warm-up, then polynomial decay to end_factor at the last step (paper, LM)",
+)
 def polynomial(step: int, max_steps: int, config: PolynomialConfig) -> float:
     w = _warmup(step, config.warmup_steps)
     if w is not None:
         return w
     span = max(max_steps - config.warmup_steps, 1)
     remaining = max(0.0, 1.0 - (step - config.warmup_steps) / span)
-    return config.end_factor + (1.0 - config.end_factor) * remaining ** config.power
+    return config.end_factor + (1.0 - config.end_factor) * remaining**config.power
 
 
-@register_schedule("cosine", config=CosineConfig, description="linear warm-up, then cosine decay to end_factor at the last step (paper, vision)")
+@register_schedule(
+    "cosine",
+    config=CosineConfig,
+    description="linear warm-up, then cosine decay to end_factor at the last step (paper, vision)",
+)
 def cosine(step: int, max_steps: int, config: CosineConfig) -> float:
     w = _warmup(step, config.warmup_steps)
     if w is not None:

@@ -10,10 +10,11 @@ place the base optimizer steps (through Fabric, so that a loss scaler unscales a
 Every forward goes through :meth:`forward` or :meth:`no_grad_forward`, which count them: the passes a step ran
 are those counts divided by the number of micro-batches.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -26,7 +27,7 @@ Objective = Callable[[dict], LossOutput]  # one micro-batch -> its LossOutput (f
 @dataclass
 class PassResult:
     loss: float  # global mean of the task loss over the step's targets (regularisers excluded)
-    regulariser: Optional[float]  # global mean of the regulariser the objective added (None: it added none)
+    regulariser: float | None  # global mean of the regulariser the objective added (None: it added none)
 
 
 @dataclass
@@ -46,11 +47,13 @@ class StepContext:
     loss_fn: Callable[..., LossOutput]  # task.loss(model, batch, **forward_kwargs)
     micro_batches: list
     step: int  # 1-based optimizer step
-    n_global: Optional[torch.Tensor] = None
-    n_local: Optional[torch.Tensor] = None
+    n_global: torch.Tensor | None = None
+    n_local: torch.Tensor | None = None
     grad_clip: float = 0.0
-    measure_grad_norm: bool = True  # the engine turns it off on steps it does not log (it costs a pass over the gradients)
-    scaler: Optional[torch.amp.GradScaler] = None  # the fp16 loss scaler in force (None without one)
+    measure_grad_norm: bool = (
+        True  # the engine turns it off on steps it does not log (it costs a pass over the gradients)
+    )
+    scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler in force (None without one)
     counts: dict = field(default_factory=lambda: {"forward": 0, "no_grad_forward": 0, "backward": 0})
 
     def __post_init__(self):
@@ -73,8 +76,11 @@ class StepContext:
     def passes(self) -> dict[str, int]:
         """Passes over the step's micro-batches so far: forwards with gradient, no-grad forwards, backwards."""
         k = len(self.micro_batches)
-        return {"forward": self.counts["forward"] // k, "no_grad_forward": self.counts["no_grad_forward"] // k,
-                "backward": self.counts["backward"] // k}
+        return {
+            "forward": self.counts["forward"] // k,
+            "no_grad_forward": self.counts["no_grad_forward"] // k,
+            "backward": self.counts["backward"] // k,
+        }
 
     # ------------------------------------------------------------------------------------------- forwards
 
@@ -93,7 +99,7 @@ class StepContext:
 
     # ------------------------------------------------------------------------------------------- one pass
 
-    def forward_backward(self, objective: Optional[Objective] = None, per_rank: bool = False) -> PassResult:
+    def forward_backward(self, objective: Objective | None = None, per_rank: bool = False) -> PassResult:
         """One gradient pass of ``objective`` (default: the plain loss) over the step's micro-batches; leaves the
         step's mean gradient in ``p.grad``.
 
@@ -140,7 +146,7 @@ class StepContext:
 
     # ------------------------------------------------------------------------------------------- gradients
 
-    def grads(self) -> list[Optional[torch.Tensor]]:
+    def grads(self) -> list[torch.Tensor | None]:
         return [p.grad for p in self.parameters]
 
     def grad_norm(self) -> torch.Tensor:

@@ -11,10 +11,10 @@ next (current) forward will draw, differing only in what the rule means it to di
 Weight targets hold their reference weights in buffers sharded like the parameters; they are the rule's
 persistent state (``state_dict``) and are advanced around the base step (``before_base_step``/``after_base_step``).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 
@@ -60,8 +60,10 @@ class Target:
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            raise ValueError(f"this update rule holds no state, but the checkpoint has: {sorted(state)}; "
-                             "was it written by another optimizer.name?")
+            raise ValueError(
+                f"this update rule holds no state, but the checkpoint has: {sorted(state)}; "
+                "was it written by another optimizer.name?"
+            )
 
 
 class WeightTarget(Target):
@@ -69,8 +71,13 @@ class WeightTarget(Target):
 
     state_key = "reference_weights"
 
-    def __init__(self, params, buffers: Optional[list[torch.Tensor]] = None, dtype: Optional[torch.dtype] = None,
-                 target_mode: str = "train"):
+    def __init__(
+        self,
+        params,
+        buffers: list[torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        target_mode: str = "train",
+    ):
         if target_mode not in TARGET_MODES:
             raise ValueError(f"optimizer.target_mode must be 'train' or 'eval', got {target_mode!r}")
         self.params = params
@@ -78,7 +85,11 @@ class WeightTarget(Target):
         self.target_mode = target_mode
 
     def output(self, ctx, batch) -> LossOutput:
-        with replayed_rng(ctx.device), weights_swapped_in(self.params, self.buffers), _mode(ctx.model, self.target_mode):
+        with (
+            replayed_rng(ctx.device),
+            weights_swapped_in(self.params, self.buffers),
+            _mode(ctx.model, self.target_mode),
+        ):
             return ctx.no_grad_forward(batch).as_target()
 
     def state_dict(self) -> dict:
@@ -140,6 +151,8 @@ class NoisedInputs(Target):
 
 def _saved(state: dict, key: str):
     if key not in state:
-        raise ValueError(f"the checkpoint holds no {key!r} for this update rule (it holds: {sorted(state) or 'nothing'}); "
-                         "was it written by another optimizer.name?")
+        raise ValueError(
+            f"the checkpoint holds no {key!r} for this update rule (it holds: {sorted(state) or 'nothing'}); "
+            "was it written by another optimizer.name?"
+        )
     return state[key]

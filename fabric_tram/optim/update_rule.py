@@ -17,10 +17,11 @@ A rule says what differs by overriding a few methods (``optim/rules.py``):
 Persistent per-parameter state goes into ``state_dict()`` (saved per rank by checkpoints); transient buffers
 are never saved.
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -64,9 +65,11 @@ class UpdateRule:
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.per_rank = getattr(config, "m_sharpness", False)  # m-sharpness: each rank's own ascent
         if self.per_rank and any(is_dtensor(p) for p in self.params):
-            raise ValueError("optimizer.m_sharpness (per-rank perturbations) is refused under sharding (fsdp): each "
-                             "rank holds only a slice of θ; use ddp, or set optimizer.m_sharpness=false")
-        self.meter: Optional[DivergenceMeter] = None  # the step's d, where the rule has one
+            raise ValueError(
+                "optimizer.m_sharpness (per-rank perturbations) is refused under sharding (fsdp): each "
+                "rank holds only a slice of θ; use ddp, or set optimizer.m_sharpness=false"
+            )
+        self.meter: DivergenceMeter | None = None  # the step's d, where the rule has one
         self.geometry = self.build_geometry()
         self.backup = clone_weights(self.params) if self.geometry is not None else None  # the restore point
         self.target = self.build_target()
@@ -78,10 +81,10 @@ class UpdateRule:
 
     # ------------------------------------------------------------------------------------------- what rules override
 
-    def build_geometry(self) -> Optional[Geometry]:
+    def build_geometry(self) -> Geometry | None:
         return None
 
-    def radius(self, d: Optional[float]) -> float:
+    def radius(self, d: float | None) -> float:
         raise NotImplementedError(f"{type(self).__name__} has a geometry but no radius")
 
     def ascent_objective(self, ctx: StepContext) -> Objective:
@@ -126,7 +129,7 @@ class UpdateRule:
         return stats
 
     @staticmethod
-    def _finite(ctx: StepContext, norm: torch.Tensor, radius: float, d: Optional[float]) -> bool:
+    def _finite(ctx: StepContext, norm: torch.Tensor, radius: float, d: float | None) -> bool:
         ok = bool(torch.isfinite(norm)) and math.isfinite(radius) and (d is None or math.isfinite(d))
         bad = torch.tensor(0.0 if ok else 1.0, device=ctx.device)
         return float(ctx.all_reduce_sum(bad)) == 0.0  # every rank agrees (m-sharpness ranks may differ)

@@ -3,13 +3,13 @@
 Data: ``data_dir/<domain>/{train,validation,test}.{txt,jsonl}`` (see ``fabric_tram.data.text``). The model trains
 on ``train_domains`` and is evaluated on every domain of ``eval_domains`` (default: all of them).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from fabric_tram.data.batching import pad_sequences
 from fabric_tram.data.text import DataError, discover_domains, split_file
 from fabric_tram.data.token_cache import tokenize_split
 from fabric_tram.data.tokenizer import end_of_text_id
-from fabric_tram.registry import register_task
 from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
+from fabric_tram.registry import register_task
 
 IGNORE = IGNORE_INDEX
 
@@ -30,7 +30,9 @@ def bundled_data_dir(name: str = "sample") -> Path:
 
 @dataclass
 class LMConfig:
-    data_dir: str = "sample"  # a folder of domains; "sample" or "demo" (bundled); "hf://machelreid/m2d2" (M2D2 archives)
+    data_dir: str = (
+        "sample"  # a folder of domains; "sample" or "demo" (bundled); "hf://machelreid/m2d2" (M2D2 archives)
+    )
     train_domains: list = field(default_factory=list)  # empty: every domain found
     eval_domains: list = field(default_factory=list)  # empty: every domain found
     block_size: int = 128  # tokens per training sequence
@@ -38,8 +40,8 @@ class LMConfig:
     tokenizer: str = "gpt2"  # bundled name or a folder (tokenizer.json or vocab.json + merges.txt)
     text_key: str = "text"  # field of .jsonl records holding the text
     doc_format: str = "paragraphs"  # .txt documents: separated by blank lines (paragraphs) or one per line (lines)
-    cache_dir: Optional[str] = None  # where tokenised splits are cached (default ~/.cache/fabric_tram/tokens)
-    revision: Optional[str] = None  # hub revision for hf:// data
+    cache_dir: str | None = None  # where tokenised splits are cached (default ~/.cache/fabric_tram/tokens)
+    revision: str | None = None  # hub revision for hf:// data
 
 
 class PackedBlocks:
@@ -53,7 +55,7 @@ class PackedBlocks:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         start = i * self.block_size
-        return torch.from_numpy(np.asarray(self.tokens[start:start + self.block_size + 1], dtype=np.int64))
+        return torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size + 1], dtype=np.int64))
 
 
 class DocumentSequences:
@@ -110,13 +112,15 @@ class LanguageModelingTask:
             from fabric_tram.data.m2d2 import fetch_domains
 
             names = list(dict.fromkeys(list(config.train_domains) + list(config.eval_domains)))
-            return fetch_domains(names, config.data_dir[len("hf://"):], config.revision)
+            return fetch_domains(names, config.data_dir[len("hf://") :], config.revision)
         return Path(config.data_dir).expanduser()
 
     def _check_domains(self, names: list, key: str) -> list[str]:
         missing = [d for d in names if d not in self.domains]
         if missing:
-            raise DataError(f"task.{key}: domain(s) {missing} not found in {self.root}; available: {', '.join(self.domains)}")
+            raise DataError(
+                f"task.{key}: domain(s) {missing} not found in {self.root}; available: {', '.join(self.domains)}"
+            )
         return list(names) or list(self.domains)
 
     def sequences(self, domain: str, split: str):
@@ -125,7 +129,9 @@ class LanguageModelingTask:
         if key not in self._cache:
             path = split_file(self.root / domain, split)
             c = self.config
-            split_tokens = tokenize_split(path, c.tokenizer, Path(c.cache_dir) if c.cache_dir else None, c.doc_format, c.text_key)
+            split_tokens = tokenize_split(
+                path, c.tokenizer, Path(c.cache_dir) if c.cache_dir else None, c.doc_format, c.text_key
+            )
             if c.packing:
                 seqs = PackedBlocks(split_tokens.tokens, c.block_size)
             else:
@@ -133,7 +139,8 @@ class LanguageModelingTask:
             if len(seqs) == 0:
                 n_tokens = split_tokens.n_tokens
                 raise DataError(
-                    f"{path}: {n_tokens} tokens, too little text for one sequence of block_size={self.config.block_size}"
+                    f"{path}: {n_tokens} tokens, too little text for one sequence of "
+                    f"block_size={self.config.block_size}"
                     " (+1) tokens; add text or lower task.block_size"
                 )
             self._cache[key] = seqs
@@ -153,7 +160,8 @@ class LanguageModelingTask:
 
     @staticmethod
     def count_targets(batch: dict) -> torch.Tensor:
-        """Targets of a micro-batch (its non-padding labels): the engine needs a step's count before its first backward."""
+        """Targets of a micro-batch (its non-padding labels): the engine needs a step's count before its first
+        backward."""
         return count_targets(batch["labels"], IGNORE)
 
     @staticmethod

@@ -5,6 +5,7 @@
 A small vocabulary keeps the demo model (and its bundled checkpoint) a few MB; GPT-2's own 50,257-token BPE
 is bundled beside it (tokenizers/gpt2) for real GPT-2 checkpoints.
 """
+
 from pathlib import Path
 
 from tokenizers import ByteLevelBPETokenizer
@@ -16,6 +17,8 @@ VOCAB_SIZE = 4096
 if __name__ == "__main__":
     files = sorted(str(p) for p in CORPUS.glob("*/train.txt"))
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train(files, vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train(
+        files, vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     tokenizer.save_model(str(HERE))
     print(f"trained on {len(files)} files: vocabulary {tokenizer.get_vocab_size()}")

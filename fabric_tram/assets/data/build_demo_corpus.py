@@ -6,6 +6,7 @@ It runs ``apt-get download`` and ``dpkg -x`` into a temporary folder, extracts p
 with a fixed seed and writes about 1 MB of training text per domain (documents separated by blank lines).
 Sources and licences are listed in README.md beside this file.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -39,18 +40,21 @@ def bible_documents(root: Path) -> list[str]:
         data = (module / f"{testament}.bzz").read_bytes()
         blocks = []
         for i in range(0, len(index), 12):
-            offset, size = int.from_bytes(index[i:i + 4], "little"), int.from_bytes(index[i + 4:i + 8], "little")
-            blocks.append(zlib.decompress(data[offset:offset + size]))
+            offset, size = int.from_bytes(index[i : i + 4], "little"), int.from_bytes(index[i + 4 : i + 8], "little")
+            blocks.append(zlib.decompress(data[offset : offset + size]))
         vindex = (module / f"{testament}.bzv").read_bytes()
         for i in range(0, len(vindex), 10):
-            block = int.from_bytes(vindex[i:i + 4], "little")
-            start, size = int.from_bytes(vindex[i + 4:i + 8], "little"), int.from_bytes(vindex[i + 8:i + 10], "little")
+            block = int.from_bytes(vindex[i : i + 4], "little")
+            start, size = (
+                int.from_bytes(vindex[i + 4 : i + 8], "little"),
+                int.from_bytes(vindex[i + 8 : i + 10], "little"),
+            )
             if size and block < len(blocks):
-                text = re.sub(r"<[^>]*>", "", blocks[block][start:start + size].decode("utf-8", "ignore"))
+                text = re.sub(r"<[^>]*>", "", blocks[block][start : start + size].decode("utf-8", "ignore"))
                 text = re.sub(r"\s+", " ", text).strip()
                 if text:
                     verses.append(text)
-    return [" ".join(verses[i:i + 8]) for i in range(0, len(verses), 8)]
+    return [" ".join(verses[i : i + 8]) for i in range(0, len(verses), 8)]
 
 
 def _b64(text: str) -> int:
@@ -69,7 +73,7 @@ def dictd_documents(root: Path, name: str, min_words: int = 15) -> list[str]:
         parts = line.split("\t")
         if len(parts) < 3 or parts[0].startswith("00-database"):
             continue
-        entry = data[_b64(parts[1]):_b64(parts[1]) + _b64(parts[2])].decode("utf-8", "ignore")
+        entry = data[_b64(parts[1]) : _b64(parts[1]) + _b64(parts[2])].decode("utf-8", "ignore")
         entry = re.sub(r"\s+", " ", entry).strip()
         if len(entry.split()) >= min_words:
             docs.append(entry)
@@ -85,7 +89,11 @@ def python_manual_documents(root: Path) -> list[str]:
             continue
         for para in path.read_text(encoding="utf-8", errors="ignore").split("\n\n"):
             lines = para.splitlines()
-            if not lines or para.startswith((" ", "\t", "..", ">>>", "=", "-", "*", "+", "|")) or ":" == para.strip()[-1:]:
+            if (
+                not lines
+                or para.startswith((" ", "\t", "..", ">>>", "=", "-", "*", "+", "|"))
+                or ":" == para.strip()[-1:]
+            ):
                 continue
             text = " ".join(line.strip() for line in lines)
             text = re.sub(r":[a-z:]+:`~?([^`<]*?)(?: <[^>]*>)?`", r"\1", text)
@@ -100,7 +108,10 @@ def write_domain(name: str, docs: list[str], seed: int = 0) -> None:
     rng = random.Random(seed)
     docs = list(dict.fromkeys(docs))  # drop duplicates, keep order
     rng.shuffle(docs)
-    out, budget = {"validation": [], "test": [], "train": []}, {"validation": EVAL_BYTES, "test": EVAL_BYTES, "train": TRAIN_BYTES}
+    out, budget = (
+        {"validation": [], "test": [], "train": []},
+        {"validation": EVAL_BYTES, "test": EVAL_BYTES, "train": TRAIN_BYTES},
+    )
     for doc in docs:
         for split in ("validation", "test", "train"):
             if budget[split] > 0:

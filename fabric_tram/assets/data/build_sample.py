@@ -6,6 +6,7 @@ Domains:
   these texts is permitted by each of them.
 - ``python-docs``: docstrings of the Python standard library (PSF License 2.0).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,10 +17,42 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "sample"
 LICENSES = ["Apache-2.0", "GPL-3", "LGPL-3", "GFDL-1.3", "MPL-2.0", "Artistic", "BSD", "CC0-1.0"]
-PY_MODULES = ["json", "argparse", "collections", "pathlib", "functools", "itertools", "subprocess", "logging",
-              "datetime", "decimal", "fractions", "statistics", "random", "string", "textwrap", "difflib", "csv",
-              "email", "http.client", "urllib.parse", "shutil", "tempfile", "threading", "queue", "asyncio",
-              "inspect", "typing", "dataclasses", "enum", "heapq", "bisect", "contextlib", "unittest", "zipfile"]
+PY_MODULES = [
+    "json",
+    "argparse",
+    "collections",
+    "pathlib",
+    "functools",
+    "itertools",
+    "subprocess",
+    "logging",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "string",
+    "textwrap",
+    "difflib",
+    "csv",
+    "email",
+    "http.client",
+    "urllib.parse",
+    "shutil",
+    "tempfile",
+    "threading",
+    "queue",
+    "asyncio",
+    "inspect",
+    "typing",
+    "dataclasses",
+    "enum",
+    "heapq",
+    "bisect",
+    "contextlib",
+    "unittest",
+    "zipfile",
+]
 
 
 def licence_documents() -> list[str]:
@@ -46,7 +79,7 @@ def python_documents() -> list[str]:
 def write_domain(name: str, docs: list[str], seed: int = 0) -> None:
     random.Random(seed).shuffle(docs)
     n = len(docs)
-    splits = {"validation": docs[: n // 10], "test": docs[n // 10: n // 5], "train": docs[n // 5:]}
+    splits = {"validation": docs[: n // 10], "test": docs[n // 10 : n // 5], "train": docs[n // 5 :]}
     (OUT / name).mkdir(parents=True, exist_ok=True)
     for split, items in splits.items():
         text = "\n\n".join(d.replace("\n\n", "\n") for d in items) + "\n"

@@ -1,0 +1,60 @@
+"""Imports run one way (docs/design.md, "Layers"): checked on the source, and on what one import really loads."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fabric_tram"
+BOTTOM = {"registry", "config", "loss", "distributed"}
+# what each part of the package may import from the rest of it (itself always)
+ALLOWED = {
+    "registry": set(),
+    "config": {"registry"},
+    "loss": set(),
+    "distributed": set(),
+    "data": BOTTOM,
+    "models": BOTTOM,
+    "tasks": BOTTOM | {"data"},
+    "analysis": BOTTOM | {"models", "data"},
+    "optim": BOTTOM,  # an update rule never sees a model class, a task, a dataset or the CLI
+    "engine": BOTTOM | {"models", "tasks", "data", "optim"},  # never analysis: tables are the callers' job
+    "bench": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis"},
+    "cli": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis"},
+}
+
+
+def imported_parts(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        parts |= {n.split(".")[1] for n in names if n.startswith("fabric_tram.")}
+    return parts
+
+
+def test_every_module_imports_only_from_its_own_layer_or_below():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if part in ("__init__", "assets"):
+            continue
+        extra = imported_parts(path) - ALLOWED[part] - {part}
+        if extra:
+            wrong.append(f"{path.relative_to(PACKAGE)} imports {sorted(extra)}")
+    assert not wrong, wrong
+
+
+def test_importing_the_user_loop_api_loads_no_task_data_model_or_engine_module():
+    code = "import sys, fabric_tram.optim.api; print(' '.join(m for m in sys.modules if m.startswith('fabric_tram')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "fabric_tram.optim.api" in loaded
+    assert not [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in ("tasks", "data", "models", "engine")], (
+        loaded
+    )
+
+
+def test_a_registry_loads_its_builtins_on_first_use():
+    code = "from fabric_tram.registry import OPTIMIZERS; print('tram-prev' in OPTIMIZERS, 'adam' in OPTIMIZERS.names())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
