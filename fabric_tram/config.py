@@ -22,7 +22,7 @@ import yaml
 from fabric_tram.registry import MODELS, OPTIMIZERS, SCHEDULES, TASKS, Registry, load_builtins
 
 STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 class ConfigError(ValueError):

@@ -1,5 +1,24 @@
+"""Shared by the tests and by the 2-process worker (which imports this file as a module).
+
+- a small corpus of documents of very unequal lengths, and the small equivalence set-up of docs/design.md: a
+  model with tied embeddings, parameters in the root FSDP group (wte, wpe, ln_f) and dimensions not divisible
+  by 2 (n_embd = 33, vocabulary 50257: FSDP pads its shards); documents padded, not packed, so micro-batches
+  and ranks hold unequal token counts;
+- tolerances, 2-process launches with one retry, fp16 gradient poisoning, page-fault counting.
+"""
+
+from __future__ import annotations
+
 import os
+import platform
 import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +30,23 @@ if "FABRIC_TRAM_CACHE" not in os.environ:  # token caches of the test corpora st
     os.environ["FABRIC_TRAM_CACHE"] = tempfile.mkdtemp(prefix="fabric_tram_cache_")
 import torch  # noqa: E402
 
+from fabric_tram.config import load_config  # noqa: E402
+from fabric_tram.distributed import full_state_dict  # noqa: E402
+
 torch.set_num_threads(1)
+
+# ------------------------------------------------------------------------------------------- tolerances
+
+# Equivalence tests (k = 1 vs 4, 1 vs 2 processes, DDP/FSDP, resume) check algebra, so they run in float64:
+# then the only differences are the summation orders of other batch shapes and reductions. Measured for k = 1
+# vs 4 over three steps: losses and norms within 4e-16 relative, parameters within 3e-15, and d (a KL of nearly
+# equal distributions, ~1e-5, summed from log-probabilities near -10) within 2e-16 absolute. The tolerances
+# leave three orders of margin on any machine and still fail any algebraic mistake, which moves results by 1e-3
+# or more (the negative controls show it).
+EXACT_REL = 1e-10
+EXACT_ABS = 1e-12  # for values that are near zero (parameters, d at step 1)
+
+# ------------------------------------------------------------------------------------------- corpus
 
 WORDS = (
     "the model keeps its weights flat and its representations close to pre-training while it learns a new "
@@ -37,3 +72,195 @@ def write_corpus(root: Path, domains=("alpha", "beta"), docs=(40, 12, 12), seed=
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------------------- the small set-up
+
+SMALL_MODEL = [
+    "model.name=gpt2",
+    "model.preset=tiny",
+    "model.n_layer=2",
+    "model.n_head=3",
+    "model.n_embd=33",
+    "model.n_positions=48",
+    "model.dropout=0.0",
+]
+
+
+def small_config(
+    data_dir, run_dir, optimizer="sgd", micro=8, accumulate=1, steps=3, strategy="auto", precision="64-true", extra=()
+):
+    """The small LM run of the equivalence tests; float64 unless a test is about another precision."""
+    lr = "0.5" if optimizer == "sgd" else "0.003"
+    return load_config(
+        None,
+        SMALL_MODEL
+        + [
+            "task.name=lm",
+            f"task.data_dir={data_dir}",
+            "task.packing=false",
+            "task.block_size=32",
+            f"optimizer.name={optimizer}",
+            f"optimizer.lr={lr}",
+            "schedule.name=constant",
+            f"trainer.run_dir={run_dir}",
+            f"trainer.micro_batch_size={micro}",
+            f"trainer.accumulate={accumulate}",
+            f"trainer.max_steps={steps}",
+            f"trainer.strategy={strategy}",
+            f"trainer.precision={precision}",
+            "trainer.grad_clip=0",
+            "trainer.progress_bar=false",
+            "trainer.eval_batches=1",
+            *extra,
+        ],
+    )
+
+
+def initial_params(config) -> dict[str, torch.Tensor]:
+    """The weights a run of ``config`` starts from, built as ``engine.setup`` builds them (seeded, initialised in
+    the precision's dtype, as Fabric's ``init_module`` does), without training anything."""
+    from fabric_tram.models import build_model
+
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}.get(config.trainer.precision, torch.float32)
+    torch.manual_seed(config.trainer.seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = build_model(config.model)
+    finally:
+        torch.set_default_dtype(previous)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trajectory(run) -> dict:
+    """What equivalence tests compare: per-step stats and the final (gathered) parameters."""
+    keys = ("loss", "grad_norm", "n_targets")
+    return {"steps": [{k: s[k] for k in keys} for s in run.history], "params": full_state_dict(run.model)}
+
+
+def max_param_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_histories_match(a: list[dict], b: list[dict], keys, rel=EXACT_REL, abs_=EXACT_ABS, label="") -> None:
+    """Per-step stats of two runs: the same number of steps, each key logged by both or by neither, equal to
+    the tolerance (never a silent skip of a missing step or key)."""
+    assert len(a) == len(b), f"{label}: {len(a)} vs {len(b)} steps"
+    for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        for key in keys:
+            assert (key in x) == (key in y), f"{label} step {step}: {key!r} logged by one run only"
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=rel, abs=abs_), f"{label} step {step}: {key}"
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None, timeout=600):
+    """``fabric run --devices 2 --accelerator cpu ARGS``; asserts success and returns the finished process.
+
+    A launch killed by a signal is retried once, after removing the ``fresh`` folders, and reported with the
+    output lines that may name the cause (the whole output is kept beside them). The SIGABRT seen about once in
+    thirty launches is a rank aborting at exit, after all its work ("terminate called without an active
+    exception": gloo threads meeting interpreter finalization, pytorch/pytorch#190489).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu"]
+        proc = subprocess.run(
+            [*cmd, "--main-port", str(free_port()), *args], env=env, cwd=cwd, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        killed = "SIGABRT" in proc.stderr or "SIGSEGV" in proc.stderr
+        if proc.returncode == 0 or not killed or attempt == 1:
+            break
+        output = proc.stdout + proc.stderr
+        pattern = r"abort|malloc|terminate|what\(\)|corrupt|gloo|Connection"
+        clues = [line for line in output.splitlines() if re.search(pattern, line, re.IGNORECASE)]
+        kept = Path(fresh[0] if fresh else ".").resolve().parent / "killed-launch-output.txt"
+        kept.write_text(output)
+        warnings.warn(
+            "2-process launch killed by a signal, retrying once; lines that may name the cause:\n"
+            + "\n".join(clues[:30]) + f"\n(whole output in {kept})",
+            stacklevel=2,
+        )  # fmt: skip
+        for folder in fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------- fp16 poisoning
+
+
+def poisoned_forward_backward(real: Callable, when: Callable, passes: list | None = None) -> Callable:
+    """``StepContext.forward_backward`` that, after the pass, writes inf into one gradient element when
+    ``when(ctx)`` (an fp16 overflow in that pass); ``passes`` records the step of every pass that ran."""
+
+    def forward_backward(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        if passes is not None:
+            passes.append(self.step)
+        if when(self):
+            next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return result
+
+    return forward_backward
+
+
+@pytest.fixture
+def poison_gradients(monkeypatch):
+    """``poison_gradients(when)``: from now on, passes for which ``when(ctx)`` overflow; returns the pass log."""
+    from fabric_tram.optim.step import StepContext
+
+    def install(when: Callable) -> list:
+        passes: list = []
+        monkeypatch.setattr(
+            StepContext, "forward_backward", poisoned_forward_backward(StepContext.forward_backward, when, passes)
+        )
+        return passes
+
+    return install
+
+
+# ------------------------------------------------------------------------------------------- page faults
+
+GLIBC = platform.libc_ver()[0] == "glibc"
+_FAULTS = """
+import resource, torch
+from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
+from fabric_tram.models.gpt2 import GPT2, GPT2Config
+from fabric_tram.optim.api import UpdateRuleLoop
+from fabric_tram.loss import cross_entropy_sum
+{setup}
+torch.manual_seed(0)
+model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=32768, dropout=0.0))
+loss = lambda m, b: cross_entropy_sum(m(b["x"]), b["y"])  # noqa: E731
+loop = UpdateRuleLoop("adam", model, torch.optim.Adam(model.parameters()), loss)
+ids = torch.randint(0, 32768, (2, 257))
+faults = []
+for _ in range(7):  # logits and log-probabilities of 2 x 256 x 32768 floats: 64 MiB each
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    loop.step({{"x": ids[:, :-1], "y": ids[:, 1:]}})
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults[2:])[2])  # the median step once the heap has grown to its working size
+"""
+
+
+def page_faults_per_step(setup: str) -> tuple[str, float]:
+    """In a fresh process: run ``setup`` (its printed lines come back first), then count the page faults of a
+    training step whose logits and log-probabilities are 64 MiB each (the median of five steps after two)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS.format(setup=setup)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    *printed, faults = out.stdout.split()
+    return " ".join(printed), float(faults)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import small_config, trajectory  # noqa: E402
+from conftest import poisoned_forward_backward, small_config, trajectory  # noqa: E402
 
 from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
@@ -50,7 +50,7 @@ for optimizer in ("sgd", "adam"):
     results["world_size"] = run.fabric.world_size
     results[optimizer]["results_json_seen_by_rank"] = run.fabric.all_gather(seen).tolist()
 
-RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "trpo", "r3f")
+RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "tram-fisher", "trpo", "r3f")
 for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards
     run = train(
         small_config(
@@ -96,16 +96,10 @@ if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gra
     from fabric_tram.optim.step import StepContext
 
     real_fb = StepContext.forward_backward
-    calls = {"n": 0}
-
-    def poisoned(self, *a, **k):
-        result = real_fb(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 1 and self.fabric.global_rank == 0:
-            next(p for p in self.parameters if p.grad is not None).grad.view(-1)[0] = float("inf")
-        return result
-
-    StepContext.forward_backward = poisoned
+    passes: list = []  # the first pass of the run (step 1's ascent) overflows on rank 0 only
+    StepContext.forward_backward = poisoned_forward_backward(
+        real_fb, when=lambda ctx: len(passes) == 1 and ctx.fabric.global_rank == 0, passes=passes
+    )
     run = train(
         small_config(
             data,
@@ -115,7 +109,8 @@ if strategy == "ddp":  # fp16: an inf injected on rank 0 alone in the ascent gra
             accumulate=2,
             steps=2,
             strategy=strategy,
-            extra=["trainer.precision=16-mixed", "optimizer.base=sgd"],
+            precision="16-mixed",
+            extra=["optimizer.base=sgd"],
         )
     )
     StepContext.forward_backward = real_fb

@@ -1,12 +1,11 @@
-"""Scale equivalence (a): k micro-batches of B/k equal one batch of B, with token-weighted normalisation."""
+"""Scale equivalence (a): k micro-batches of B/k equal one batch of B, with token-weighted normalisation
+(float64: the comparison is about the algebra; see conftest's tolerances)."""
 
 import pytest
-from helpers import max_param_diff, small_config, trajectory
+from conftest import EXACT_ABS, assert_histories_match, max_param_diff, small_config, trajectory
 
 from fabric_tram.engine.trainer import train
 from fabric_tram.optim import step as step_module
-
-TOL = {"sgd": 2e-6, "adam": 2e-5}  # fp32; Adam divides by sqrt(v): relative errors of ~1e-7 grow to ~1e-6
 
 
 def _run(corpus, tmp_path, name, optimizer, micro, accumulate):
@@ -17,12 +16,9 @@ def _run(corpus, tmp_path, name, optimizer, micro, accumulate):
 def test_accumulation_matches_one_big_batch(corpus, tmp_path, optimizer):
     one = _run(corpus, tmp_path, "k1", optimizer, micro=8, accumulate=1)
     four = _run(corpus, tmp_path, "k4", optimizer, micro=2, accumulate=4)
-    for a, b in zip(one["steps"], four["steps"], strict=True):
-        assert a["n_targets"] == b["n_targets"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    diff = max_param_diff(one["params"], four["params"])
-    assert diff < TOL[optimizer]
+    assert [s["n_targets"] for s in one["steps"]] == [s["n_targets"] for s in four["steps"]]
+    assert_histories_match(one["steps"], four["steps"], ("loss", "grad_norm"), label=optimizer)
+    assert max_param_diff(one["params"], four["params"]) < EXACT_ABS
     # the padded micro-batches really hold unequal token counts, so the weighting is exercised
     assert len({s["n_targets"] for s in one["steps"]}) > 1
 
@@ -42,4 +38,4 @@ def test_negative_control_wrong_normalisation_breaks_equivalence(corpus, tmp_pat
     monkeypatch.setattr(step_module.StepContext, "forward_backward", _per_micro_batch_mean)
     one = _run(corpus, tmp_path, "k1", "sgd", micro=8, accumulate=1)
     four = _run(corpus, tmp_path, "k4", "sgd", micro=2, accumulate=4)
-    assert max_param_diff(one["params"], four["params"]) > 100 * TOL["sgd"]
+    assert max_param_diff(one["params"], four["params"]) > 1e6 * EXACT_ABS

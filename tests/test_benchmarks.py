@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import GLIBC, page_faults_per_step
+from conftest import GLIBC, page_faults_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,7 @@ def bench(tmp_path, name, *args, timeout=600):
     return out.stdout, json.loads((tmp_path / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
     """Why the timing benchmarks switch malloc (engine/cpu_memory.py): by default each fresh 64 MiB tensor of a
     step is a new mapping whose 16,384 pages fault on first touch; kept, freed blocks are reused."""
@@ -36,6 +37,7 @@ def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
         assert faults_by_default >= 2 * 16384 and faults < 1000, (faults_by_default, faults)
 
 
+@pytest.mark.slow
 def test_step_cost(tmp_path):
     text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", "sam,tram-prev,r3f")
     assert "| tram-prev |" in text
@@ -45,6 +47,7 @@ def test_step_cost(tmp_path):
     assert all(r["ratio_to_adam"] > 0 for r in result["rules"].values())
 
 
+@pytest.mark.slow
 def test_memory_held_by_rules_is_at_target(tmp_path):
     text, result = bench(tmp_path, "memory", "--size", "tiny")
     for name, r in result["rules"].items():
@@ -52,11 +55,13 @@ def test_memory_held_by_rules_is_at_target(tmp_path):
     assert set(result["peak_bytes"]) == {"adam", "tram-prev"}
 
 
+@pytest.mark.slow
 def test_engine_overhead(tmp_path):
     _, result = bench(tmp_path, "engine_overhead", "--size", "tiny", "--repeats", "1")
     assert result["engine_over_loop_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
     _, result = bench(tmp_path, "divergence", "--batch", "2", "--naive-batch", "2", "--seq", "256", "--vocab", "50257")
     chunked, naive = result["results"]["chunked"], result["results"]["naive"]
@@ -64,6 +69,7 @@ def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
     assert chunked["extra_peak_bytes"] < naive["extra_peak_bytes"]
 
 
+@pytest.mark.slow
 def test_gpu_check_path_on_cpu(tmp_path):
     text, result = bench(
         tmp_path,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import max_param_diff, small_config, trajectory
+from conftest import max_param_diff, small_config, trajectory
 
 from fabric_tram.config import ConfigError
 from fabric_tram.engine import checkpoint as ckpt

@@ -43,6 +43,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
         torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_demo_command_on_a_cut_down_setting(tmp_path):
     out = subprocess.run(
         [

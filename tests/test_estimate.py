@@ -3,7 +3,7 @@
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import small_config
+from conftest import small_config
 
 from fabric_tram.analysis.estimate import estimate
 from fabric_tram.cli import main

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -21,6 +23,7 @@ def run(cmd, cwd, env_extra=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_readme_plugin_example_trains_and_registers(tmp_path):
     block = python_block("register_task")
     (tmp_path / "my_parity.py").write_text(block)

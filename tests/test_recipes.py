@@ -4,13 +4,12 @@ best-checkpoint selection they use."""
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import small_config
+from conftest import launch_two_processes, small_config
 
 from fabric_tram.cli import train_job
 from fabric_tram.config import load_config
@@ -35,24 +34,13 @@ def test_recipe_smoke_in_process(recipe, tmp_path):
     assert len(run.history) == 4 and (tmp_path / recipe / "results_table.md").is_file()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("devices", [1, 2])
 def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
     full = load_config(ROOT / "recipes" / "gpt2xl_s2orc.py")
-    assert (full.trainer.strategy, full.trainer.precision, full.trainer.micro_batch_size, full.trainer.max_steps) == (
-        "fsdp",
-        "bf16-mixed",
-        4,
-        100_000,
-    )
+    settings = (full.trainer.strategy, full.trainer.precision, full.trainer.micro_batch_size, full.trainer.max_steps)
+    assert settings == ("fsdp", "bf16-mixed", 4, 100_000)
     assert full.model.pretrained == "gpt2-xl" and full.schedule.warmup_steps == 10_000
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         str(ROOT / "recipes" / "gpt2xl_s2orc.py"),
         "--smoke",
@@ -60,27 +48,13 @@ def test_gpt2xl_recipe_smoke_with_fsdp(devices, tmp_path):
         "optimizer.name=tram-prev",
     ]
     if devices == 1:
-        cmd = [sys.executable, *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(
+            [sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "lightning.fabric.cli",
-            "--devices",
-            "2",
-            "--accelerator",
-            "cpu",
-            "--main-port",
-            str(_free_port()),
-            *args,
-        ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    if devices == 2 and out.returncode != 0 and "SIGABRT" in out.stderr:  # intermittent gloo abort: retry once
-        import shutil
-
-        shutil.rmtree(tmp_path / "xl", ignore_errors=True)
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        launch_two_processes(args, fresh=(tmp_path / "xl",), cwd=tmp_path)
     summary = json.loads((tmp_path / "xl" / "results.json").read_text())
     assert summary["optimizer"] == "tram-prev" and set(summary["results"]) == {"validation", "test"}
     assert (tmp_path / "xl" / "checkpoints" / "best.json").is_file()

@@ -43,8 +43,8 @@ def meta_model(config: Config) -> torch.nn.Module:
 
 
 def optimizer_state_factor(config: Config) -> float:
-    """Base-optimizer state per parameter element, in float32 parameter-sized tensors, as the base optimizer's
-    config declares it (``state_tensors``: Adam 2, SGD with momentum 1); 0 where it declares nothing."""
+    """Base-optimizer state per parameter element, in parameter-sized tensors, as the base optimizer's config
+    declares it (``state_tensors``: Adam 2, SGD with momentum 1); 0 where it declares nothing."""
     declared = getattr(OPTIMIZERS.get(base_optimizer_name(config.optimizer)).config, "state_tensors", None)
     return float(declared(config.optimizer)) if declared else 0.0
 
@@ -67,8 +67,8 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     world = devices * num_nodes
     shards = world if t.strategy == "fsdp" else 1
     n_params = sum(p.numel() for p in model.parameters())
-    param_bytes = 2 if t.precision == "bf16-true" else 4  # mixed precision keeps fp32 weights
-    act_bytes = 4 if t.precision == "32-true" else 2
+    param_bytes = {"bf16-true": 2, "64-true": 8}.get(t.precision, 4)  # mixed precision keeps fp32 weights
+    act_bytes = {"32-true": 4, "64-true": 8}.get(t.precision, 2)
     rule = rule_declarations(config.optimizer.name)
     fwd, nograd, bwd = rule["passes"]
     rule_bytes = n_params * (param_bytes * rule["state_factor"] + 4 * rule["fp32_state"])
@@ -86,7 +86,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_params * param_bytes / shards,
-        "optimizer_state": n_params * 4 * optimizer_state_factor(config) / shards,
+        "optimizer_state": n_params * param_bytes * optimizer_state_factor(config) / shards,  # in the weights' dtype
         "update_rule_buffers": rule_bytes / shards,
         "activations": activations["with_checkpointing" if t.activation_checkpointing else "without_checkpointing"]
         + logits,

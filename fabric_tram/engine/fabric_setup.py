@@ -7,10 +7,19 @@ import os
 
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.plugins.precision.double import DoublePrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from fabric_tram.config import ConfigError, TrainerConfig
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
+
+
+class Float64(DoublePrecision):
+    """``64-true`` whose forward outputs stay float64: Fabric's plugin casts them to the default dtype (float32),
+    which would put float32 rounding back into every loss and divergence of an exactness test."""
+
+    def convert_output(self, data):
+        return data
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -90,6 +99,8 @@ def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
         from lightning.fabric.plugins import MixedPrecision
 
         plugins, precision = [MixedPrecision("16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))], None
+    if plugins is None and precision == "64-true":
+        plugins, precision = [Float64()], None
     atexit.unregister(release_process_group)  # registered once per process, however many runs it holds
     atexit.register(release_process_group)
     return Fabric(

@@ -17,7 +17,7 @@ class AdamConfig:
     weight_decay: float = 0.0
 
     def state_tensors(self) -> int:
-        """Float32 parameter-sized tensors of state (the estimator reads it): exp_avg and exp_avg_sq."""
+        """Parameter-sized tensors of state (the estimator reads it): exp_avg and exp_avg_sq."""
         return 2
 
 
@@ -29,7 +29,7 @@ class SGDConfig:
     weight_decay: float = 0.0
 
     def state_tensors(self) -> int:
-        """Float32 parameter-sized tensors of state (the estimator reads it): the momentum buffer, if any."""
+        """Parameter-sized tensors of state (the estimator reads it): the momentum buffer, if any."""
         return 1 if self.momentum else 0
 
 
