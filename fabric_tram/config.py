@@ -53,6 +53,7 @@ class TrainerConfig:
     resume: str | None = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
     progress_bar: bool = True
     keep_freed_cpu_memory: bool = True  # CPU runs: malloc reuses freed memory instead of page-faulting it back
+    on_nonfinite: str = "stop"  # non-finite loss or gradient: stop (an error naming the step), or skip and count
 
 
 @dataclass
@@ -84,7 +85,10 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. trainer.max_steps=10)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
         set_dotted(nested, key.strip(), value)
     return nested
 
@@ -206,10 +210,24 @@ def resolve(raw: dict) -> Config:
             )
         base = rule_base(name, values) if section == "optimizer" and name in OPTIMIZERS else None
         sections[section] = build_dataclass(section_class(section, name, base), values, section)
+        check_section(sections[section], SECTION_REGISTRIES[section].get(name).config, base)
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
     config = Config(**sections)
     validate(config)
     return config
+
+
+def check_section(section, config_cls: type | None, base: str | None) -> None:
+    """Run the ``check()`` that a registered config dataclass may define (and, for an update rule, its base
+    optimizer's, on the same flat section): values are refused here, before anything is built or written."""
+    classes = [config_cls] + ([OPTIMIZERS.get(base).config] if base else [])
+    for cls in classes:
+        check = getattr(cls, "check", None)
+        if check is not None:
+            try:
+                check(section)
+            except ValueError as err:  # a ConfigError already, or a plain ValueError from a plugin's check
+                raise ConfigError(str(err)) from None
 
 
 def build_dataclass(cls: type, values: dict, prefix: str):
@@ -294,17 +312,34 @@ def _type_name(tp) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in args) or str(tp)
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 def validate(config: Config) -> None:
-    t = config.trainer
+    validate_trainer(config.trainer)
+
+
+def validate_trainer(t: TrainerConfig) -> None:
+    """The trainer section's values (also run by ``build_fabric`` for a TrainerConfig built by hand)."""
     if t.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    for key in ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last"):
+    for key in ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last", "num_nodes"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
-    if isinstance(t.devices, str) and t.devices != "auto":
-        raise ConfigError(f"trainer.devices must be an integer or 'auto', got {t.devices!r}")
+    for key in ("save_every", "eval_every", "eval_batches", "grad_clip"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key} must be >= 0 (0 turns it off), got {getattr(t, key)}")
+    if isinstance(t.devices, str) and t.devices != "auto" or isinstance(t.devices, int) and t.devices < 1:
+        raise ConfigError(f"trainer.devices must be a positive integer or 'auto', got {t.devices!r}")
+    if t.on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
+    if t.strategy == "fsdp" and t.precision == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed is refused with trainer.strategy=fsdp (no all-reduced overflow check for "
+            "sharded loss scaling yet); use bf16-mixed, or ddp with 16-mixed"
+        )
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -331,10 +366,21 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return " ".join(
+        str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part
+    ) or str(err)
 
 
 def load_recipe(path: str | Path, smoke: bool = False) -> dict:

@@ -46,6 +46,14 @@ torch.set_num_threads(1)
 EXACT_REL = 1e-10
 EXACT_ABS = 1e-12  # for values that are near zero (parameters, d at step 1)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: with ``-n`` workers the long ones start early, so the workers finish together."""
+    items.sort(
+        key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("distributed") is None
+    )
+
+
 # ------------------------------------------------------------------------------------------- corpus
 
 WORDS = (

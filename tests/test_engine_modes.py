@@ -5,10 +5,19 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import EXACT_ABS, GLIBC, max_param_diff, page_faults_per_step, small_config, trajectory
+from conftest import (
+    EXACT_ABS,
+    EXACT_REL,
+    GLIBC,
+    initial_params,
+    max_param_diff,
+    page_faults_per_step,
+    small_config,
+    trajectory,
+)
 
 from fabric_tram.cli import main
-from fabric_tram.config import ConfigError
+from fabric_tram.config import ConfigError, TrainerConfig
 from fabric_tram.engine.fabric_setup import build_fabric
 from fabric_tram.engine.trainer import train
 
@@ -40,6 +49,21 @@ def test_16_mixed_overflow_skips_the_step_and_backs_off(corpus, tmp_path, poison
     assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())
 
 
+@pytest.mark.parametrize("rule", ["sgd", "tram-prev"])
+def test_trainer_clips_the_final_gradient_to_grad_clip(corpus, tmp_path, rule):
+    """SGD's step is lr times the clipped gradient: ‖θ_1 − θ_0‖ = lr · c · ‖g‖ / (‖g‖ + 1e-6), with ‖g‖ logged
+    before clipping (for tram-prev at step 1, e = 0, so g is also the descent gradient)."""
+    extra = ["trainer.grad_clip=0.01", "optimizer.lr=0.5"] + (["optimizer.base=sgd"] if rule != "sgd" else [])
+    config = small_config(corpus, tmp_path / "clip", rule, steps=1, extra=extra)
+    run = train(config)
+    norm = run.history[0]["grad_norm"]
+    assert norm > 0.01
+    before, after = initial_params(config), trajectory(run)["params"]
+    names = [n for n, _ in run.model.module.named_parameters()]  # lm_head.weight is tied to wte: counted once
+    moved = sum(float((after[n] - before[n]).pow(2).sum()) for n in names) ** 0.5
+    assert moved == pytest.approx(0.5 * 0.01 * norm / (norm + 1e-6), rel=EXACT_REL)
+
+
 def test_activation_checkpointing_gives_the_same_updates(corpus, tmp_path):
     plain = trajectory(train(small_config(corpus, tmp_path / "plain", "adam", steps=2)))
     ckpt = trajectory(
@@ -48,10 +72,11 @@ def test_activation_checkpointing_gives_the_same_updates(corpus, tmp_path):
     assert max_param_diff(plain["params"], ckpt["params"]) < EXACT_ABS  # float64: the same arithmetic, recomputed
 
 
-def test_fsdp_with_fp16_is_refused_at_setup(corpus, tmp_path):
-    config = small_config(corpus, tmp_path / "r", "adam", strategy="fsdp", precision="16-mixed")
+def test_fsdp_with_fp16_is_refused_with_the_config(corpus, tmp_path):
     with pytest.raises(ConfigError, match="16-mixed is refused with trainer.strategy=fsdp"):
-        build_fabric(config.trainer)
+        small_config(corpus, tmp_path / "r", "adam", strategy="fsdp", precision="16-mixed")
+    with pytest.raises(ConfigError, match="16-mixed is refused with trainer.strategy=fsdp"):  # built by hand
+        build_fabric(TrainerConfig(strategy="fsdp", precision="16-mixed", accelerator="cpu"))
 
 
 def test_devices_conflicting_with_fabric_run_are_refused(corpus, tmp_path, monkeypatch):

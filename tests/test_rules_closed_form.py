@@ -22,8 +22,11 @@ class TwoParam(torch.nn.Module):
         return self.embed(x) * self.w
 
 
-def make(name, **hyper):
+def make(name, start=None, **hyper):
     model = TwoParam()
+    if start is not None:
+        with torch.no_grad():
+            model.w.copy_(torch.tensor(start, dtype=torch.float64))
     seen = []  # the weights every forward ran with
 
     def loss_fn(m, batch, **kw):
@@ -126,20 +129,75 @@ def test_tram_x_with_a_given_noise():
 
 
 @pytest.mark.parametrize(
-    "name,hyper,new",
+    "name,hyper,expected",
     [
-        # grad at step 2 = g + λ (q − p): d KL(p‖q)/d logits_q = q − p, with p from θ_0 (trpo) ...
-        ("trpo", {"lam": 0.1}, [0.4902843230684367, -1.6202843230684367]),
-        # ... or from the EMA (decay 0.5): ema = (w0 + w1)/2 after step 1
-        ("mesa", {"lam": 0.1, "ema_decay": 0.5}, [0.49015771529847235, -1.6201577152984723]),
+        # grad = g + λ (q − p): d KL(p‖q)/d logits_q = q − p, with p from θ_{s−2}: θ_0 at steps 1 and 2, θ_1 at 3
+        (
+            "trpo",
+            {"lam": 0.1},
+            [[0.7, -1.8], [0.4902843230684367, -1.6202843230684367], [0.3435211827530321, -1.4585780473667196]],
+        ),
+        # ... or from the EMA (decay 0.9, so decay and 1 - decay differ): ema = 0.9 ema + 0.1 θ after each step
+        (
+            "mesa",
+            {"lam": 0.1, "ema_decay": 0.9},
+            [[0.7, -1.8], [0.49026121668462685, -1.6202612166846269], [0.3437250599990913, -1.4587773033360167]],
+        ),
     ],
 )
-def test_regularisers_two_steps(name, hyper, new):
+def test_regularisers_three_steps(name, hyper, expected):
     model, rule, _ = make(name, **hyper)
-    rule.step(X)
-    assert w(model) == pytest.approx([0.7, -1.8], abs=1e-12)  # zero regulariser at step 1
-    rule.step(X)
+    for step, new in enumerate(expected, start=1):
+        rule.step(X)
+        assert w(model) == pytest.approx(new, abs=1e-12), step  # zero regulariser at step 1
+        if name == "mesa":  # the EMA itself, after each base step
+            ema = {1: [0.97, -1.98], 2: [0.9220261216684627, -1.9440261216684627]}.get(step)
+            if ema:
+                assert rule.rule.target.buffers[0].tolist() == pytest.approx(ema, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name,hyper,new",
+    [
+        # g = (3, -2), ‖g‖ = sqrt(13) > 1: the step uses g / (‖g‖ + 1e-6)
+        ("sgd", {}, [0.9167949936431323, -1.9445299957620883]),
+        # clipping applies to the descent gradient g(w + e), ‖g(w + e)‖ = 3.725, not to the ascent one
+        ("sam", {"rho": 0.05}, [0.916114102566676, -1.9455651688458715]),
+    ],
+)
+def test_gradient_clipping_of_the_final_gradient(name, hyper, new):
+    model, rule, _ = make(name, grad_clip=1.0, **hyper)
+    stats = rule.step(X)
     assert w(model) == pytest.approx(new, abs=1e-12)
+    assert stats["grad_norm"] > 1.0  # the norm before clipping is what is logged
+
+
+class WeightAndBias(torch.nn.Module):
+    """Parameters named 'weight' and 'bias': L = (3 w0² + w1²)/2 + (b0² + 2 b1²)/2."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+        self.bias = torch.nn.Parameter(torch.tensor([0.5, -0.5], dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.weight + self.bias
+
+
+def test_asam_like_original_scales_only_the_parameters_named_weight():
+    model, seen = WeightAndBias(), []
+
+    def loss_fn(m, batch, **kw):
+        seen.append([m.weight.detach().clone(), m.bias.detach().clone()])
+        loss = 0.5 * (3 * m.weight[0] ** 2 + m.weight[1] ** 2) + 0.5 * (m.bias[0] ** 2 + 2 * m.bias[1] ** 2)
+        return loss, None, m(batch), None
+
+    rule = UpdateRuleLoop("asam", model, torch.optim.SGD(model.parameters(), lr=0.0), loss_fn, asam_like_original=True)
+    rule.step(X)
+    # by hand: T = |w| + 0.01 on the weight, T = 1 on the bias; e = ρ T² g / ‖T g‖ with ρ = 0.5
+    e_weight, e_bias = seen[1][0] - seen[0][0], seen[1][1] - seen[0][1]
+    assert e_weight.tolist() == pytest.approx([0.29673188930565486, -0.783469925160132], abs=1e-12)
+    assert e_bias.tolist() == pytest.approx([0.04848084980323088, -0.09696169960646175], abs=1e-12)
 
 
 def test_r3f_gradient_through_both_branches():
@@ -153,6 +211,81 @@ def test_r3f_gradient_through_both_branches():
     reg = ((pa - pb) * (a.log_softmax(-1) - b.log_softmax(-1))).sum()
     (0.5 * (3 * w0[0] ** 2 + w0[1] ** 2) + reg).backward()
     torch.testing.assert_close(model.w.detach(), (w0 - 0.1 * w0.grad).detach(), rtol=0, atol=1e-12)
+
+
+class TrainableLookup(torch.nn.Module):
+    """An embedding with parameters, so that what reaches its gradient is visible: h = E x, logits = h * w."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(2, 2, bias=False).double()
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.tensor([[0.9, 0.2], [-0.1, 1.1]], dtype=torch.float64))
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+
+    def forward(self, x):
+        return self.embed(x) * self.w
+
+
+def test_r3f_noised_branch_starts_from_the_detached_lookup():
+    """The embedding's gradient comes from the clean branch only (as fairseq): with a trainable lookup, a noised
+    branch that is not detached would send the regulariser's gradient into E a second time."""
+    z = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    model = TrainableLookup()
+
+    def loss_fn(m, batch, **kw):
+        logits = m(batch)
+        return 0.5 * (3 * m.w[0] ** 2 + m.w[1] ** 2) + 0.5 * (m.embed.weight**2).sum(), None, logits, None
+
+    rule = UpdateRuleLoop("r3f", model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, lam=1.0,
+                          noise_sampler=lambda step, idx, emb: z, embedding_module="embed")  # fmt: skip
+    reference = TrainableLookup()
+    rule.step(X)
+    # by hand, with autograd on the formula: a = (E x) w, b = (stop_grad(E x) + z) w, L + KLsym(a, b)
+    h = reference.embed(X)
+    a, b = h * reference.w, (h.detach() + z) * reference.w
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    reg = ((pa - pb) * (a.log_softmax(-1) - b.log_softmax(-1))).sum()
+    task = 0.5 * (3 * reference.w[0] ** 2 + reference.w[1] ** 2) + 0.5 * (reference.embed.weight**2).sum()
+    (task + reg).backward()
+    for ours, theirs in ((model.w, reference.w), (model.embed.weight, reference.embed.weight)):
+        torch.testing.assert_close(ours.detach(), (theirs - 0.1 * theirs.grad).detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["tram-prev", "tram-init"])
+def test_weight_targets_restore_bit_exactly_when_d_is_positive(name):
+    """lr 0 keeps the weights, so move them by hand between steps: step 2 then sees d > 0, perturbs, descends and
+    must put back exactly the weights it started from."""
+    model, rule, seen = make(name)
+    rule.optimizer.optimizer.param_groups[0]["lr"] = 0.0
+    rule.step(X)
+    with torch.no_grad():
+        model.w.copy_(torch.tensor([0.6, -1.7], dtype=torch.float64))
+    start = model.w.detach().clone()
+    seen.clear()
+    stats = rule.step(X)
+    assert stats["d"] > 0 and stats["e_norm"] > 0 and not torch.equal(seen[2], seen[1])  # the descent ran at θ + e
+    assert torch.equal(model.w.detach(), start)
+
+
+@pytest.mark.parametrize("name", ["tram-prev", "tram-init", "trpo", "mesa", "asam+trpo", "asam+mesa"])
+def test_loading_a_rules_state_replaces_its_buffers(name):
+    """A checkpoint's rule state must land in the buffers: a rule built on other weights takes the saved ones."""
+    source_model, source, _ = make(name)
+    source.step(X)
+    _, target, _ = make(name, start=[3.0, -6.0])  # other weights: its own buffers start elsewhere
+    before = {k: [b.clone() for b in v] for k, v in target.rule.state_dict().items()}
+    target.load_state_dict(source.state_dict())
+    for key, buffers in source.rule.state_dict().items():
+        loaded = target.rule.state_dict()[key]
+        assert all(torch.equal(a, b) for a, b in zip(loaded, buffers, strict=True)), key
+        assert not all(torch.equal(a, b) for a, b in zip(loaded, before[key], strict=True)), key
+
+
+def test_mesa_keeps_its_ema_in_float32_for_bfloat16_weights():
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    rule = UpdateRuleLoop("mesa", model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, **k: m(b).sum())
+    assert all(b.dtype == torch.float32 for b in rule.rule.target.buffers)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision.double import DoublePrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 
-from fabric_tram.config import ConfigError, TrainerConfig
+from fabric_tram.config import ConfigError, TrainerConfig, validate_trainer
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 
 
@@ -77,11 +77,7 @@ def check_device_conflicts(config: TrainerConfig) -> None:
 
 def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
     check_device_conflicts(config)
-    if config.strategy == "fsdp" and config.precision == "16-mixed":
-        raise ConfigError(
-            "trainer.precision=16-mixed is refused with trainer.strategy=fsdp (no all-reduced overflow check for "
-            "sharded loss scaling yet); use bf16-mixed, or ddp with 16-mixed"
-        )
+    validate_trainer(config)
     if config.strategy == "fsdp":
         strategy = ShardedDataParallel(parallelize_fn=shard_per_block)
     elif config.strategy == "ddp":

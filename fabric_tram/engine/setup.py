@@ -29,6 +29,7 @@ class Run:
     history: list = field(default_factory=list)  # per-step stats on this rank
     results: dict = field(default_factory=dict)  # final evaluation, {split: {domain: metrics}}
     last_saved: int = -1  # the step of the newest checkpoint this run wrote or resumed from
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)
     evaluated_step: int | None = None  # the step whose weights the final evaluation scored
 
     @property

@@ -10,7 +10,6 @@ checkpoint is written, the weights of the best checkpoint are put back when ``tr
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 
@@ -90,7 +89,6 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
         n_global=all_reduce_sum(fabric, n_local),
         n_local=n_local,
         grad_clip=t.grad_clip,
-        measure_grad_norm=step % t.log_every == 0 or step == t.max_steps,
         scaler=run.scaler,
     )
     stats = run.rule.step(ctx)
@@ -119,16 +117,22 @@ def add_throughput(run: Run, stats: dict, seconds: float, peak: float | None) ->
             stats["mfu"] = flops / seconds / peak
 
 
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient was not finite and ``trainer.on_nonfinite=stop``."""
+
+
 def after_step(run: Run, step: int, stats: dict, progress: Progress) -> None:
-    """Logging, periodic checkpoints, periodic evaluation (and the best checkpoint's record)."""
+    """Non-finite steps, logging, periodic checkpoints, periodic evaluation (and the best checkpoint's record);
+    the logs are flushed to disk at every checkpoint and evaluation, so a crash loses no logged step before them."""
     fabric, t = run.fabric, run.config.trainer
+    if stats.get("nonfinite"):
+        check_nonfinite(run, step, stats, progress)
     if step % t.log_every == 0 or step == t.max_steps:
         fabric.log_dict({k: v for k, v in stats.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
-    if not math.isfinite(stats["loss"]):
-        progress.write(f"step {step}: loss is {stats['loss']}")
     if t.save_every and step % t.save_every == 0:
         save(run, step)
         run.last_saved = step
+        flush_logs(run)
     if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
         metrics = evaluate(run, "validation", t.eval_batches)
         fabric.log_dict({f"validation/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step=step)
@@ -137,6 +141,27 @@ def after_step(run: Run, step: int, stats: dict, progress: Progress) -> None:
                 save(run, step)
                 run.last_saved = step
             record_best(run, step, metrics)
+        flush_logs(run)
+
+
+def check_nonfinite(run: Run, step: int, stats: dict, progress: Progress) -> None:
+    """The step was skipped (nothing updated); stop, or count it, as ``trainer.on_nonfinite`` says."""
+    run.nonfinite_steps += 1
+    stats["nonfinite_steps"] = run.nonfinite_steps
+    what = (f"step {step}: the loss or its gradient is not finite (loss {stats['loss']}, gradient norm "
+            f"{stats.get('grad_norm')}); the step was skipped and nothing was updated")  # fmt: skip
+    if run.config.trainer.on_nonfinite == "stop":
+        flush_logs(run)
+        raise NonFiniteError(
+            f"{what}. Lower optimizer.lr, keep trainer.grad_clip > 0, or set "
+            "trainer.on_nonfinite=skip to skip such steps and count them (nonfinite_steps)"
+        )
+    progress.write(f"{what} ({run.nonfinite_steps} so far; trainer.on_nonfinite=skip)")
+
+
+def flush_logs(run: Run) -> None:
+    for logger in run.fabric.loggers:
+        logger.save()
 
 
 def record_best(run: Run, step: int, metrics: dict) -> None:

@@ -40,6 +40,12 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     revision: str | None = None  # hub revision for `pretrained`
 
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset={self.preset!r} is not a GPT-2 preset; valid presets: {', '.join(PRESETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
     def sizes(self) -> dict:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown GPT-2 preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")

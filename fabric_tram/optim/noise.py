@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+NOISE_KINDS = ("normal", "uniform")
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
@@ -41,7 +42,7 @@ class NoiseSource:
     def __post_init__(self):
         if self.sigma < 0:
             raise ValueError(f"noise sigma must be >= 0, got {self.sigma}")
-        if self.kind not in ("normal", "uniform"):
+        if self.kind not in NOISE_KINDS:
             raise ValueError(f"noise kind {self.kind!r} is not one of normal, uniform")
 
     def sample(self, step: int, example_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fabric_tram.config import ConfigError
+from fabric_tram.optim.base import nonnegative
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
-from fabric_tram.optim.noise import InputNoise
+from fabric_tram.optim.noise import NOISE_KINDS, InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter, measuring, noise_penalty, on_noised, penalised
-from fabric_tram.optim.targets import ExponentialAverage, InitialWeights, NoisedInputs, PreviousIterate
+from fabric_tram.optim.targets import TARGET_MODES, ExponentialAverage, InitialWeights, NoisedInputs, PreviousIterate
 from fabric_tram.optim.update_rule import Passes, UpdateRule
-from fabric_tram.registry import register_optimizer
+from fabric_tram.registry import DIVERGENCES, register_optimizer
 
 # ------------------------------------------------------------------------------------------- configs
 
@@ -24,6 +26,20 @@ from fabric_tram.registry import register_optimizer
 @dataclass
 class Wrapped:
     base: str = "adam"  # the base optimizer that takes the final step: adam, adamw, sgd
+
+    def check(self) -> None:
+        """Refuse bad values of any rule's fields at config time (run again by the rule itself, for the API)."""
+        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_scale", "max_radius")
+        if getattr(self, "divergence", None) is not None and self.divergence not in DIVERGENCES:
+            raise ConfigError(f"optimizer.divergence: {DIVERGENCES.describe_unknown(self.divergence)}")
+        if getattr(self, "target_mode", "train") not in TARGET_MODES:
+            raise ConfigError(
+                f"optimizer.target_mode must be one of {', '.join(TARGET_MODES)}, got {self.target_mode!r}"
+            )
+        if getattr(self, "noise", "normal") not in NOISE_KINDS:
+            raise ConfigError(f"optimizer.noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
+        if not 0.0 <= getattr(self, "ema_decay", 0.0) <= 1.0:
+            raise ConfigError(f"optimizer.ema_decay must be in [0, 1], got {self.ema_decay}")
 
 
 @dataclass

@@ -11,20 +11,30 @@ from dataclasses import dataclass
 from fabric_tram.registry import SCHEDULES, register_schedule
 
 
+class ScheduleChecks:
+    def check(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= getattr(self, "end_factor", 0.0) <= 1.0:
+            raise ValueError(f"schedule.end_factor must be in [0, 1], got {self.end_factor}")
+        if getattr(self, "power", 1.0) <= 0:
+            raise ValueError(f"schedule.power must be > 0, got {self.power}")
+
+
 @dataclass
-class ConstantConfig:
+class ConstantConfig(ScheduleChecks):
     warmup_steps: int = 0
 
 
 @dataclass
-class PolynomialConfig:
+class PolynomialConfig(ScheduleChecks):
     warmup_steps: int = 0
     power: float = 1.0  # 1: linear decay
     end_factor: float = 0.0  # lr at the last step, as a fraction of the peak
 
 
 @dataclass
-class CosineConfig:
+class CosineConfig(ScheduleChecks):
     warmup_steps: int = 0
     end_factor: float = 0.0
 

@@ -50,9 +50,6 @@ class StepContext:
     n_global: torch.Tensor | None = None
     n_local: torch.Tensor | None = None
     grad_clip: float = 0.0
-    measure_grad_norm: bool = (
-        True  # the engine turns it off on steps it does not log (it costs a pass over the gradients)
-    )
     scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler in force (None without one)
     counts: dict = field(default_factory=lambda: {"forward": 0, "no_grad_forward": 0, "backward": 0})
 
@@ -164,28 +161,35 @@ class StepContext:
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
     def skip_step(self) -> dict:
-        """Drop this step (an overflow in the ascent pass): no update, and the loss scaler backs off."""
+        """Drop this step (a non-finite ascent pass): no update. With a loss scaler it is an fp16 overflow and the
+        scaler backs off; without one the step is marked ``nonfinite`` (the trainer stops or counts it)."""
         self.zero_grad()
         if self.scaler is not None:
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-        return {"grad_norm": float("nan"), "skipped": True}
+        return {"grad_norm": float("nan"), "skipped": True, "nonfinite": self.scaler is None}
 
-    def clip_and_step(self) -> dict:
-        """Unscale (once), clip the global gradient norm, step the base optimizer through Fabric, zero grads."""
-        scaler = self.scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
-        if self.grad_clip <= 0 and not self.measure_grad_norm and scaler is None:  # nothing needs the norm
-            self.optimizer.step()
-            self.zero_grad()
-            return {"grad_norm": float("nan"), "skipped": False}
+    def clip_gradients(self) -> torch.Tensor:
+        """Scale the gradients in ``p.grad`` down to global norm ``grad_clip`` if above it (0: never); returns the
+        norm before clipping (over every shard; identical on every rank)."""
         norm = self.grad_norm()
-        finite = bool(torch.isfinite(norm))
-        if self.grad_clip > 0 and finite and float(norm) > self.grad_clip:
+        if self.grad_clip > 0 and bool(torch.isfinite(norm)) and float(norm) > self.grad_clip:
             factor = self.grad_clip / (float(norm) + 1e-6)
             for g in self.grads():
                 if g is not None:
                     g.mul_(factor)
-        self.optimizer.step()  # with a scaler: skipped on inf/nan, and the scale is updated
+        return norm
+
+    def clip_and_step(self) -> dict:
+        """Unscale (once), clip, step the base optimizer through Fabric, zero the gradients.
+
+        A non-finite gradient never reaches the weights: with a loss scaler it is an fp16 overflow (the scaler
+        skips the step and backs off); without one the step is skipped and marked ``nonfinite``.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
+        norm = self.clip_gradients()
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler is not None:
+            self.optimizer.step()  # with a scaler: skipped on inf/nan, and the scale is updated
         self.zero_grad()
-        return {"grad_norm": float(norm), "skipped": scaler is not None and not finite}
+        return {"grad_norm": float(norm), "skipped": not finite, "nonfinite": not finite and self.scaler is None}

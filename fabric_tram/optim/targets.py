@@ -124,14 +124,16 @@ class InitialWeights(WeightTarget):
 
 
 class ExponentialAverage(WeightTarget):
-    """θ_ema in float32, updated after every base step: ema ← decay · ema + (1 − decay) · θ."""
+    """θ_ema in at least float32 (float32 for bf16 or fp32 weights), updated after every base step:
+    ema ← decay · ema + (1 − decay) · θ."""
 
     state_key = "ema"
 
     def __init__(self, params, decay: float, target_mode: str = "train"):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"optimizer.ema_decay must be in [0, 1], got {decay}")
-        super().__init__(params, dtype=torch.float32, target_mode=target_mode)
+        at_least_fp32 = [b.to(torch.promote_types(b.dtype, torch.float32)) for b in clone_weights(params)]
+        super().__init__(params, buffers=at_least_fp32, target_mode=target_mode)
         self.decay = decay
 
     def after_base_step(self) -> None:

@@ -43,24 +43,19 @@ class Passes(NamedTuple):
     backward: int
 
 
-NONNEGATIVE = ("rho", "gamma", "eta", "sigma", "lam", "radius_scale", "max_radius")
-
-
 class UpdateRule:
     """The step every rule runs; as is, the plain one-pass step of its base optimizer."""
 
     passes = Passes(1, 0, 1)
     state_factor = 0  # copies of the parameters (in their dtype) held between steps: restore point, θ_0, ...
-    fp32_state = 0  # float32 copies of the parameters held between steps (mesa's EMA)
+    fp32_state = 0  # at-least-float32 copies of the parameters held between steps (mesa's EMA)
     divergence_gradients = 0  # outputs whose divergence has a gradient in a pass (each holds an output-sized
     # gradient from the divergence's forward to the backward): 1 for trpo/mesa, 2 for r3f (both branches)
 
     def __init__(self, config, model, optimizer):
         self.config, self.model, self.optimizer = config, model, optimizer
-        for name in NONNEGATIVE:
-            value = getattr(config, name, None)
-            if value is not None and value < 0:
-                raise ValueError(f"optimizer.{name} must be >= 0, got {value}")
+        if hasattr(config, "check"):  # resolve() ran it already; the user-loop API builds configs directly
+            config.check()
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.per_rank = getattr(config, "m_sharpness", False)  # m-sharpness: each rank's own ascent
@@ -77,7 +72,7 @@ class UpdateRule:
     @classmethod
     def held_per_param_byte(cls, param_bytes: int) -> float:
         """Bytes held between steps per parameter byte, for parameters of ``param_bytes`` bytes per element."""
-        return cls.state_factor + cls.fp32_state * 4 / param_bytes
+        return cls.state_factor + cls.fp32_state * max(4, param_bytes) / param_bytes
 
     # ------------------------------------------------------------------------------------------- what rules override
 
@@ -112,11 +107,13 @@ class UpdateRule:
         stats = {"loss": ascent.loss} if d is None else {"loss": ascent.loss, "d": d}
         if ascent.regulariser is not None:
             stats["regulariser"] = ascent.regulariser
+        if not math.isfinite(ascent.loss):  # all-reduced: every rank agrees
+            return {**stats, **ctx.skip_step()}
         if self.geometry is not None:
             radius, scale = self.radius(d), ctx.loss_scale()
             norm = scaled_gradient_norm(self.geometry, self.params, scale)  # ‖g‖, ‖T g‖ or sqrt(Σ g²/f), all shards
             stats.update(Tg_norm=float(norm), radius=radius)
-            if not self._finite(ctx, norm, radius, d):  # fp16 overflow in the ascent pass: skip the whole step
+            if not self._finite(ctx, norm, radius, d):  # e.g. an fp16 overflow in the ascent pass: skip the step
                 return {**stats, "e_norm": float("nan"), **ctx.skip_step()}
             with perturbed(self.params, self.backup):  # backup ← w here; w ← backup on leaving, bit-exact
                 # climb to the local maximum w + e(w)

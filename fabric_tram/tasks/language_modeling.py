@@ -30,9 +30,8 @@ def bundled_data_dir(name: str = "sample") -> Path:
 
 @dataclass
 class LMConfig:
-    data_dir: str = (
-        "sample"  # a folder of domains; "sample" or "demo" (bundled); "hf://machelreid/m2d2" (M2D2 archives)
-    )
+    # a folder of domains; "sample" or "demo" (bundled); "hf://machelreid/m2d2" (M2D2 archives)
+    data_dir: str = "sample"
     train_domains: list = field(default_factory=list)  # empty: every domain found
     eval_domains: list = field(default_factory=list)  # empty: every domain found
     block_size: int = 128  # tokens per training sequence
@@ -42,6 +41,12 @@ class LMConfig:
     doc_format: str = "paragraphs"  # .txt documents: separated by blank lines (paragraphs) or one per line (lines)
     cache_dir: str | None = None  # where tokenised splits are cached (default ~/.cache/fabric_tram/tokens)
     revision: str | None = None  # hub revision for hf:// data
+
+    def check(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"task.block_size must be >= 1, got {self.block_size}")
+        if self.doc_format not in ("paragraphs", "lines"):
+            raise ValueError(f"task.doc_format must be paragraphs or lines, got {self.doc_format!r}")
 
 
 class PackedBlocks:

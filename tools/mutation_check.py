@@ -1,0 +1,281 @@
+"""Plant known bugs, one at a time, in a temporary copy of the repository and expect the tests to catch each.
+
+    python tools/mutation_check.py            # every mutation; exit 1 if any survives
+    python tools/mutation_check.py --list     # what would be planted
+    python tools/mutation_check.py --only mesa-ema-decay,no-clipping
+
+Each mutation is an exact edit (the original text must occur exactly once, so a refactor that moves the code
+makes the check fail loudly instead of passing vacuously) and the tests that must then fail. The copy is
+imported first (PYTHONPATH), so the installed package is never touched. A new rule or a refactor that weakens
+the suite shows up here as a surviving mutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    why: str  # the bug it plants
+    edits: tuple[tuple[str, str, str], ...]  # (file, original text, planted text)
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+CLOSED_FORM = "tests/test_rules_closed_form.py"
+MUTATIONS = (  # fmt: skip
+    Mutation(
+        "mesa-ema-decay",
+        "MESA's EMA update with 1 - decay in place of decay",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "b.mul_(decay).add_(local(p).to(b.dtype), alpha=1.0 - decay)",
+                "b.mul_(1.0 - decay).add_(local(p).to(b.dtype), alpha=decay)",
+            ),
+        ),
+        (CLOSED_FORM + "::test_regularisers_three_steps",),
+    ),
+    Mutation(
+        "no-clipping",
+        "gradient clipping never applied",
+        (("fabric_tram/optim/step.py", "                    g.mul_(factor)", "                    pass"),),
+        (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
+    ),
+    Mutation(
+        "clip-the-ascent-gradient",
+        "clipping applied at another point of the step: to the ascent gradient, not the final one",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        if self.geometry is not None:\n            radius, scale",
+                "        if self.geometry is not None:\n            ctx.clip_gradients()\n            radius, scale",
+            ),
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        stats.update(ctx.clip_and_step())",
+                "        ctx.grad_clip = 0.0 if self.geometry is not None else ctx.grad_clip\n"
+                "        stats.update(ctx.clip_and_step())",
+            ),
+        ),
+        (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
+    ),
+    Mutation(
+        "asam-original-inverted",
+        "asam_like_original: T on the parameters not named 'weight'",
+        (
+            (
+                "fabric_tram/optim/geometry.py",
+                '[not original or "weight" in name for name in names]',
+                '[not original or "weight" not in name for name in names]',
+            ),
+        ),
+        (CLOSED_FORM + "::test_asam_like_original_scales_only_the_parameters_named_weight",),
+    ),
+    Mutation(
+        "r3f-not-detached",
+        "R3F's noised branch not detached from the clean embedding lookup",
+        (
+            (
+                "fabric_tram/optim/objectives.py",
+                "noise.applied(ctx.step, batch, detach=True)",
+                "noise.applied(ctx.step, batch, detach=False)",
+            ),
+        ),
+        (CLOSED_FORM + "::test_r3f_noised_branch_starts_from_the_detached_lookup",),
+    ),
+    Mutation(
+        "noise-follows-padding",
+        "input noise drawn for the batch's padded length instead of a fixed length",
+        (("fabric_tram/optim/noise.py", "rows = max(self.max_len or length, length)", "rows = length"),),
+        ("tests/test_noise.py",),
+    ),
+    Mutation(
+        "noise-ignores-step",
+        "input noise that does not depend on the step",
+        (
+            (
+                "fabric_tram/optim/noise.py",
+                "example_seed(self.seed, step, int(index))",
+                "example_seed(self.seed, 0, int(index))",
+            ),
+        ),
+        ("tests/test_noise.py",),
+    ),
+    Mutation(
+        "m-sharpness-global-normalisation",
+        "m-sharpness's per-rank normalisation replaced by the global one",
+        (("fabric_tram/optim/step.py", "        if per_rank:  # no averaging", "        if False:  # no averaging"),),
+        ("tests/test_step_contract.py",),
+    ),
+    Mutation(
+        "forget-world-size",
+        "the backward scale without the factor W (DDP/FSDP average gradients: g / W)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "return self.world_size / float(self.n_global.clamp(min=1))",
+                "return 1.0 / float(self.n_global.clamp(min=1))",
+            ),
+        ),
+        ("tests/test_step_contract.py",),
+    ),
+    Mutation(
+        "e-without-gradient",
+        "the published code's e = d T² / ‖T g‖, without the gradient factor",
+        (
+            (
+                "fabric_tram/optim/geometry.py",
+                "return g if t is None else t.pow(2) * g",
+                "return g if t is None else t.pow(2)",
+            ),
+        ),
+        (CLOSED_FORM,),
+    ),
+    Mutation(
+        "no-restore",
+        "the perturbation is never undone",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "    finally:\n        restore_weights(params, backup)",
+                "    finally:\n        pass",
+            ),
+        ),
+        (CLOSED_FORM + "::test_restore_is_bit_exact",),
+    ),
+    Mutation(
+        "previous-iterate-frozen",
+        "trpo's previous iterate never advances (stays θ_0)",
+        (
+            (
+                "fabric_tram/optim/targets.py",
+                "        if not self.is_restore_point:\n            store_weights",
+                "        if False:\n            store_weights",
+            ),
+        ),
+        (CLOSED_FORM + "::test_regularisers_three_steps",),
+    ),
+    Mutation(
+        "rule-state-not-loaded",
+        "a checkpoint's rule state is not copied into the buffers",
+        (("fabric_tram/optim/weights.py", "            b.copy_(s)", "            pass"),),
+        (CLOSED_FORM + "::test_loading_a_rules_state_replaces_its_buffers",),
+    ),
+    Mutation(
+        "dropout-not-replayed",
+        "the target forward draws its own dropout masks instead of the ascent pass's",
+        (
+            (
+                "fabric_tram/optim/targets.py",
+                'return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], '
+                "device_type=device.type)",
+                "return contextlib.nullcontext()",
+            ),
+        ),
+        ("tests/test_rules_engine.py::test_target_forward_replays_the_dropout_masks",),
+    ),
+    Mutation(
+        "per-micro-batch-mean",
+        "each micro-batch normalised by its own count (the classic accumulation mistake)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "self.fabric.backward(total * self._scale(per_rank))",
+                "self.fabric.backward(total / out_count / len(self.micro_batches))",
+            ),
+            (
+                "fabric_tram/optim/step.py",
+                "                self._count_targets(out, k)\n",
+                "                self._count_targets(out, k)\n                out_count = float(out.count)\n",
+            ),
+        ),
+        ("tests/test_accumulation.py::test_accumulation_matches_one_big_batch",),
+    ),
+)
+
+
+def copy_repository(target: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    for name in filter(None, files):
+        source = ROOT / name
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():  # e.g. the bundled tokenizers: a link kept as a link
+            os.symlink(os.readlink(source), target / name)
+        elif source.is_file():
+            shutil.copy2(source, target / name)
+
+
+def plant(copy: Path, mutation: Mutation) -> None:
+    for file, original, planted in mutation.edits:
+        path = copy / file
+        text = path.read_text()
+        if text.count(original) != 1:
+            raise SystemExit(
+                f"mutation {mutation.name!r}: {file} holds the original text {text.count(original)} "
+                f"times (expected once); update tools/mutation_check.py to the moved code:\n{original}"
+            )
+        path.write_text(text.replace(original, planted))
+
+
+def run(mutation: Mutation) -> tuple[bool, float, str]:
+    """True if the planted bug is caught: the named tests fail on an assertion (a mutant that merely crashes,
+    say with a NameError from a stale edit, proves nothing about the tests and stops the check)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
+        copy = Path(tmp)
+        copy_repository(copy)
+        plant(copy, mutation)
+        env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", *mutation.tests]
+        out = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-3:])
+        if out.returncode not in (0, 1):  # 1: tests failed; anything else (collection error, crash) is no verdict
+            raise SystemExit(
+                f"mutation {mutation.name!r}: pytest exited {out.returncode}:\n{out.stdout[-3000:]}{out.stderr[-2000:]}"
+            )
+        if out.returncode == 1 and not re.search(r"^E\s+(AssertionError|assert |Failed:)", out.stdout, re.MULTILINE):
+            raise SystemExit(
+                f"mutation {mutation.name!r}: the tests failed without an assertion failing:\n{out.stdout[-3000:]}"
+            )
+        return out.returncode == 1, time.perf_counter() - t0, tail
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the mutations and exit")
+    parser.add_argument("--only", default="", help="comma-separated mutation names")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
+    if args.only and len(chosen) != len(args.only.split(",")):
+        raise SystemExit(f"unknown mutation in {args.only!r}; known: {', '.join(m.name for m in MUTATIONS)}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<34} {m.why}  [{', '.join(m.tests)}]")
+        return 0
+    survivors = []
+    for m in chosen:
+        caught, seconds, tail = run(m)
+        print(f"{'caught  ' if caught else 'SURVIVED'} {m.name:<34} {seconds:5.1f} s  {m.why}", flush=True)
+        if not caught:
+            survivors.append(m.name)
+            print("   " + tail.replace("\n", "\n   "))
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} planted bugs caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
