@@ -8,12 +8,17 @@ fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # severa
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from fabric_tram.config import ConfigError, load_config, merge, parse_overrides, resolve
+from fabric_tram.config import load_config, merge, parse_overrides, resolve
 from fabric_tram.registry import REGISTRIES, load_plugins
 
 plugin_option = click.option(
@@ -25,8 +30,38 @@ plugin_option = click.option(
 )
 
 
-def _fail(err: Exception) -> None:
-    raise click.ClickException(f"{type(err).__name__}: {err}")
+# what bad input raises: one line that names the problem and the fix, no traceback (FABRIC_TRAM_DEBUG=1 shows it)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, FloatingPointError)
+
+
+def error_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return f"error: {type(err).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """Bad input ends every launch form (``fabric-tram``, ``python recipes/X.py``, ``fabric run``) in the same one
+    line on stderr and exit status 1. Under ``fabric run`` the line is also recorded for the launcher, whose
+    failure summary, printed last, then shows it."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("FABRIC_TRAM_DEBUG"):
+            raise
+        line = error_line(err)
+        record_for_the_launcher(line)
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def record_for_the_launcher(line: str) -> None:
+    """torchrun (behind ``fabric run``) ends a failed launch with a summary of each failed process, read from the
+    file its ``TORCHELASTIC_ERROR_FILE`` names: the one line, in place of a traceback, is what it shows last."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        Path(path).write_text(json.dumps(record))
 
 
 def train_job(config):
@@ -57,12 +92,9 @@ def train(source, overrides, plugins, smoke):
     """Train from SOURCE (a recipe .py, a config .yaml or a run folder) plus dotted key=value OVERRIDES."""
     if source is not None and "=" in source:  # no source, only overrides
         source, overrides = None, (source, *overrides)
-    try:
+    with reported_errors():
         load_plugins(plugins)
-        config = load_config(source, overrides, smoke=smoke)
-        train_job(config)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        _fail(err)
+        train_job(load_config(source, overrides, smoke=smoke))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -74,11 +106,9 @@ def evaluate(checkpoint, overrides, splits, plugins):
     """Score CHECKPOINT (a checkpoint folder, or a run folder: its newest checkpoint) on the evaluation splits."""
     from fabric_tram.engine.evaluation import evaluate_checkpoint
 
-    try:
+    with reported_errors():
         load_plugins(plugins)
         results = evaluate_checkpoint(checkpoint, overrides, splits)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        _fail(err)
     from fabric_tram.engine.evaluation import format_results
 
     click.echo(format_results(results))
@@ -94,10 +124,8 @@ def report(run_dirs, out_dir, split):
     """Put several runs side by side (grouped by update rule, mean ± std over seeds) and draw Figure 2."""
     from fabric_tram.analysis.results import report as make_report
 
-    try:
+    with reported_errors():
         click.echo(make_report([Path(d) for d in run_dirs], Path(out_dir), split))
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        _fail(err)
     click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
 
 
@@ -112,12 +140,10 @@ def estimate(source, overrides, devices, num_nodes, plugins):
     from fabric_tram.analysis.estimate import estimate as run_estimate
     from fabric_tram.analysis.estimate import format_estimate
 
-    try:
+    with reported_errors():
         load_plugins(plugins)
         config = load_config(source, overrides)
         click.echo(format_estimate(config, run_estimate(config, devices, num_nodes)))
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        _fail(err)
 
 
 BENCHMARKS = ("step_cost", "memory", "engine_overhead", "divergence", "gpu_check")
@@ -151,12 +177,25 @@ def bench(name, args):
 @main.command(name="list")
 @plugin_option
 def list_registries(plugins):
-    """Print every registry: models, tasks, optimizers (base and update rules), divergences, schedules."""
-    load_plugins(plugins)
+    """Print every registry (models, tasks, optimizers, divergences, schedules): each entry with its one-line
+    description and its config keys with their defaults."""
+    with reported_errors():
+        load_plugins(plugins)
     for kind, registry in REGISTRIES.items():
         click.echo(f"{kind}:")
         for entry in registry.entries():
             click.echo(f"  {entry.name:<14} {entry.description}")
+            if entry.config is not None:
+                click.echo(f"  {'':<14}   {format_defaults(entry.config)}")
+
+
+def format_defaults(config_cls) -> str:
+    """``key=default`` for every field of a config dataclass (factories called: lists show their items)."""
+    parts = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        parts.append(f"{f.name}={'(required)' if default is dataclasses.MISSING else default}")
+    return " ".join(parts) or "(no keys)"
 
 
 def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None = None):
@@ -168,17 +207,14 @@ def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None =
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--smoke" in argv:
         if smoke is None:
-            sys.exit("error: this recipe has no --smoke setting")
+            sys.exit("error: ConfigError: this recipe has no --smoke setting")
         argv.remove("--smoke")
         recipe = merge(recipe, smoke)
     plugins = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugin"]
     overrides = [a for i, a in enumerate(argv) if a != "--plugin" and (i == 0 or argv[i - 1] != "--plugin")]
-    try:
+    with reported_errors():
         load_plugins(plugins)
-        config = resolve(merge(recipe, parse_overrides(overrides)))
-    except (ConfigError, KeyError, ValueError, ModuleNotFoundError) as err:
-        sys.exit(f"error: {err}")
-    return train_job(config)
+        return train_job(resolve(merge(recipe, parse_overrides(overrides))))
 
 
 if __name__ == "__main__":  # pragma: no cover

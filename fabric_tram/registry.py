@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -119,6 +121,8 @@ def load_builtins() -> None:
 def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> None:
     """Import plugin modules named on the command line and every ``fabric_tram.plugins`` entry point."""
     load_builtins()
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a plugin module in the working directory is found
     for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP):
         if ep.value not in _loaded_plugins:
             _loaded_plugins.add(ep.value)

@@ -172,8 +172,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None, timeout=600):
-    """``fabric run --devices 2 --accelerator cpu ARGS``; asserts success and returns the finished process.
+def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None, timeout=600, check=True):
+    """``fabric run --devices 2 --accelerator cpu ARGS``; asserts success (unless ``check`` is false) and returns
+    the finished process.
 
     A launch killed by a signal is retried once, after removing the ``fresh`` folders, and reported with the
     output lines that may name the cause (the whole output is kept beside them). The SIGABRT seen about once in
@@ -202,7 +203,7 @@ def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None
         )  # fmt: skip
         for folder in fresh:
             shutil.rmtree(folder, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 

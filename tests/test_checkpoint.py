@@ -33,8 +33,8 @@ def test_stop_after_step_2_and_resume_equals_uninterrupted(corpus, tmp_path):
     assert max_param_diff(trajectory(resumed)["params"], full["params"]) == 0.0
     assert (tmp_path / "stopped" / "config.yaml").is_file()
     assert (tmp_path / "stopped" / "config.resumed-step-00000002.yaml").is_file()
-    logs = tmp_path / "stopped" / "logs"  # the first run's metrics survive the resumed run
-    assert (logs / "csv" / "metrics.csv").read_text().count("\n") >= 3 and (logs / "csv-2" / "metrics.csv").is_file()
+    # the first run's metrics survive the resumed run, in the same file, each step once
+    assert [int(r["step"]) for r in metrics_rows(tmp_path / "stopped") if r["loss"]] == [1, 2, 3, 4]
 
 
 def test_keep_last_and_interrupted_save_leaves_previous_loadable(corpus, tmp_path, monkeypatch):
@@ -87,3 +87,95 @@ def test_evaluate_command_reproduces_the_final_evaluation(corpus, tmp_path):
     again = evaluate_checkpoint(tmp_path / "run")
     for domain, metrics in run.results["validation"].items():
         assert again["validation"][domain] == pytest.approx(metrics)
+
+
+KILL_AT_STEP_4 = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import small_config
+from fabric_tram.engine.trainer import train
+
+def kill(run, stats):  # kill -9 after steps 3 and 4 were logged (not flushed) and the step-2 checkpoint exists
+    if stats["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every=2", "model.dropout=0.1"]),
+      callbacks=(kill,))
+"""
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """The rows of a run's CSV log (none if nothing reached the disk)."""
+    import csv
+
+    path = run_dir / "logs" / "csv" / "metrics.csv"
+    return list(csv.DictReader(open(path))) if path.is_file() else []
+
+
+def test_a_run_killed_after_its_first_checkpoint_keeps_every_logged_step_once(corpus, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "killed"
+    code = KILL_AT_STEP_4.format(tests=str(Path(__file__).parent), data=str(corpus), run=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [int(r["step"]) for r in metrics_rows(run_dir) if r["loss"]] == [1, 2]  # flushed with the checkpoint
+    extra = ["trainer.save_every=2", "model.dropout=0.1", "trainer.resume=auto"]
+    resumed = train(small_config(corpus, run_dir, "sgd", steps=6, extra=extra))
+    assert resumed.start_step == 2
+    assert [int(r["step"]) for r in metrics_rows(run_dir) if r["loss"]] == [1, 2, 3, 4, 5, 6]
+    full = train(small_config(corpus, tmp_path / "full", "sgd", steps=6, extra=extra[:2]))
+    assert [float(r["loss"]) for r in metrics_rows(run_dir) if r["loss"]] == [s["loss"] for s in full.history]
+
+
+def _stopped_run(corpus, tmp_path, rule="sgd"):
+    run_dir = tmp_path / "stopped"
+    extra = ["trainer.save_every=2", "model.dropout=0.1"]
+    train(small_config(corpus, run_dir, rule, steps=4, extra=extra))
+    return run_dir, extra
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_continues_exactly(corpus, tmp_path, capsys):
+    run_dir, extra = _stopped_run(corpus, tmp_path)
+    rank_file = run_dir / "checkpoints" / "step-00000004" / "rank-0.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:100])  # truncated
+    resumed = train(small_config(corpus, run_dir, "sgd", steps=6, extra=extra + ["trainer.resume=auto"]))
+    printed = capsys.readouterr().out
+    assert "checkpoint step-00000004 is damaged" in printed and "rank-0.pt cannot be read" in printed
+    assert resumed.start_step == 2
+    full = train(small_config(corpus, tmp_path / "full", "sgd", steps=6, extra=extra))
+    assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
+    assert [int(r["step"]) for r in metrics_rows(run_dir) if r["loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda c: (c / "rank-0.pt").write_bytes(b""), r"rank-0.pt cannot be read"),
+        (lambda c: (c / "state").write_bytes(b""), r"state is missing or empty"),
+        (lambda c: (c / "state").write_bytes((c / "state").read_bytes()[:5000]), r"state is truncated or corrupt"),
+        (lambda c: (c / "meta.json").write_text("{not json"), r"meta.json is corrupt"),
+    ],
+)
+def test_a_damaged_checkpoint_named_for_resume_is_a_clear_error(corpus, tmp_path, damage, message):
+    run_dir, extra = _stopped_run(corpus, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step-00000004"
+    damage(checkpoint)
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        train(small_config(corpus, tmp_path / "again", "sgd", steps=6, extra=extra + [f"trainer.resume={checkpoint}"]))
+    assert not (tmp_path / "again" / "checkpoints").exists()  # refused before any step
+
+
+def test_resuming_with_another_rule_says_what_differs(corpus, tmp_path):
+    run_dir, extra = _stopped_run(corpus, tmp_path, rule="tram-prev")
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"optimizer.name: checkpoint 'tram-prev' vs config 'adam'.*previous_iterate"
+    ):
+        train(small_config(corpus, run_dir, "adam", steps=6, extra=extra + ["trainer.resume=auto"]))
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_over(corpus, tmp_path, capsys):
+    run = train(small_config(corpus, tmp_path / "new", "sgd", steps=1, extra=["trainer.resume=auto"]))
+    assert run.start_step == 0 and "no complete checkpoint" in capsys.readouterr().out

@@ -106,3 +106,19 @@ def test_eval_batches_equal_count_per_rank_and_cover_everything():
     per_rank = [eval_batches(11, 2, 3, r) for r in range(3)]
     assert len({len(b) for b in per_rank}) == 1  # FSDP: every rank joins every forward
     assert sorted(i for b in per_rank for mb in b for i in mb) == list(range(11))
+
+
+@pytest.mark.parametrize("split,content,message", [("validation", None, "has no validation split"),
+                                                   ("test", "", "too little text")])  # fmt: skip
+def test_every_split_the_run_will_read_is_checked_before_the_first_step(corpus, tmp_path, split, content, message):
+    from conftest import small_config
+
+    from fabric_tram.engine.trainer import train
+
+    path = corpus / "beta" / f"{split}.txt"
+    path.unlink() if content is None else path.write_text(content)
+    steps = []
+    config = small_config(corpus, tmp_path / "run", "sgd", extra=["trainer.eval_splits=[validation,test]"])
+    with pytest.raises(DataError, match=message):
+        train(config, callbacks=(lambda run, stats: steps.append(stats),))
+    assert steps == [] and not (tmp_path / "run" / "config.yaml").exists()  # no step ran, nothing was written

@@ -204,6 +204,36 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_accumulation.py::test_accumulation_matches_one_big_batch",),
     ),
+    Mutation(
+        "logs-not-flushed-at-checkpoints",
+        "the CSV log is not flushed with a checkpoint (a kill -9 then loses the steps before it)",
+        (
+            (
+                "fabric_tram/engine/trainer.py",
+                "        run.last_saved = step\n        flush_logs(run)\n",
+                "        run.last_saved = step\n",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_a_run_killed_after_its_first_checkpoint_keeps_every_logged_step_once",),
+    ),
+    Mutation(
+        "no-fallback-past-a-damaged-checkpoint",
+        "resume=auto gives up on a damaged newest checkpoint instead of using the one before",
+        (
+            (
+                "fabric_tram/engine/setup.py",
+                "for candidate in [path, *(older if fallback else [])]:",
+                "for candidate in [path]:",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_resume_auto_falls_back_past_a_damaged_checkpoint_and_continues_exactly",),
+    ),
+    Mutation(
+        "non-finite-gradient-applied",
+        "a non-finite gradient reaches the weights",
+        (("fabric_tram/optim/step.py", "if finite or self.scaler is not None:", "if True:"),),
+        ("tests/test_bad_input.py::test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights",),
+    ),
 )
 
 
@@ -231,9 +261,15 @@ def plant(copy: Path, mutation: Mutation) -> None:
         path.write_text(text.replace(original, planted))
 
 
+# a test failure with one of these means the edit broke the code (a stale or mistyped mutation), not that the
+# tests caught a bug: it proves nothing and stops the check
+BROKEN_MUTANT = (
+    r"^E\s+(NameError|SyntaxError|IndentationError|ImportError|ModuleNotFoundError|AttributeError|TypeError)"
+)
+
+
 def run(mutation: Mutation) -> tuple[bool, float, str]:
-    """True if the planted bug is caught: the named tests fail on an assertion (a mutant that merely crashes,
-    say with a NameError from a stale edit, proves nothing about the tests and stops the check)."""
+    """True if the planted bug is caught: the named tests fail (on an assertion, or on the error the bug causes)."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutation.name}-") as tmp:
         copy = Path(tmp)
         copy_repository(copy)
@@ -247,10 +283,8 @@ def run(mutation: Mutation) -> tuple[bool, float, str]:
             raise SystemExit(
                 f"mutation {mutation.name!r}: pytest exited {out.returncode}:\n{out.stdout[-3000:]}{out.stderr[-2000:]}"
             )
-        if out.returncode == 1 and not re.search(r"^E\s+(AssertionError|assert |Failed:)", out.stdout, re.MULTILINE):
-            raise SystemExit(
-                f"mutation {mutation.name!r}: the tests failed without an assertion failing:\n{out.stdout[-3000:]}"
-            )
+        if out.returncode == 1 and re.search(BROKEN_MUTANT, out.stdout, re.MULTILINE):
+            raise SystemExit(f"mutation {mutation.name!r} broke the code itself:\n{out.stdout[-3000:]}")
         return out.returncode == 1, time.perf_counter() - t0, tail
 
 

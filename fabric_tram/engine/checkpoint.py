@@ -14,8 +14,10 @@ checkpoint loadable. The data position is the step number (see ``fabric_tram.dat
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,7 +27,11 @@ PREFIX = "step-"
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file is missing, empty, truncated or corrupt (``resume=auto`` falls back to an older one)."""
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -43,6 +49,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
     ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX) :])
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -64,6 +74,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` and the folders themselves to stable storage (before a rename makes
+    them the newest checkpoint: after a power loss a renamed folder must not hold unflushed files)."""
+    for path in [*sorted(folder.rglob("*")), folder]:
+        _fsync(path)
+
+
 def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, rule, meta: dict, keep_last: int) -> Path:
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -80,9 +105,11 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     torch.save(per_rank, tmp / f"rank-{fabric.global_rank}.pt")
+    fsync_tree(tmp)  # every rank flushes what it sees (its own shards among them)
     fabric.barrier()
     if fabric.global_rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": fabric.world_size, **meta}, indent=2))
+        fsync_tree(tmp)
         if final.exists():  # re-saving the same step: move the old copy aside before replacing it
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -91,6 +118,7 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
             shutil.rmtree(old)
         else:
             tmp.rename(final)
+        _fsync(final.parent)  # the rename itself
         best = best_step(run_dir)
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             if stale.name != f"{PREFIX}{best:08d}":  # never prune the best checkpoint
@@ -118,7 +146,13 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is not a complete fabric_tram checkpoint (no meta.json); pick a folder under RUN/checkpoints/"
         )
-    return json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpoint(f"{meta_file} is corrupt ({err}); resume from another checkpoint folder") from None
+    if not isinstance(meta, dict) or "step" not in meta or "world_size" not in meta:
+        raise DamagedCheckpoint(f"{meta_file} lacks the step or world size; resume from another checkpoint folder")
+    return meta
 
 
 def check_compatible(meta: dict, model_section: dict, path: Path) -> None:
@@ -137,28 +171,90 @@ def check_compatible(meta: dict, model_section: dict, path: Path) -> None:
         )
 
 
-def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_section: dict) -> int:
-    """Restore model, optimizer, rule state, loss scaler and this rank's RNG; return the step to continue from."""
-    path = Path(path)
+def check_same_optimizer(meta: dict, optimizer: dict, path: Path) -> None:
+    """Refuse to resume another update rule or base optimizer: their state does not fit (say which and what to do)."""
+    differ = [f"optimizer.{k}: checkpoint {meta[f'optimizer{suffix}']!r} vs config {optimizer[k]!r}"
+              for k, suffix in (("name", ""), ("base", "_base"))
+              if f"optimizer{suffix}" in meta and meta[f"optimizer{suffix}"] != optimizer.get(k)]  # fmt: skip
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another optimizer ({'; '.join(differ)}), whose state (base-optimizer "
+            f"moments, the rule's buffers: {', '.join(meta.get('rule_state', [])) or 'none'}) does not fit this run. "
+            "Resume with the checkpoint's optimizer settings, or start a new trainer.run_dir"
+        )
+
+
+def read_rank_file(path: Path, rank: int) -> dict:
+    """This rank's part of a checkpoint (RNG, rule state, loss scaler), read before anything is loaded."""
+    rank_file = path / f"rank-{rank}.pt"
+    try:
+        state = torch.load(rank_file, weights_only=True)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{rank_file} is missing: the checkpoint is incomplete") from None
+    except Exception as err:  # a truncated or empty file: torch raises RuntimeError, EOFError, UnpicklingError...
+        what = f"{type(err).__name__}: {err}"
+        raise DamagedCheckpoint(f"{rank_file} cannot be read ({what}); the file is damaged") from None
+    if not isinstance(state, dict) or not {"rng", "rule"} <= set(state):
+        raise DamagedCheckpoint(f"{rank_file} is not a fabric_tram per-rank state file")
+    return state
+
+
+def check_state_files(path: Path) -> None:
+    """Cheap checks of the model/optimizer state before the (collective) load: present, not empty, and for a
+    single file a complete zip archive (torch.save's format keeps its directory at the end of the file)."""
+    state = path / "state"
+    file = state / ".metadata" if state.is_dir() else state  # a distributed checkpoint's metadata names its shards
+    if not file.is_file() or file.stat().st_size == 0:
+        raise DamagedCheckpoint(f"{file} is missing or empty: the checkpoint is incomplete")
+    if state.is_file() and not zipfile.is_zipfile(state):
+        raise DamagedCheckpoint(f"{state} is truncated or corrupt (not a complete torch.save archive)")
+
+
+def check_checkpoint(fabric, path: Path, model_section: dict, optimizer_section: dict | None) -> dict:
+    """Everything that can be checked without loading, on this rank; returns this rank's per-rank state."""
     meta = read_meta(path)
     check_compatible(meta, model_section, path)
-    if optimizer is not None and meta["world_size"] != fabric.world_size:
+    if meta["world_size"] != fabric.world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {meta['world_size']} processes, this run has {fabric.world_size}: "
             "per-rank RNG and data positions would not continue the same run; "
             "resume with the same --devices/--num-nodes"
         )
+    if optimizer_section is not None:
+        check_same_optimizer(meta, optimizer_section, path)
+    check_state_files(path)
+    return read_rank_file(path, fabric.global_rank)
+
+
+def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_section: dict, optimizer_section=None,
+                    checked: dict | None = None) -> int:  # fmt: skip
+    """Restore model, optimizer, rule state, loss scaler and this rank's RNG; return the step to continue from.
+
+    Every file is checked before anything is loaded (a :class:`CheckpointError` names the file), unless
+    ``checked`` holds this rank's state already read by :func:`check_checkpoint`; with ``optimizer`` None only
+    the model's weights are read.
+    """
+    path = Path(path)
+    per_rank = checked
+    if optimizer is not None and per_rank is None:
+        per_rank = check_checkpoint(fabric, path, model_section, optimizer_section)
+    elif optimizer is None:
+        check_compatible(read_meta(path), model_section, path)
+        check_state_files(path)
     state = {"model": model, "optimizer": optimizer} if optimizer is not None else {"model": model}
     try:
         remainder = fabric.load(path / "state", state, strict=optimizer is not None)
-    except (RuntimeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
-    rank_file = path / f"rank-{fabric.global_rank}.pt"
+    except Exception as err:  # a foreign or damaged state: RuntimeError, KeyError, EOFError, ...
+        raise CheckpointError(
+            f"{path / 'state'} cannot be loaded into this model/optimizer ({type(err).__name__}: {err})"
+        ) from err
     if optimizer is not None:
-        per_rank = torch.load(rank_file, weights_only=True)
         set_rng_state(per_rank["rng"])
-        rule.load_state_dict(per_rank["rule"])
+        try:
+            rule.load_state_dict(per_rank["rule"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path / f'rank-{fabric.global_rank}.pt'}: {err}") from None
         scaler = getattr(fabric.strategy.precision, "scaler", None)
         if scaler is not None and per_rank.get("scaler"):
             scaler.load_state_dict(per_rank["scaler"])
-    return int(remainder.get("step", meta["step"]))
+    return int(remainder.get("step", read_meta(path)["step"]))

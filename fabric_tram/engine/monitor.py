@@ -1,26 +1,9 @@
-"""What a run shows and records: rank-0 progress bar, CSV (always) and TensorBoard (when installed) loggers,
-throughput and MFU counting every forward and backward an update rule runs."""
+"""What a run shows: the rank-0 progress bar, throughput and MFU counting every forward and backward an update
+rule runs (its logs: ``engine/run_log.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
-
-from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
-
-
-def build_loggers(run_dir: str | Path) -> list:
-    """CSV into ``logs/csv`` (``logs/csv-2``, ... for resumed runs: Lightning's CSV writer would delete an
-    existing metrics file) and TensorBoard into ``logs/tensorboard`` (it appends new event files)."""
-    version, n = "csv", 1
-    while (Path(run_dir) / "logs" / version / "metrics.csv").exists():
-        n += 1
-        version = f"csv-{n}"
-    loggers = [CSVLogger(root_dir=str(run_dir), name="logs", version=version)]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="logs", version="tensorboard"))
-    return loggers
 
 
 def flops_per_step(model, tokens: float, seq_len: int, passes) -> float | None:

@@ -21,6 +21,7 @@ from fabric_tram.distributed import all_reduce_sum
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.evaluation import evaluate, format_results, improves_best, in_domain_loss
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
+from fabric_tram.engine.run_log import RunCSVLogger
 from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
 from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext
@@ -33,9 +34,14 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
     run = setup(config, training=True, fabric=fabric)
     resume_from = prepare_run_dir(run.fabric, config)
     if resume_from is not None:
-        resume(run, resume_from)
-        run.fabric.print(f"resumed from {resume_from} at step {run.start_step}")
-    run.last_saved = run.start_step if resume_from is not None else -1
+        used = resume(run, resume_from, fallback=config.trainer.resume == "auto")
+        run.fabric.print(f"resumed from {used} at step {run.start_step}")
+        run.last_saved = run.start_step
+    elif config.trainer.resume == "auto":
+        run.fabric.print(f"trainer.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0")
+    for logger in run.fabric.loggers:  # the CSV log keeps its rows up to the step resumed from, once each
+        if isinstance(logger, RunCSVLogger):
+            logger.resume_from_step(run.start_step)
     fit(run, callbacks)
     select_final_weights(run)
     run.results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
@@ -117,7 +123,7 @@ def add_throughput(run: Run, stats: dict, seconds: float, peak: float | None) ->
             stats["mfu"] = flops / seconds / peak
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(FloatingPointError):
     """A step's loss or gradient was not finite and ``trainer.on_nonfinite=stop``."""
 
 

@@ -1,0 +1,137 @@
+"""Bad input found by trying the project as a new user: each ends in one line that names the problem and the fix,
+the same from `fabric-tram`, `python recipes/X.py` and `fabric run`, before anything is written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import launch_two_processes, small_config
+
+from fabric_tram.config import ConfigError, load_config
+from fabric_tram.engine.trainer import NonFiniteError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, cwd, **env):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, expected: str) -> None:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["optimizer.betas=[0.9]"], "optimizer.betas must be two numbers in [0, 1)"),
+        (["optimizer.betas=[0.9,0.99,5]"], "optimizer.betas must be two numbers in [0, 1)"),
+        (["trainer.save_every=-1"], "trainer.save_every must be >= 0"),
+        (["trainer.eval_every=-5"], "trainer.eval_every must be >= 0"),
+        (["optimizer.name=tram-prev", "optimizer.base=asam"], "optimizer.base='asam' is an update rule"),
+        (["optimizer.name=tram-prev", "optimizer.base=adamm"], "optimizer.base: unknown optimizer 'adamm'"),
+        (["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite='ignore' is not one of stop, skip"),
+        (["schedule.name=cosine", "schedule.end_factor=2"], "schedule.end_factor must be in [0, 1]"),
+        (["optimizer.lr=[1"], "not valid YAML"),
+    ],
+)
+def test_bad_values_are_refused_with_the_config(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "recipes" / "tiny_sample.py", overrides)
+    assert expected in str(err.value)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: gpt2\ntrainer: {max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:1: YAML syntax error"):
+        load_config(path)
+
+
+def test_nothing_is_written_when_the_config_is_refused_and_the_corrected_rerun_goes_ahead(corpus, tmp_path):
+    bad = subprocess.run([sys.executable, str(ROOT / "recipes" / "tiny_sample.py"), f"task.data_dir={corpus}",
+                          f"trainer.run_dir={tmp_path / 'run'}", "optimizer.betas=[0.9,0.99,5]", "trainer.max_steps=1"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert_one_line_error(bad, "optimizer.betas")
+    assert not (tmp_path / "run").exists()
+    good = train(small_config(corpus, tmp_path / "run", "adam", steps=1))
+    assert len(good.history) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["cli", "script"])
+def test_errors_inside_training_end_in_one_line_from_both_launch_forms(corpus, tmp_path, launch):
+    run_dir = tmp_path / "run"
+    (run_dir).mkdir()
+    (run_dir / "config.yaml").write_text("model: {}\n")  # an existing run folder: refused, untouched
+    first = ["recipes/tiny_sample.py", f"task.data_dir={corpus}", f"trainer.run_dir={run_dir}"]
+    command = (
+        [sys.executable, "-m", "fabric_tram.cli", "train", *first] if launch == "cli" else [sys.executable, *first]
+    )
+    assert_one_line_error(run_cli(command, ROOT), "already holds a run")
+    missing = [*first[:1], f"task.data_dir={tmp_path / 'absent'}", f"trainer.run_dir={tmp_path / 'other'}"]
+    command = (
+        [sys.executable, "-m", "fabric_tram.cli", "train", *missing] if launch == "cli" else [sys.executable, *missing]
+    )
+    assert_one_line_error(run_cli(command, ROOT), "does not exist; set task.data_dir")
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path):
+    proc = run_cli([sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "bad.module"], tmp_path)
+    assert_one_line_error(proc, "plugin module 'bad.module' could not be imported")
+
+
+def test_list_shows_each_entrys_config_defaults():
+    from click.testing import CliRunner
+
+    from fabric_tram.cli import main
+
+    out = CliRunner().invoke(main, ["list"]).output
+    assert "rho=0.5" in out and "radius_scale=1.0" in out and "betas=[0.9, 0.99]" in out and "warmup_steps=0" in out
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_diverging_run_stops_naming_the_step_or_skips_and_counts(corpus, tmp_path, policy):
+    extra = ["optimizer.lr=1e6", "trainer.save_every=1", f"trainer.on_nonfinite={policy}"]
+    config = small_config(corpus, tmp_path / policy, "sgd", steps=4, extra=extra)
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=r"step \d: the loss or its gradient is not finite"):
+            train(config)
+        return
+    run = train(config)
+    skipped = [s["step"] for s in run.history if s.get("nonfinite")]
+    assert skipped and run.history[-1]["nonfinite_steps"] == len(skipped)
+    assert all(s.get("nonfinite") for s in run.history if s["step"] > skipped[0])  # nothing learned from NaN
+    import torch
+    from conftest import trajectory
+
+    assert all(torch.isfinite(p).all() for p in trajectory(run)["params"].values())  # no NaN reached the weights
+
+
+@pytest.mark.distributed
+def test_a_config_error_under_fabric_run_is_the_last_thing_printed(tmp_path):
+    args = [str(ROOT / "recipes" / "tiny_sample.py"), "trainer.strategy=fsdp", "trainer.precision=16-mixed",
+            f"trainer.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = launch_two_processes(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not set(line.strip()) <= {"="}]
+    assert "error: ConfigError: trainer.precision=16-mixed is refused" in lines[-1], output[-3000:]
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sam"])
+def test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(corpus, tmp_path, poison_gradients, rule):
+    from conftest import max_param_diff, trajectory
+
+    extra = ["trainer.on_nonfinite=skip"] + (["optimizer.base=sgd"] if rule != "sgd" else [])
+    one = train(small_config(corpus, tmp_path / "one", rule, steps=1, extra=extra))
+    passes = poison_gradients(when=lambda ctx: ctx.step == 2)  # every pass of step 2: the final gradient too
+    two = train(small_config(corpus, tmp_path / "two", rule, steps=2, extra=extra))
+    assert passes.count(2) >= 1 and two.history[1]["nonfinite"] and two.history[1]["nonfinite_steps"] == 1
+    assert max_param_diff(trajectory(one)["params"], trajectory(two)["params"]) == 0.0  # step 2 changed nothing
