@@ -214,7 +214,21 @@ def resolve(raw: dict) -> Config:
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
     config = Config(**sections)
     validate(config)
+    config.trainer.run_dir = expand_run_dir(config)
     return config
+
+
+def expand_run_dir(config: Config) -> str:
+    """``trainer.run_dir`` may name the run by its settings, ``{section.key}`` filled from the resolved config:
+    ``runs/gpt2_s2orc-{optimizer.name}-seed{trainer.seed}`` (so each rule and seed gets its own folder)."""
+    template = config.trainer.run_dir
+    try:
+        return template.format(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    except (KeyError, AttributeError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"trainer.run_dir={template!r}: cannot fill its {{...}} ({type(err).__name__}: {err}); use config keys "
+            "such as {optimizer.name} or {trainer.seed} (double the braces for a literal one)"
+        ) from None
 
 
 def check_section(section, config_cls: type | None, base: str | None) -> None:

@@ -17,6 +17,11 @@ def m2d2_task(domains: list[str]) -> dict:
     }
 
 
+def run_dir(recipe: str) -> str:
+    """Each update rule and seed in its own folder: ``fabric-tram report runs/<recipe>-*`` puts them side by side."""
+    return f"runs/{recipe}-{{optimizer.name}}-seed{{trainer.seed}}"
+
+
 def smoke(run_dir: str) -> dict:
     """Tiny preset on the bundled sample corpus, a few steps; every other setting (strategy, precision,
     update rule, evaluation, best-checkpoint selection) stays the recipe's own."""

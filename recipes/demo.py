@@ -9,7 +9,9 @@ one (bible: the World English Bible). Prints the per-domain table (mean ± std o
     python recipes/demo.py --seeds 1 --rules adam,tram-prev trainer.max_steps=50
     python recipes/demo.py --smoke                           # a cut-down setting (the tests run it)
 
-Run folders that already hold results are reused, so an interrupted demo continues where it stopped.
+Run folders that already hold results are reused, and an interrupted run continues from its newest checkpoint
+(checkpoints every 50 steps), so a rerun of an interrupted demo continues where it stopped. The first row of the
+table is the pre-trained model itself, evaluated like the runs, before any fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 from fabric_tram.analysis.results import report
 from fabric_tram.cli import train_job
 from fabric_tram.config import merge, parse_overrides, resolve
+from fabric_tram.engine.evaluation import evaluate
+from fabric_tram.engine.setup import setup
+from fabric_tram.jsonfile import write_json
 
 RULES = ["adam", "asam", "tram-prev"]
 RECIPE = {
@@ -33,10 +38,11 @@ RECIPE = {
         "precision": "32-true",
         "eval_splits": ["validation", "test"],
         "eval_batches": 0,
+        "save_every": 50,
         "progress_bar": False,
     },
 }
-SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2}}
+SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2, "save_every": 1}}
 
 
 def parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -56,11 +62,27 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
+def pretrained_row(base: dict, out: Path) -> Path:
+    """The bundled pre-trained model, evaluated before any fine-tuning on every split the runs report (the
+    forgetting that fine-tuning causes shows against it): a run-like folder the report puts first."""
+    folder = out / "pretrained"
+    if (folder / "results.json").is_file():
+        return folder
+    config = resolve(merge(base, {"trainer": {"run_dir": str(folder)}}))
+    run = setup(config, training=False)
+    results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {"optimizer": "pre-trained", "seed": 0, "train_domains": list(run.task.train_domains), "results": results}
+    write_json(folder / "results.json", summary)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> str:
     options, overrides = parse(list(sys.argv[1:] if argv is None else argv))
     base = merge(RECIPE, SMOKE) if options["smoke"] else RECIPE
+    base = merge(base, parse_overrides(overrides))
     out = Path(options["out"])
-    run_dirs = []
+    run_dirs = [pretrained_row(base, out)]
     for seed in range(options["seeds"]):
         for rule in options["rules"]:
             run_dir = out / f"{rule}-seed{seed}"
@@ -69,9 +91,12 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"reusing {run_dir} (delete it to train again)")
                 continue
             settings = {"optimizer": {"name": rule}, "trainer": {"seed": seed, "run_dir": str(run_dir)}}
-            config = resolve(merge(merge(base, settings), parse_overrides(overrides)))
-            print(f"== {rule}, seed {seed} -> {run_dir}")
-            train_job(config)
+            if (run_dir / "config.yaml").is_file():  # interrupted: continue from its newest checkpoint
+                settings["trainer"]["resume"] = "auto"
+                print(f"== {rule}, seed {seed}: continuing the interrupted run in {run_dir}")
+            else:
+                print(f"== {rule}, seed {seed} -> {run_dir}")
+            train_job(resolve(merge(base, settings)))
     table = report(run_dirs, out / "report")
     print(table)
     print(f"written: {out / 'report' / 'report.md'}, {out / 'report' / 'figure2.png'}")

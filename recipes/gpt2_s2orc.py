@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _m2d2 import S2ORC_DOMAINS, gpt2_base_recipe, smoke  # noqa: E402
+from _m2d2 import S2ORC_DOMAINS, gpt2_base_recipe, run_dir, smoke  # noqa: E402
 
 from fabric_tram.cli import run_recipe  # noqa: E402
 
-RECIPE = gpt2_base_recipe(S2ORC_DOMAINS, "runs/gpt2_s2orc")
-SMOKE = smoke("runs/smoke/gpt2_s2orc")
+RECIPE = gpt2_base_recipe(S2ORC_DOMAINS, run_dir("gpt2_s2orc"))
+SMOKE = smoke(run_dir("smoke/gpt2_s2orc"))
 
 if __name__ == "__main__":
     run_recipe(RECIPE, smoke=SMOKE)

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _m2d2 import WIKI_DOMAINS, gpt2_base_recipe, smoke  # noqa: E402
+from _m2d2 import WIKI_DOMAINS, gpt2_base_recipe, run_dir, smoke  # noqa: E402
 
 from fabric_tram.cli import run_recipe  # noqa: E402
 
-RECIPE = gpt2_base_recipe(WIKI_DOMAINS, "runs/gpt2_wiki")
-SMOKE = smoke("runs/smoke/gpt2_wiki")
+RECIPE = gpt2_base_recipe(WIKI_DOMAINS, run_dir("gpt2_wiki"))
+SMOKE = smoke(run_dir("smoke/gpt2_wiki"))
 
 if __name__ == "__main__":
     run_recipe(RECIPE, smoke=SMOKE)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _m2d2 import S2ORC_DOMAINS, m2d2_task, smoke  # noqa: E402
+from _m2d2 import S2ORC_DOMAINS, m2d2_task, run_dir, smoke  # noqa: E402
 
 from fabric_tram.cli import run_recipe  # noqa: E402
 
@@ -25,7 +25,7 @@ RECIPE = {
     "optimizer": {"name": "adam", "lr": 2e-5, "betas": [0.9, 0.99]},  # optimizer.name=tram-prev etc. keeps these
     "schedule": {"name": "polynomial", "warmup_steps": 10_000},
     "trainer": {
-        "run_dir": "runs/gpt2xl_s2orc",
+        "run_dir": run_dir("gpt2xl_s2orc"),
         "strategy": "fsdp",
         "precision": "bf16-mixed",
         "micro_batch_size": 4,
@@ -39,7 +39,7 @@ RECIPE = {
         "keep_last": 2,
     },
 }
-SMOKE = smoke("runs/smoke/gpt2xl_s2orc")
+SMOKE = smoke(run_dir("smoke/gpt2xl_s2orc"))
 
 if __name__ == "__main__":
     run_recipe(RECIPE, smoke=SMOKE)

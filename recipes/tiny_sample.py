@@ -13,7 +13,7 @@ RECIPE = {
     "optimizer": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.99]},
     "schedule": {"name": "polynomial", "warmup_steps": 10},
     "trainer": {
-        "run_dir": "runs/tiny_sample",
+        "run_dir": "runs/tiny_sample-{optimizer.name}-seed{trainer.seed}",
         "max_steps": 60,
         "micro_batch_size": 8,
         "accumulate": 2,

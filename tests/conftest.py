@@ -243,6 +243,10 @@ def poison_gradients(monkeypatch):
 # ------------------------------------------------------------------------------------------- page faults
 
 GLIBC = platform.libc_ver()[0] == "glibc"
+# A step of the page-fault probe frees and reallocates 64 MiB tensors (16,384 pages each): without freed memory
+# kept, each step faults at least two of them back in (measured ~65,000); kept, measured 0 or 1 per step, and
+# once in a while a few thousand when the machine reclaims memory. A quarter of one tensor separates the two.
+FEW_FAULTS, MANY_FAULTS = 16384 // 4, 2 * 16384
 _FAULTS = """
 import resource, torch
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GLIBC, page_faults_per_step
+from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
     _, faults_by_default = page_faults_per_step("print(None)")
     assert switched == str(GLIBC)
     if GLIBC:
-        assert faults_by_default >= 2 * 16384 and faults < 1000, (faults_by_default, faults)
+        assert faults_by_default >= MANY_FAULTS and faults < FEW_FAULTS, (faults_by_default, faults)
 
 
 @pytest.mark.slow

@@ -43,47 +43,41 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
         torch.testing.assert_close(again(ids), ours(ids), atol=0, rtol=0)
 
 
+INTERRUPTED_DEMO = """
+import os, signal, sys, runpy
+from fabric_tram.engine import trainer
+
+real = trainer.after_step
+
+def after_step(run, step, stats, progress):  # kill -9 the demo in tram-prev's run, after its step-2 checkpoint
+    real(run, step, stats, progress)
+    if run.config.optimizer.name == "tram-prev" and step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.after_step = after_step
+sys.argv = [{demo!r}, "--smoke", "--out", {out!r}, "--rules", "adam,tram-prev"]
+runpy.run_path({demo!r}, run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_demo_command_on_a_cut_down_setting(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "demo.py"),
-            "--smoke",
-            "--out",
-            str(tmp_path / "demo"),
-            "--rules",
-            "adam,tram-prev",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+def test_demo_command_on_a_cut_down_setting_continues_after_an_interruption(tmp_path):
+    demo, out_dir = str(ROOT / "recipes" / "demo.py"), str(tmp_path / "demo")
+    killed = subprocess.run([sys.executable, "-c", INTERRUPTED_DEMO.format(demo=demo, out=out_dir)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (tmp_path / "demo" / "adam-seed0" / "results.json").is_file()
+    assert not (tmp_path / "demo" / "tram-prev-seed0" / "results.json").is_file()
+    args = [sys.executable, demo, "--smoke", "--out", out_dir, "--rules", "adam,tram-prev"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "reusing" in out.stdout and "continuing the interrupted run" in out.stdout
+    assert "resumed from" in out.stdout and "step-00000002 at step 2" in out.stdout
     assert "| run | jargon | bible | python-manual | wordnet | ZS Avg. |" in out.stdout
-    assert "| tram-prev |" in out.stdout and "| adam |" in out.stdout
+    assert "| pre-trained |" in out.stdout and "| tram-prev |" in out.stdout and "| adam |" in out.stdout
     assert (tmp_path / "demo" / "report" / "figure2.png").is_file()
     summary = json.loads((tmp_path / "demo" / "tram-prev-seed0" / "results.json").read_text())
-    assert summary["train_domains"] == ["jargon"] and set(summary["results"]["test"]) == {
-        "bible",
-        "jargon",
-        "python-manual",
-        "wordnet",
-    }
-    rerun = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "demo.py"),
-            "--smoke",
-            "--out",
-            str(tmp_path / "demo"),
-            "--rules",
-            "adam,tram-prev",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # interrupted or finished runs are reused
+    assert summary["train_domains"] == ["jargon"]
+    assert set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # finished runs are reused

@@ -8,7 +8,9 @@ from click.testing import CliRunner
 from conftest import (
     EXACT_ABS,
     EXACT_REL,
+    FEW_FAULTS,
     GLIBC,
+    MANY_FAULTS,
     initial_params,
     max_param_diff,
     page_faults_per_step,
@@ -171,7 +173,7 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to(keep):
     )
     _, faults = page_faults_per_step(setup)
     if GLIBC:
-        assert (faults < 1000) if keep else (faults >= 2 * 16384), faults
+        assert (faults < FEW_FAULTS) if keep else (faults >= MANY_FAULTS), faults
 
 
 RELEASE_AT_EXIT = """

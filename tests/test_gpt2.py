@@ -48,7 +48,8 @@ def test_input_noise_is_added_to_token_embeddings(tmp_path):
     noise = 0.1 * torch.randn(2, 9, 32)
     with torch.no_grad():
         embeds = ref.transformer.wte(ids) + noise  # HF's inputs_embeds: before positions
-        torch.testing.assert_close(ours(ids, input_noise=noise), ref(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
+        noised = ours(ids, input_noise=lambda e: e + noise)
+        torch.testing.assert_close(noised, ref(inputs_embeds=embeds).logits, atol=1e-5, rtol=0)
 
 
 def test_hub_id_loads_offline_from_the_cache_layout(tmp_path):

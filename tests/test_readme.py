@@ -3,6 +3,7 @@ exactly the README's install and test commands."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,17 @@ def test_readme_plugin_example_trains_and_registers(tmp_path):
     loss = float(out.stdout.strip().splitlines()[-1].split()[-1])
     assert 0 < loss < 0.6931 + 0.05  # at most chance (ln 2) plus noise: it trained without error
     assert (tmp_path / "runs" / "parity" / "results.json").is_file()
-    listed = run(
-        [sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "my_parity"],
-        tmp_path,
-        {"PYTHONPATH": str(tmp_path)},
-    )
+    script = shutil.which("fabric-tram")  # the installed console script: the working directory is not on its path
+    listed = run([script, "list", "--plugin", "my_parity"], tmp_path)
     assert listed.returncode == 0, listed.stderr
     for name in ("bag-of-embeddings", "parity", "signsgd"):
         assert name in listed.stdout
+    # the README's model under a rule that noises the inputs: the input_noise contract holds
+    noised = run([script, "train", "--plugin", "my_parity", "model.name=bag-of-embeddings", "task.name=parity",
+                  "optimizer.name=tram-x", "optimizer.lr=0.01", "trainer.max_steps=3", "trainer.run_dir=runs/noised",
+                  "trainer.progress_bar=false"], tmp_path)  # fmt: skip
+    assert noised.returncode == 0, noised.stderr[-3000:]
+    assert (tmp_path / "runs" / "noised" / "results.json").is_file()
 
 
 def test_entry_point_plugins_load_without_flags(tmp_path):

@@ -51,4 +51,28 @@ def test_report_side_by_side_with_seeds_and_figure(tmp_path):
     png = (tmp_path / "out" / "figure2.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     bad = CliRunner().invoke(main, ["report", str(tmp_path)])
-    assert bad.exit_code != 0 and "has no results.json" in bad.output
+    assert bad.exit_code != 0 and "is a finished run folder (with results.json)" in bad.output
+    # a glob over a folder of runs also matches the report's own folder: skipped, named
+    with_report = CliRunner().invoke(
+        main, ["report", *map(str, runs), str(tmp_path / "out"), "--out", str(tmp_path / "o2")]
+    )
+    assert with_report.exit_code == 0 and f"skipped (not finished runs): {tmp_path / 'out'}" in with_report.output
+
+
+def test_results_json_holds_null_for_a_diverged_metric(tmp_path):
+    from fabric_tram.jsonfile import write_json
+
+    write_json(tmp_path / "r.json", {"loss": float("nan"), "ppl": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: 1 / 0) == {
+        "loss": None,
+        "ppl": [1.0, None],
+    }
+
+
+def test_recipe_runs_are_named_by_rule_and_seed():
+    from fabric_tram.config import load_config
+
+    settings = (["optimizer.name=adam"], ["optimizer.name=tram-prev"], ["optimizer.name=tram-prev", "trainer.seed=1"])
+    dirs = {load_config("recipes/gpt2_wiki.py", o, smoke=True).trainer.run_dir for o in settings}
+    assert dirs == {"runs/smoke/gpt2_wiki-adam-seed0", "runs/smoke/gpt2_wiki-tram-prev-seed0",
+                    "runs/smoke/gpt2_wiki-tram-prev-seed1"}  # fmt: skip

@@ -158,6 +158,40 @@ def test_noise_rule_on_a_model_without_input_noise_or_named_embedding_is_refused
         UpdateRuleLoop("sam", model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b, **k: m(b).sum(), rhoo=1)
 
 
+class NoisedBag(torch.nn.Module):
+    """A model with an input_noise argument, used as the contract says, as a tensor, or not at all."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.embed, self.head, self.use = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2), use
+
+    def forward(self, x, input_noise=None):
+        e = self.embed(x)
+        if input_noise is not None and self.use == "function":
+            e = input_noise(e)
+        elif input_noise is not None and self.use == "tensor":
+            e = e + input_noise
+        return self.head(e.mean(1))
+
+
+@pytest.mark.parametrize("use,error,message", [("function", None, None),
+                                               ("tensor", TypeError, "is a function to apply to the token embeddings"),
+                                               ("ignored", ValueError, "without noising its inputs")])  # fmt: skip
+def test_the_input_noise_contract_is_checked_with_a_clear_error(use, error, message):
+    from fabric_tram.optim.api import UpdateRuleLoop
+
+    model = NoisedBag(use)
+    loss = lambda m, b, **kw: F.cross_entropy(m(b, **kw), torch.zeros(len(b), dtype=torch.long), reduction="sum")  # noqa: E731
+    rule = UpdateRuleLoop("tram-x", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          lambda m, b, **kw: (loss(m, b, **kw), len(b), m(b, **kw), None))  # fmt: skip
+    batch = torch.randint(0, 10, (4, 3))
+    if error is None:
+        assert rule.step(batch)["d"] > 0
+    else:
+        with pytest.raises(error, match=message):
+            rule.step(batch)
+
+
 def test_activation_checkpointing_recomputes_at_the_perturbed_weights(corpus, tmp_path):
     """The restore runs after the descent backward, so recomputed activations see θ + e as the forward did."""
     extra = ["optimizer.base=sgd"]

@@ -10,6 +10,8 @@ import math
 import statistics
 from pathlib import Path
 
+from fabric_tram.jsonfile import write_json
+
 ZS_AVG = "ZS Avg."
 
 
@@ -42,7 +44,7 @@ def write_table(rows: dict[str, dict[str, str | float]], columns: list[str], out
         writer.writerow(["run", *columns])
         for label, row in rows.items():
             writer.writerow([label, *[row.get(c, "") for c in columns]])
-    out_stem.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    write_json(out_stem.with_suffix(".json"), rows)
     header = ["run", *[_abbrev(c) for c in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, row in rows.items():
@@ -79,8 +81,15 @@ def load_run(run_dir: Path) -> dict:
 
 
 def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str:
-    """Side-by-side table of several runs (grouped by update rule: mean ± spread over seeds) and Figure 2."""
-    runs = [(Path(d), load_run(Path(d))) for d in run_dirs]
+    """Side-by-side table of several runs (grouped by update rule: mean ± spread over seeds) and Figure 2.
+
+    Folders that are not finished runs (no results.json: the report's own folder, a run still training) are
+    skipped and named in the text; none left is an error."""
+    finished = [Path(d) for d in run_dirs if (Path(d) / "results.json").is_file()]
+    skipped = [str(d) for d in run_dirs if Path(d) not in finished]
+    if not finished:
+        raise FileNotFoundError(f"none of {', '.join(map(str, run_dirs))} is a finished run folder (with results.json)")
+    runs = [(d, load_run(d)) for d in finished]
     split = split or pick_split(runs[0][1]["results"])
     per_run = [(d, r["optimizer"], r.get("seed", 0), run_row(r["results"], r["train_domains"], split)) for d, r in runs]
     columns = list(dict.fromkeys(c for *_, row in per_run for c in row))
@@ -95,7 +104,8 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
     plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
-    return f"{split} perplexity (mean ± std over seeds where n > 1):\n" + markdown
+    note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
+    return note + f"{split} perplexity (mean ± std over seeds where n > 1):\n" + markdown
 
 
 def _mean_spread(values: list[float]):

@@ -21,13 +21,13 @@ def load_tokenizer(name_or_path: str = "gpt2"):
 
     from tokenizers import Tokenizer
 
-    folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        folder = bundled_tokenizer_dir(name_or_path)
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return ByteLevelBPETokenizer.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    # a folder of that name holding tokenizer files first, then the bundled one (a folder that merely shares the
+    # bundled tokenizer's name, such as a demo's output folder "demo", is not a tokenizer)
+    for folder in (Path(name_or_path).expanduser(), bundled_tokenizer_dir(name_or_path)):
+        if (folder / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return ByteLevelBPETokenizer.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
     raise FileNotFoundError(
         f"tokenizer {name_or_path!r}: no bundled tokenizer of that name and no folder with tokenizer.json or "
         "vocab.json + merges.txt; use task.tokenizer=gpt2 or a path to such a folder"

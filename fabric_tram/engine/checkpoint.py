@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fabric_tram.jsonfile import write_json
+
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
 
@@ -133,10 +135,7 @@ def best_step(run_dir: str | Path) -> int:
 
 
 def record_best(run_dir: str | Path, step: int, metric: float) -> None:
-    path = Path(run_dir) / CHECKPOINT_DIR / "best.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"step": step, "validation_loss": metric}))
-    tmp.replace(path)
+    write_json(Path(run_dir) / CHECKPOINT_DIR / "best.json", {"step": step, "validation_loss": metric})
 
 
 def read_meta(path: str | Path) -> dict:

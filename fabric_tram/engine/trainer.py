@@ -9,7 +9,6 @@ checkpoint is written, the weights of the best checkpoint are put back when ``tr
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from fabric_tram.engine.evaluation import evaluate, format_results, improves_bes
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
 from fabric_tram.engine.run_log import RunCSVLogger
 from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
+from fabric_tram.jsonfile import write_json
 from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext
 
@@ -217,7 +217,7 @@ def write_results(run: Run) -> None:
             "train_domains": list(getattr(run.task, "train_domains", [])),
             "results": run.results,
         }
-        (run.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        write_json(run.run_dir / "results.json", summary)  # a diverged metric is null, not a bare NaN
         fabric.print(format_results(run.results))
     for logger in fabric.loggers:
         logger.finalize("success")

@@ -163,17 +163,15 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        """``input_noise``: a tensor shaped like the token embeddings, added to them before positions, or a
-        function mapping the token embeddings to their noised version (the update rules pass one)."""
+        """``input_noise``: a function mapping the token embeddings to their noised version, applied before the
+        position embeddings (the update rules that noise the inputs pass one; docs/design.md, "Model")."""
         B, T = input_ids.shape
         if T > self.n_positions:
             raise ValueError(f"sequence length {T} exceeds the model's n_positions={self.n_positions}")
         tr = self.transformer
         tok = tr.wte(input_ids)
-        if callable(input_noise):
+        if input_noise is not None:
             tok = input_noise(tok)
-        elif input_noise is not None:
-            tok = tok + input_noise.to(tok.dtype)
         x = tr.drop(tok + tr.wpe(torch.arange(T, device=input_ids.device)))
         for block in tr.h:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():

@@ -114,15 +114,34 @@ class NoiseInjector:
 
     @contextlib.contextmanager
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        """Yields the forward kwargs to pass (``input_noise=fn``), or installs a hook and yields none."""
-        if self.use_kwarg:
-            yield {"input_noise": fn}
-            return
-        handle = self.module.register_forward_hook(lambda module, args, output: fn(output))
+        """Yields the forward kwargs to pass (``input_noise=fn``), or installs a hook and yields none; the forward
+        run inside must apply ``fn`` to the embeddings (checked: the contract's misuses fail here, clearly)."""
+        calls = []
+
+        def counted(embeddings):
+            calls.append(1)
+            return fn(embeddings)
+
+        handle = None if self.use_kwarg else self.module.register_forward_hook(lambda m, args, out: counted(out))
         try:
-            yield {}
+            yield {"input_noise": counted} if self.use_kwarg else {}
+        except TypeError as err:
+            if self.use_kwarg and not calls and "function" in str(err):
+                raise TypeError(CONTRACT + f" (the forward failed with: {err})") from err
+            raise
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
+        if not calls:
+            where = "its forward's input_noise argument" if self.use_kwarg else f"the module {self.module}"
+            raise ValueError(f"the model ran a forward without noising its inputs through {where}: " + CONTRACT)
+
+
+CONTRACT = (
+    "a model's input_noise argument is a function to apply to the token embeddings, "
+    "`embeddings = input_noise(embeddings)` before positions are added (docs/design.md); "
+    "or set optimizer.embedding_module to the token-embedding module's name to add the noise by a hook"
+)
 
 
 class InputNoise:
