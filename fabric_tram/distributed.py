@@ -42,15 +42,15 @@ def shard_sum(local_total: torch.Tensor, like: Iterable[torch.Tensor]) -> torch.
 
 def sum_of_squares(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
     """Σ t² over every element of every tensor, across all shards, in float32 (float64 for float64 tensors);
-    the same on every rank."""
+    the same on every rank. One multi-tensor norm kernel (per dtype) and one all-reduce; nothing leaves the device."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.zeros(())
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    total = torch.zeros((), dtype=dtype, device=local(tensors[0]).device)
-    for t in tensors:  # (torch._foreach_norm's CPU accumulation was measured 2.5e-4 off here: not used)
-        total += local(t).detach().to(dtype).pow(2).sum()
-    return shard_sum(total, tensors)
+    shards = [local(t).detach() for t in tensors]
+    widened = [t if t.dtype == dtype else t.to(dtype) for t in shards]
+    total = torch.stack(torch._foreach_norm(widened)).pow(2).sum()
+    return shard_sum(total, tensors)  # the sharded originals name the group to complete the sum over
 
 
 def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:

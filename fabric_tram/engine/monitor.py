@@ -41,10 +41,19 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, step: int, stats: dict) -> None:
+        """A step whose values reached the host: move the bar and show them."""
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.update(step - self.bar.n)
+            postfix = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+            if "tokens_per_s" in stats:
+                postfix["tok_s"] = f"{stats['tokens_per_s']:,.0f}"
+            self.bar.set_postfix(postfix)
+
+    def advance(self, step: int) -> None:
+        """A step whose values stay on the device: move the bar only."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
 
     def write(self, text: str) -> None:
         if self.bar is not None:

@@ -24,7 +24,7 @@ from fabric_tram.engine.run_log import RunCSVLogger
 from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
 from fabric_tram.jsonfile import write_json
 from fabric_tram.optim.schedules import lr_factor
-from fabric_tram.optim.step import StepContext
+from fabric_tram.optim.step import StepContext, to_host
 
 Callback = Callable[[Run, dict], None]
 
@@ -50,25 +50,49 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
 
 
 def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
-    """The step loop from ``run.start_step + 1`` to ``trainer.max_steps``."""
+    """The step loop from ``run.start_step + 1`` to ``trainer.max_steps``.
+
+    A step's values stay on the device; they reach the host together, once per logged step (and on steps that
+    save, evaluate or skip), so the host never waits for the device in between. Throughput is measured over the
+    steps since the previous such step (a host clock per step would time kernel launches, not the device).
+    """
     fabric, t = run.fabric, run.config.trainer
     sampler = StepSampler(
         len(run.task.train_set), t.micro_batch_size, t.accumulate, fabric.world_size, fabric.global_rank, seed=t.seed
     )
     progress = Progress(fabric, run.start_step, t.max_steps, t.progress_bar)
     peak = available_flops(fabric.device, t.precision)
+    pending, since = [], time.perf_counter()
     run.model.train()
     for step in range(run.start_step + 1, t.max_steps + 1):
-        t0 = time.perf_counter()
         stats = training_step(run, sampler, step)
-        add_throughput(run, stats, time.perf_counter() - t0, peak)
         stats["epoch"] = sampler.epoch_of(step)
         run.history.append(stats)
-        progress.update(step, stats["loss"], stats["lr"], stats["tokens_per_s"])
+        pending.append(stats)
+        if callbacks or stats.get("nonfinite") or is_logged(t, step) or is_saved(t, step) or is_evaluated(t, step):
+            to_host(pending)
+            now = time.perf_counter()
+            add_throughput(run, pending, now - since, peak)
+            pending, since = [], now
+            progress.update(step, stats)
+        else:
+            progress.advance(step)
         for callback in callbacks:
             callback(run, stats)
         after_step(run, step, stats, progress)
     progress.close()
+
+
+def is_logged(t, step: int) -> bool:
+    return step % t.log_every == 0 or step == t.max_steps
+
+
+def is_saved(t, step: int) -> bool:
+    return bool(t.save_every) and step % t.save_every == 0
+
+
+def is_evaluated(t, step: int) -> bool:
+    return bool(t.eval_every) and step % t.eval_every == 0 and step < t.max_steps
 
 
 def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
@@ -102,8 +126,8 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
     return {
         "step": step,
         "lr": lr,
-        "n_targets": float(ctx.n_global),
-        "n_local": float(n_local),
+        "n_targets": ctx.n_global,
+        "n_local": n_local,
         "tokens_local": float(sum(x.numel() for x in inputs)),
         "seq_len": max((x.shape[1] for x in inputs), default=1),
         **{f"passes/{k}": v for k, v in ctx.passes.items()},
@@ -111,16 +135,18 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
     }
 
 
-def add_throughput(run: Run, stats: dict, seconds: float, peak: float | None) -> None:
-    """Targets per second, and FLOPs per second (and MFU against ``peak``) counting every pass the rule ran."""
-    stats["tokens_per_s"] = stats["n_targets"] / seconds
-    flops = flops_per_step(
-        getattr(run.model, "module", run.model), stats["tokens_local"], stats["seq_len"], run.rule.passes
-    )
-    if flops is not None:
-        stats["flops_per_s"] = flops / seconds
-        if peak:
-            stats["mfu"] = flops / seconds / peak
+def add_throughput(run: Run, entries: list[dict], seconds: float, peak: float | None) -> None:
+    """Targets per second, and FLOPs per second (and MFU against ``peak``) counting every pass the rule ran,
+    over ``entries``, the steps of the last ``seconds``; each entry gets the interval's rate."""
+    model = getattr(run.model, "module", run.model)
+    targets = sum(e["n_targets"] for e in entries)
+    flops = [flops_per_step(model, e["tokens_local"], e["seq_len"], run.rule.passes) for e in entries]
+    for entry in entries:
+        entry["tokens_per_s"] = targets / seconds
+        if None not in flops:
+            entry["flops_per_s"] = sum(flops) / seconds
+            if peak:
+                entry["mfu"] = sum(flops) / seconds / peak
 
 
 class NonFiniteError(FloatingPointError):
@@ -133,13 +159,13 @@ def after_step(run: Run, step: int, stats: dict, progress: Progress) -> None:
     fabric, t = run.fabric, run.config.trainer
     if stats.get("nonfinite"):
         check_nonfinite(run, step, stats, progress)
-    if step % t.log_every == 0 or step == t.max_steps:
+    if is_logged(t, step):
         fabric.log_dict({k: v for k, v in stats.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
-    if t.save_every and step % t.save_every == 0:
+    if is_saved(t, step):
         save(run, step)
         run.last_saved = step
         flush_logs(run)
-    if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+    if is_evaluated(t, step):
         metrics = evaluate(run, "validation", t.eval_batches)
         fabric.log_dict({f"validation/{d}/{k}": v for d, m in metrics.items() for k, v in m.items()}, step=step)
         if t.select_best and improves_best(run, metrics):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from fabric_tram.loss import as_loss_output
-from fabric_tram.optim.step import StepContext
+from fabric_tram.optim.step import StepContext, to_host
 from fabric_tram.optim.update_rule import UpdateRule, is_rule, rule_class
 from fabric_tram.registry import OPTIMIZERS
 
@@ -152,8 +152,9 @@ class UpdateRuleLoop:
             grad_clip=self.grad_clip,
             scaler=self.scaler,
         )
-        stats = self.rule.step(ctx)
-        return {**stats, **{f"passes/{k}": v for k, v in ctx.passes.items()}}
+        stats = {**self.rule.step(ctx), **{f"passes/{k}": v for k, v in ctx.passes.items()}}
+        to_host([stats])  # a plain loop wants numbers; the step itself never waited on the device for them
+        return stats
 
     def state_dict(self) -> dict:
         """The rule's persistent state (previous iterate, θ_0, EMA) and the step count, for your checkpoints."""

@@ -43,11 +43,12 @@ class DivergenceMeter:
         self.count = c if self.count is None else self.count + c
         return total
 
-    def mean(self, ctx: StepContext) -> float:
+    def mean(self, ctx: StepContext) -> torch.Tensor:
+        """The step's mean D over every valid position of every rank, a device tensor (all-reduced)."""
         if self.total is None:
-            return 0.0
+            return torch.zeros((), dtype=torch.float64, device=ctx.device)
         both = ctx.all_reduce_sum(torch.stack([self.total, self.count]))
-        return float(both[0] / both[1].clamp(min=1))
+        return both[0] / both[1].clamp(min=1)
 
 
 def measuring(ctx: StepContext, target: Target, meter: DivergenceMeter) -> Objective:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fabric_tram.config import ConfigError
 from fabric_tram.optim.base import nonnegative
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
@@ -200,8 +202,8 @@ class TRAM(ASAM):
         self.meter = DivergenceMeter(config.divergence)
 
     def radius(self, d):
-        radius = self.config.radius_scale * d
-        return radius if self.config.max_radius is None else min(radius, self.config.max_radius)
+        radius = self.config.radius_scale * d  # a device tensor: never brought to the host
+        return radius if self.config.max_radius is None else torch.clamp(radius, max=self.config.max_radius)
 
     def ascent_objective(self, ctx):
         return measuring(ctx, self.target, self.meter)

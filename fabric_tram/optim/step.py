@@ -13,21 +13,25 @@ are those counts divided by the number of micro-batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from fabric_tram.distributed import all_reduce_sum, global_norm, reshard_after_no_grad_forward
+from fabric_tram.distributed import all_reduce_sum, global_norm, local, reshard_after_no_grad_forward
 from fabric_tram.loss import LossOutput
+from fabric_tram.optim.weights import groups
 
 Objective = Callable[[dict], LossOutput]  # one micro-batch -> its LossOutput (forward included)
 
 
 @dataclass
 class PassResult:
-    loss: float  # global mean of the task loss over the step's targets (regularisers excluded)
-    regulariser: float | None  # global mean of the regulariser the objective added (None: it added none)
+    """A pass's means over the step's targets, as device tensors (nothing is brought to the host)."""
+
+    loss: torch.Tensor  # global mean of the task loss (regularisers excluded)
+    regulariser: torch.Tensor | None  # global mean of the regulariser the objective added (None: it added none)
 
 
 @dataclass
@@ -120,11 +124,11 @@ class StepContext:
                     regulariser_sum = term if regulariser_sum is None else regulariser_sum + term
                 self._count_targets(out, k)
                 del out  # its logits and log-probabilities must be freed as soon as the backward is done with them
-                self.fabric.backward(total * self._scale(per_rank))
+                self.fabric.backward(total * self._scale(per_rank).to(total.dtype))
             self.counts["backward"] += 1
         n = self.n_global.clamp(min=1)
-        reg = None if regulariser_sum is None else float(all_reduce_sum(self.fabric, regulariser_sum) / n)
-        return PassResult(loss=float(all_reduce_sum(self.fabric, loss_sum) / n), regulariser=reg)
+        reg = None if regulariser_sum is None else all_reduce_sum(self.fabric, regulariser_sum) / n
+        return PassResult(loss=all_reduce_sum(self.fabric, loss_sum) / n, regulariser=reg)
 
     def _count_targets(self, out: LossOutput, k: int) -> None:
         if self.n_global is not None:
@@ -134,12 +138,13 @@ class StepContext:
         self.n_local = torch.as_tensor(out.count, dtype=torch.float64, device=self.device)
         self.n_global = all_reduce_sum(self.fabric, self.n_local)
 
-    def _scale(self, per_rank: bool) -> float:
+    def _scale(self, per_rank: bool) -> torch.Tensor:
+        """The backward's normalisation, a device tensor (the counts never come to the host)."""
         if per_rank:  # no averaging over ranks: this rank's own mean
             if self.n_local is None:
                 raise ValueError("per-rank normalisation (m-sharpness) needs this rank's target count (n_local)")
-            return 1.0 / float(self.n_local.clamp(min=1))
-        return self.world_size / float(self.n_global.clamp(min=1))
+            return 1.0 / self.n_local.clamp(min=1)
+        return self.world_size / self.n_global.clamp(min=1)
 
     # ------------------------------------------------------------------------------------------- gradients
 
@@ -170,26 +175,52 @@ class StepContext:
 
     def clip_gradients(self) -> torch.Tensor:
         """Scale the gradients in ``p.grad`` down to global norm ``grad_clip`` if above it (0: never); returns the
-        norm before clipping (over every shard; identical on every rank)."""
+        norm before clipping (over every shard; identical on every rank). Multi-tensor and on the device: the
+        factor min(1, c / (‖g‖ + 1e-6)) is applied whatever the norm, so no value comes to the host."""
         norm = self.grad_norm()
-        if self.grad_clip > 0 and bool(torch.isfinite(norm)) and float(norm) > self.grad_clip:
-            factor = self.grad_clip / (float(norm) + 1e-6)
-            for g in self.grads():
-                if g is not None:
-                    g.mul_(factor)
+        if self.grad_clip > 0:
+            factor = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            grads = [local(g) for g in self.grads() if g is not None]
+            for group in groups(grads):
+                torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))
         return norm
 
-    def clip_and_step(self) -> dict:
+    def clip_and_step(self, *also_finite: torch.Tensor) -> dict:
         """Unscale (once), clip, step the base optimizer through Fabric, zero the gradients.
 
-        A non-finite gradient never reaches the weights: with a loss scaler it is an fp16 overflow (the scaler
-        skips the step and backs off); without one the step is skipped and marked ``nonfinite``.
+        A non-finite gradient (or a non-finite value among ``also_finite``, such as the pass's loss) never reaches
+        the weights: with a loss scaler it is an fp16 overflow (the scaler skips the step and backs off); without
+        one the step is skipped and marked ``nonfinite``. Deciding this is the step's one host synchronisation.
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
         norm = self.clip_gradients()
-        finite = bool(torch.isfinite(norm))
+        finite = all_finite(norm, *also_finite)
         if finite or self.scaler is not None:
             self.optimizer.step()  # with a scaler: skipped on inf/nan, and the scale is updated
         self.zero_grad()
-        return {"grad_norm": float(norm), "skipped": not finite, "nonfinite": not finite and self.scaler is None}
+        return {"grad_norm": norm, "skipped": not finite, "nonfinite": not finite and self.scaler is None}
+
+
+def all_finite(*values) -> bool:
+    """Whether every value (device tensors, Python numbers or None) is finite: one transfer to the host."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    numbers = [v for v in values if v is not None and not torch.is_tensor(v)]
+    if not all(math.isfinite(x) for x in numbers):
+        return False
+    return bool(torch.stack([torch.isfinite(t.detach().double()) for t in tensors]).all()) if tensors else True
+
+
+def to_host(entries: list[dict]) -> None:
+    """Replace the 0-dim device tensors in ``entries`` (a step's stats) by Python floats, in place, with one
+    transfer for all of them: the only way values of a step reach the host, after the step."""
+    places = [(entry, key) for entry in entries for key, value in entry.items() if torch.is_tensor(value)]
+    if not places:
+        return
+    devices = {entry[key].device for entry, key in places}
+    if len(devices) > 1:  # e.g. counts on the CPU beside losses on the GPU: gather on one device first
+        values = torch.stack([entry[key].detach().double().reshape(()).cpu() for entry, key in places])
+    else:
+        values = torch.stack([entry[key].detach().double().reshape(()) for entry, key in places])
+    for (entry, key), value in zip(places, values.tolist(), strict=True):
+        entry[key] = value

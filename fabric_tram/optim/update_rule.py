@@ -20,7 +20,6 @@ are never saved.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -29,7 +28,7 @@ from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
 from fabric_tram.optim.geometry import EPS, Geometry, climb, scaled_gradient_norm
 from fabric_tram.optim.objectives import DivergenceMeter
-from fabric_tram.optim.step import Objective, StepContext
+from fabric_tram.optim.step import Objective, StepContext, all_finite
 from fabric_tram.optim.targets import Target
 from fabric_tram.optim.weights import clone_weights, perturbed
 from fabric_tram.registry import OPTIMIZERS
@@ -100,6 +99,9 @@ class UpdateRule:
     # ------------------------------------------------------------------------------------------- the step
 
     def step(self, ctx: StepContext) -> dict:
+        """One optimizer step. Values stay device tensors (logged by the engine once, after the step); the host
+        waits on the device only to decide whether a non-finite step is skipped: after the ascent pass of a
+        sharpness-aware rule, and before the base step."""
         if self.meter is not None:
             self.meter.reset()
         ascent = ctx.forward_backward(self.ascent_objective(ctx), per_rank=self.per_rank)  # g at θ: the logged loss
@@ -107,29 +109,29 @@ class UpdateRule:
         stats = {"loss": ascent.loss} if d is None else {"loss": ascent.loss, "d": d}
         if ascent.regulariser is not None:
             stats["regulariser"] = ascent.regulariser
-        if not math.isfinite(ascent.loss):  # all-reduced: every rank agrees
-            return {**stats, **ctx.skip_step()}
         if self.geometry is not None:
             radius, scale = self.radius(d), ctx.loss_scale()
             norm = scaled_gradient_norm(self.geometry, self.params, scale)  # ‖g‖, ‖T g‖ or sqrt(Σ g²/f), all shards
-            stats.update(Tg_norm=float(norm), radius=radius)
-            if not self._finite(ctx, norm, radius, d):  # e.g. an fp16 overflow in the ascent pass: skip the step
+            stats.update(Tg_norm=norm, radius=radius)
+            if not self._finite(ctx, ascent.loss, norm, radius, d):  # e.g. an fp16 overflow: skip the whole step
                 return {**stats, "e_norm": float("nan"), **ctx.skip_step()}
             with perturbed(self.params, self.backup):  # backup ← w here; w ← backup on leaving, bit-exact
                 # climb to the local maximum w + e(w)
-                stats["e_norm"] = climb(self.geometry, self.params, radius / (float(norm) + EPS), scale)
+                stats["e_norm"] = climb(self.geometry, self.params, radius / (norm + EPS), scale)
                 ctx.zero_grad()
                 ctx.forward_backward(self.descent_objective(ctx))  # the sharpness-aware gradient, at w + e(w)
         self.target.before_base_step()
-        stats.update(ctx.clip_and_step())  # the base optimizer steps (unscaled, clipped) with the last gradient
-        self.target.after_base_step()
+        # the base optimizer steps (unscaled, clipped) with the last gradient, unless something is not finite
+        stats.update(ctx.clip_and_step(ascent.loss))
+        if not stats["skipped"]:
+            self.target.after_base_step()
         return stats
 
     @staticmethod
-    def _finite(ctx: StepContext, norm: torch.Tensor, radius: float, d: float | None) -> bool:
-        ok = bool(torch.isfinite(norm)) and math.isfinite(radius) and (d is None or math.isfinite(d))
-        bad = torch.tensor(0.0 if ok else 1.0, device=ctx.device)
-        return float(ctx.all_reduce_sum(bad)) == 0.0  # every rank agrees (m-sharpness ranks may differ)
+    def _finite(ctx: StepContext, *values) -> bool:
+        """Every rank agrees (under m-sharpness the ranks' norms differ): one all-reduce, one host transfer."""
+        bad = torch.tensor(0.0 if all_finite(*values) else 1.0, device=ctx.device)
+        return float(ctx.all_reduce_sum(bad)) == 0.0
 
 
 def is_rule(target) -> bool:
