@@ -146,7 +146,7 @@ def estimate(source, overrides, devices, num_nodes, plugins):
         click.echo(format_estimate(config, run_estimate(config, devices, num_nodes)))
 
 
-BENCHMARKS = ("step_cost", "memory", "engine_overhead", "divergence", "gpu_check")
+BENCHMARKS = ("step_cost", "memory", "engine_overhead", "divergence", "gpu_suite")
 
 
 class _HelpToBenchmark(click.Command):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class TrainerConfig:
     max_steps: int = 100
     grad_clip: float = 1.0  # max global L2 norm of the (descent) gradient; 0 disables
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (GPUs: faster steps after a first slow one)
+    compile_backend: str = "inductor"  # torch.compile's backend (the tests use aot_eager: no code generation)
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
@@ -53,6 +56,7 @@ class TrainerConfig:
     resume: str | None = None  # a checkpoint folder, or "auto" for the newest in run_dir/checkpoints
     progress_bar: bool = True
     keep_freed_cpu_memory: bool = True  # CPU runs: malloc reuses freed memory instead of page-faulting it back
+    peak_flops: float | None = None  # per device, for MFU (default: our table of A100/H100/H200 dense peaks)
     on_nonfinite: str = "stop"  # non-finite loss or gradient: stop (an error naming the step), or skip and count
 
 
@@ -270,7 +274,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any or tp is typing.Any:
         return value
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin is Union or origin is types.UnionType:  # Optional[X] and X | None
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None

@@ -50,9 +50,15 @@ class LossOutput:
             )
         return self.logits, False
 
-    def as_target(self) -> LossOutput:
-        """What a target distribution needs: the logits are dropped when log_probs exist (the loss is kept,
-        detached)."""
+    def as_target(self, compute_dtype: torch.dtype | None = None) -> LossOutput:
+        """What a target distribution needs, held until the current forward's divergence is taken.
+
+        Without ``compute_dtype``: the float32 log-probabilities the loss computed (the logits are dropped).
+        With it (bf16/fp16 mixed precision): only the logits, cast back to the dtype they were computed in, a
+        lossless cast that halves what a target holds; the divergence recomputes each chunk's log-softmax.
+        """
+        if compute_dtype is not None and self.logits is not None:
+            return LossOutput(self.loss_sum.detach(), self.count, self.logits.to(compute_dtype), self.mask, None)
         keep_logits = self.log_probs is None
         return LossOutput(
             self.loss_sum.detach(), self.count, self.logits if keep_logits else None, self.mask, self.log_probs

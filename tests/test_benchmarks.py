@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
+from fabric_tram.bench.step_cost import RULES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,22 +72,13 @@ def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_path_on_cpu(tmp_path):
-    text, result = bench(
-        tmp_path,
-        "gpu_check",
-        "--device",
-        "cpu",
-        "--preset",
-        "tiny",
-        "--block",
-        "64",
-        "--steps",
-        "2",
-        "--precision",
-        "32-true",
-    )
-    assert len(result["losses"]) == 2 and "tokens/s: tram-prev" in text
+def test_gpu_suite_path_on_cpu(tmp_path):
+    """The GPU suite's code path on a CPU (the figures mean nothing here): every part runs and is reported."""
+    args = ["--device", "cpu", "--size", "tiny", "--xl", "tiny", "--steps", "1", "--compile-backend", "aot_eager"]
+    text, result = bench(tmp_path, "gpu_suite", *args)
+    assert "| bare loop, compiled |" in text and "| trainer adam, fsdp, compiled |" in text
+    assert set(result["rules"]) == set(RULES) and all(r["floor"] >= 1.4 for r in result["rules"].values())
+    assert result["xl"]["adam"]["estimated_bytes"] > 0 and result["xl"]["tram_over_adam"] > 1
 
 
 def test_bench_command_passes_help_to_the_benchmark():

@@ -108,3 +108,14 @@ def test_plugin_import_error_is_clear():
 
     with pytest.raises(ModuleNotFoundError, match="plugin module 'no_such_pkg.tasks' could not be imported"):
         load_plugins(["no_such_pkg.tasks"])
+
+
+def test_optional_fields_are_coerced_like_the_others():
+    """`X | None` annotations (PEP 604) are coerced as Optional[X] are: YAML reads 1e-3 as a string."""
+    base = ["model.name=gpt2", "task.name=lm", "optimizer.name=tram-prev"]
+    config = load_config(None, base + ["optimizer.max_radius=1e-3", "optimizer.eta=1e-2", "trainer.peak_flops=1e12",
+                                       "model.n_layer=3"])  # fmt: skip
+    assert config.optimizer.max_radius == 1e-3 and config.optimizer.eta == 1e-2 and config.trainer.peak_flops == 1e12
+    assert config.model.n_layer == 3
+    with pytest.raises(ConfigError, match="optimizer.max_radius' expects float, got 'big'"):
+        load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=tram-prev", "optimizer.max_radius=big"])

@@ -60,8 +60,9 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/update_rule.py",
-                "        if self.geometry is not None:\n            radius, scale",
-                "        if self.geometry is not None:\n            ctx.clip_gradients()\n            radius, scale",
+                "        if self.geometry is not None:\n            radius = self.radius(d)",
+                "        if self.geometry is not None:\n            ctx.clip_gradients()\n"
+                "            radius = self.radius(d)",
             ),
             (
                 "fabric_tram/optim/update_rule.py",
@@ -98,8 +99,14 @@ MUTATIONS = (  # fmt: skip
     ),
     Mutation(
         "noise-follows-padding",
-        "input noise drawn for the batch's padded length instead of a fixed length",
-        (("fabric_tram/optim/noise.py", "rows = max(self.max_len or length, length)", "rows = length"),),
+        "input noise that depends on the batch's padded length",
+        (
+            (
+                "fabric_tram/optim/noise.py",
+                "bits = splitmix64(keys + (counter + 1) * _int64(_GOLDEN))",
+                "bits = splitmix64(keys + (counter + length) * _int64(_GOLDEN))",
+            ),
+        ),
         ("tests/test_noise.py",),
     ),
     Mutation(
@@ -108,8 +115,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/noise.py",
-                "example_seed(self.seed, step, int(index))",
-                "example_seed(self.seed, 0, int(index))",
+                "splitmix64(_int64(self.seed * _GOLDEN + step * _MIX1)",
+                "splitmix64(_int64(self.seed * _GOLDEN + 0 * _MIX1)",
             ),
         ),
         ("tests/test_noise.py",),
@@ -138,8 +145,10 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/geometry.py",
-                "torch._foreach_mul_(tg, t)  # T² g",
-                "tg = torch._foreach_mul(t, t)  # T² g",
+                "    def finish(self, weights, grads, index):\n        self._times_t(weights, grads, index)  # T² g",
+                "    def finish(self, weights, grads, index):\n"
+                "        torch._foreach_copy_(grads, torch._foreach_add(torch._foreach_abs(weights), self.eta))  # T\n"
+                "        self._times_t(weights, grads, index)  # T², no g",
             ),
         ),
         (CLOSED_FORM,),
@@ -233,6 +242,30 @@ MUTATIONS = (  # fmt: skip
         "a non-finite gradient reaches the weights",
         (("fabric_tram/optim/step.py", "if finite or self.scaler is not None:", "if True:"),),
         ("tests/test_bad_input.py::test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights",),
+    ),
+    Mutation(
+        "host-sync-per-micro-batch",
+        "the backward's scale read on the host (a device-to-host wait per micro-batch)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "return self.world_size / self.n_global.clamp(min=1)",
+                "return torch.tensor(self.world_size / float(self.n_global.clamp(min=1)))",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_a_step_waits_on_the_device_only_for_its_skip_decisions",),
+    ),
+    Mutation(
+        "per-parameter-copies",
+        "weight copies as a Python loop over parameters (a kernel per tensor on a GPU)",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "        torch._foreach_copy_(t, s)",
+                "        [x.copy_(y) for x, y in zip(t, s, strict=True)]",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_per_parameter_work_launches_as_many_kernels_for_10_or_100_tensors",),
     ),
 )
 

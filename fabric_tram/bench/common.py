@@ -18,6 +18,8 @@ SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
     "tiny": (2, 2, 64, 2048, 64, 4),
     "small": (4, 4, 256, 8192, 256, 8),
     "gpt2": (12, 12, 768, 50257, 1024, 8),
+    # a CPU stand-in for launch overhead: 580 small parameter tensors, where per-tensor Python work dominates
+    "many-tensors": (48, 2, 32, 2048, 64, 8),
 }
 
 

@@ -78,7 +78,9 @@ def check_device_conflicts(config: TrainerConfig) -> None:
 def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
     check_device_conflicts(config)
     validate_trainer(config)
-    if config.strategy == "fsdp":
+    if config.strategy == "fsdp" and world_size(config) == 1:
+        strategy = "auto"  # one process: nothing to shard; FSDP's hooks, copies and resharding would only cost time
+    elif config.strategy == "fsdp":
         strategy = ShardedDataParallel(parallelize_fn=shard_per_block)
     elif config.strategy == "ddp":
         strategy = "ddp"
@@ -107,6 +109,18 @@ def build_fabric(config: TrainerConfig, loggers=None, plugins=None) -> Fabric:
         loggers=loggers,
         **kwargs,
     )
+
+
+def world_size(config: TrainerConfig) -> int:
+    """The number of processes the run will have: `fabric run`'s devices × nodes, else the config's (``auto``:
+    every visible GPU, or one CPU process)."""
+    if launched_by_fabric_cli():
+        devices, nodes = os.environ.get("LT_DEVICES", "1"), os.environ.get("LT_NUM_NODES", "1")
+        return int(devices) * int(nodes) if devices.isdigit() and nodes.isdigit() else 2  # unknown: shard
+    devices = config.devices
+    if devices == "auto":
+        devices = torch.cuda.device_count() if _resolved_accelerator(config) == "cuda" else 1
+    return int(devices) * config.num_nodes
 
 
 def release_process_group() -> None:

@@ -16,18 +16,46 @@ def flops_per_step(model, tokens: float, seq_len: int, passes) -> float | None:
     return forward * (passes.forward + passes.no_grad_forward) + 2 * forward * passes.backward
 
 
-def available_flops(device, precision: str) -> float | None:
-    """The device's peak FLOP/s for the precision (CUDA only; None where unknown)."""
-    import torch
-    from lightning.fabric.utilities.throughput import get_available_flops
+# dense peak FLOP/s of one GPU by the dtype of its matrix multiplies (datasheets, without 2:4 sparsity); a name
+# fragment matches the device name (the longer fragment first: "H100 PCIe" before "H100", which is the SXM part)
+PEAK_FLOPS = {
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12, "fp64": 51.2e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12, "fp64": 66.9e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12, "fp64": 19.5e12},
+}
 
-    dtype = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(
-        precision, torch.float32
-    )
-    try:
-        return get_available_flops(device, dtype) if device.type == "cuda" else None
-    except Exception:  # unknown device
+
+def matmul_dtype(precision: str) -> str:
+    """The dtype the matrix multiplies of a precision run in (float32 ones in TF32 when torch allows it)."""
+    import torch
+
+    if precision in ("bf16-mixed", "bf16-true"):
+        return "bf16"
+    if precision == "16-mixed":
+        return "fp16"
+    if precision == "64-true":
+        return "fp64"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """The dense peak FLOP/s of a GPU named ``device_name`` for ``precision`` (None for a GPU not in the table)."""
+    for fragment in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if fragment in device_name:
+            return PEAK_FLOPS[fragment][matmul_dtype(precision)]
+    return None
+
+
+def available_flops(device, precision: str, override: float | None = None) -> float | None:
+    """The peak FLOP/s that MFU divides by: ``trainer.peak_flops`` when set, else our table (CUDA only)."""
+    if override:
+        return override
+    if device.type != "cuda":
         return None
+    import torch
+
+    return peak_flops(torch.cuda.get_device_name(device), precision)
 
 
 class Progress:

@@ -27,6 +27,8 @@ from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext, to_host
 
 Callback = Callable[[Run, dict], None]
+# the autocast dtype of the mixed precisions: a target forward's logits are kept in it (docs/design.md)
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> Run:
@@ -61,7 +63,7 @@ def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
         len(run.task.train_set), t.micro_batch_size, t.accumulate, fabric.world_size, fabric.global_rank, seed=t.seed
     )
     progress = Progress(fabric, run.start_step, t.max_steps, t.progress_bar)
-    peak = available_flops(fabric.device, t.precision)
+    peak = available_flops(fabric.device, t.precision, t.peak_flops)
     pending, since = [], time.perf_counter()
     run.model.train()
     for step in range(run.start_step + 1, t.max_steps + 1):
@@ -120,6 +122,7 @@ def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
         n_local=n_local,
         grad_clip=t.grad_clip,
         scaler=run.scaler,
+        compute_dtype=MIXED_PRECISION_DTYPES.get(t.precision),
     )
     stats = run.rule.step(ctx)
     inputs = [b["input_ids"] for b in micro_batches if "input_ids" in b]

@@ -10,6 +10,13 @@ from fabric_tram.config import ConfigError
 from fabric_tram.registry import register_optimizer
 
 
+def implementation(params: list) -> dict:
+    """Fused kernels when every parameter is on a GPU (one kernel per step for all of them); torch's own default
+    elsewhere (on a CPU, where launches cost nothing, its per-tensor loop)."""
+    on_gpu = bool(params) and all(getattr(p, "device", torch.device("cpu")).type == "cuda" for p in params)
+    return {"fused": True} if on_gpu else {}
+
+
 def nonnegative(section, *names: str) -> None:
     """Refuse negative values of the named fields (absent or null ones are skipped)."""
     for name in names:
@@ -57,17 +64,21 @@ class SGDConfig:
 )
 def build_adam(params, config: AdamConfig) -> torch.optim.Optimizer:
     AdamConfig.check(config)  # the section may be an update rule's, with Adam's keys flat
+    params = list(params)
     return torch.optim.Adam(
-        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
-    )
+        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
+        **implementation(params),
+    )  # fmt: skip
 
 
 @register_optimizer("adamw", config=AdamConfig, description="AdamW (decoupled weight decay); 1 fwd + 1 bwd per step")
 def build_adamw(params, config: AdamConfig) -> torch.optim.Optimizer:
     AdamConfig.check(config)
+    params = list(params)
     return torch.optim.AdamW(
-        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
-    )
+        params, lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay,
+        **implementation(params),
+    )  # fmt: skip
 
 
 @register_optimizer(
@@ -75,6 +86,8 @@ def build_adamw(params, config: AdamConfig) -> torch.optim.Optimizer:
 )
 def build_sgd(params, config: SGDConfig) -> torch.optim.Optimizer:
     SGDConfig.check(config)
+    params = list(params)
     return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
-    )
+        params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay,
+        **implementation(params),
+    )  # fmt: skip

@@ -7,11 +7,13 @@ Every rule's e has one shape, ``e = radius · direction(g) / ‖scaled(g)‖``; 
     fsam         e = γ (g/f) / sqrt(Σ g²/f),      f = 1 + η g²
     tram-*       e = d T² g / ‖T g‖              (ASAM's geometry, TRAM's radius: ‖e / T‖ = d)
 
-Norms are sums over the local shards completed by ``shard_sum`` (the only collective), so every rank gets the
-same e under FSDP2; every denominator carries ``+ 1e-12``, so a zero gradient gives e = 0. Gradients are read
-as the true gradient (divided by the fp16 loss scale, a power of two, so exactly) in at least float32. All the
-arithmetic is multi-tensor (``torch._foreach_*``) over groups of tensors, and the radius, the norm and ‖e‖ stay
-on the device: no host synchronisation, and no kernel per parameter tensor.
+The ascent gradient is not needed after e is formed (the descent pass computes its own), so e is built in the
+gradients' own memory, in two sweeps: ``scale`` turns g into scaled(g) and returns its share of the squared
+norm; ``finish`` turns scaled(g) into direction(g). Norms are sums over the local shards completed by
+``shard_sum`` (the only collective), so every rank gets the same e under FSDP2; every denominator carries
+``+ 1e-12``, so a zero gradient gives e = 0. The true gradient (divided by the fp16 loss scale, a power of two,
+so exactly) is used, in at least float32. All the arithmetic is multi-tensor (``torch._foreach_*``) over groups
+of tensors, and the radius, the norm and ‖e‖ stay on the device: no host synchronisation, no kernel per tensor.
 """
 
 from __future__ import annotations
@@ -26,27 +28,26 @@ EPS = 1e-12
 
 def squared_norm(tensors: list[torch.Tensor], ord: float = 2) -> torch.Tensor:
     """Σ‖t‖² (``ord`` 2) or Σ‖t‖₁ (``ord`` 1) over a list, in float64, from one multi-tensor norm kernel."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
     norms = torch.stack(torch._foreach_norm(tensors, ord)).double()
     return norms.pow(2).sum() if ord == 2 else norms.sum()
 
 
 class Geometry:
-    """A perturbation's shape, on aligned lists of weights and true gradients (one group at a time):
-    ``squared`` is this group's share of ‖scaled(g)‖², ``direction`` the unnormalised e (new tensors)."""
+    """A perturbation's shape, applied in place to one group of (weights, gradients, parameter indices)."""
 
-    def squared(self, weights: list, grads: list, index: list[int]) -> torch.Tensor:
+    def scale(self, weights: list, grads: list, index: list[int]) -> torch.Tensor:
+        """grads ← scaled(g); returns this group's Σ scaled(g)²."""
         raise NotImplementedError
 
-    def direction(self, weights: list, grads: list, index: list[int]) -> list[torch.Tensor]:
-        raise NotImplementedError
+    def finish(self, weights: list, grads: list, index: list[int]) -> None:
+        """grads ← direction(g), from scaled(g)."""
 
 
 class SAMGeometry(Geometry):
-    def squared(self, weights, grads, index):
-        return squared_norm(grads)
-
-    def direction(self, weights, grads, index):
-        return torch._foreach_mul(grads, 1.0)  # a copy: e is formed in it
+    def scale(self, weights, grads, index):
+        return squared_norm(grads)  # scaled(g) = direction(g) = g
 
 
 class ASAMGeometry(Geometry):
@@ -56,42 +57,37 @@ class ASAMGeometry(Geometry):
     def __init__(self, eta: float, scaled: list[bool]):
         self.eta, self.scaled = eta, scaled
 
-    def _tg(self, weights, grads, index) -> tuple[list, list, list]:
-        """(T g for the scaled entries, T for them, g for the others)."""
+    def _times_t(self, weights, grads, index) -> None:
+        """grads ← T · grads on the entries T applies to."""
         on = [j for j, i in enumerate(index) if self.scaled[i]]
-        off = [grads[j] for j, i in enumerate(index) if not self.scaled[i]]
-        t = torch._foreach_abs([weights[j] for j in on])
-        torch._foreach_add_(t, self.eta)
-        return torch._foreach_mul(t, [grads[j] for j in on]), t, off
+        if on:
+            t = torch._foreach_abs([weights[j] for j in on])
+            torch._foreach_add_(t, self.eta)
+            torch._foreach_mul_([grads[j] for j in on], t)
 
-    def squared(self, weights, grads, index):
-        tg, _, off = self._tg(weights, grads, index)
-        return squared_norm(tg) + (squared_norm(off) if off else 0.0)
+    def scale(self, weights, grads, index):
+        self._times_t(weights, grads, index)  # T g
+        return squared_norm(grads)
 
-    def direction(self, weights, grads, index):
-        tg, t, off = self._tg(weights, grads, index)
-        torch._foreach_mul_(tg, t)  # T² g
-        scaled, unscaled = iter(tg), iter(torch._foreach_mul(off, 1.0) if off else [])
-        return [next(scaled) if self.scaled[i] else next(unscaled) for i in index]
+    def finish(self, weights, grads, index):
+        self._times_t(weights, grads, index)  # T² g
 
 
 class FisherGeometry(Geometry):
-    """Fisher-SAM's diagonal f = 1 + η g² (Kim et al. 2022)."""
+    """Fisher-SAM's diagonal f = 1 + η g² (Kim et al. 2022): the direction g / f is formed at once (the norm,
+    sqrt(Σ g²/f), is read from it as Σ g · (g/f)); ``finish`` has nothing left to do."""
 
     def __init__(self, eta: float):
         self.eta = eta
 
-    def _g_over_f(self, grads) -> list[torch.Tensor]:
+    def scale(self, weights, grads, index):
         f = torch._foreach_mul(grads, grads)
         torch._foreach_mul_(f, self.eta)
         torch._foreach_add_(f, 1.0)
-        return torch._foreach_div(grads, f)
-
-    def squared(self, weights, grads, index):
-        return squared_norm(torch._foreach_mul(grads, self._g_over_f(grads)), ord=1)  # Σ g²/f, each term ≥ 0
-
-    def direction(self, weights, grads, index):
-        return self._g_over_f(grads)
+        direction = torch._foreach_div(grads, f)
+        squared = squared_norm(torch._foreach_mul(grads, direction), ord=1)  # Σ g²/f, every term ≥ 0
+        torch._foreach_copy_(grads, direction)
+        return squared
 
 
 def asam_geometry(config, names: list[str]) -> ASAMGeometry:
@@ -101,33 +97,37 @@ def asam_geometry(config, names: list[str]) -> ASAMGeometry:
     return ASAMGeometry(eta, [not original or "weight" in name for name in names])
 
 
-def true_gradients(params, loss_scale: float = 1.0):
-    """Groups of (weights, true gradients in at least float32, parameter indices) of the parameters with a
-    gradient: local shards, divided by the fp16 loss scale when there is one."""
+def ascent_gradients(params, loss_scale: float = 1.0) -> list[tuple[list, list, list]]:
+    """Groups of (weights, gradients to form e in, parameter indices) of the parameters with a gradient: local
+    shards, the true gradient (unscaled in place), in at least float32 (bf16 gradients are widened, a copy)."""
     index = [i for i, p in enumerate(params) if p.grad is not None]
     weights = [local(params[i]).detach() for i in index]
     grads = [local(params[i].grad).detach() for i in index]
-    grads = [g if g.dtype == torch.promote_types(g.dtype, torch.float32) else g.float() for g in grads]
-    for w, g, idx in groups(weights, grads, index):
-        yield w, (torch._foreach_div(g, loss_scale) if loss_scale != 1.0 else g), idx
+    if any(g.dtype in (torch.bfloat16, torch.float16) for g in grads):  # bf16-true: e is formed in float32
+        grads = [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
+    if loss_scale != 1.0:
+        torch._foreach_div_(grads, loss_scale)
+    return list(groups(weights, grads, index))
 
 
 @torch.no_grad()
-def scaled_gradient_norm(geometry: Geometry, params, loss_scale: float = 1.0) -> torch.Tensor:
-    """‖scaled(g)‖ over every parameter and every shard (‖g‖, ‖T g‖ or sqrt(Σ g²/f)), the same on every rank."""
+def scale_gradients(geometry: Geometry, params, loss_scale: float = 1.0) -> tuple[list, torch.Tensor]:
+    """First sweep, in the ascent gradients' memory: g ← scaled(g); returns the groups and ‖scaled(g)‖ (‖g‖,
+    ‖T g‖ or sqrt(Σ g²/f)) over every shard, a device tensor."""
+    parts = ascent_gradients(params, loss_scale)
     total = torch.zeros((), dtype=torch.float64, device=local(params[0]).device)
-    for weights, grads, index in true_gradients(params, loss_scale):
-        total += geometry.squared(weights, grads, index)
-    return shard_sum(total, params).sqrt()
+    for weights, grads, index in parts:
+        total += geometry.scale(weights, grads, index)
+    return parts, shard_sum(total, params).sqrt()
 
 
 @torch.no_grad()
-def climb(geometry: Geometry, params, coefficient, loss_scale: float = 1.0) -> torch.Tensor:
-    """θ += e with e = coefficient · direction(g), in place on the local shards; returns ‖e‖ over every shard.
-    ``coefficient`` may be a device tensor (radius / norm, never brought to the host)."""
+def climb(geometry: Geometry, parts: list, params, coefficient) -> torch.Tensor:
+    """Second sweep: e = coefficient · direction(g), θ += e in place; returns ‖e‖ over every shard.
+    ``coefficient`` (radius / norm) may be a device tensor: nothing comes to the host."""
     e_sq = torch.zeros((), dtype=torch.float64, device=local(params[0]).device)
-    for weights, grads, index in true_gradients(params, loss_scale):
-        e = geometry.direction(weights, grads, index)
+    for weights, e, index in parts:
+        geometry.finish(weights, e, index)
         torch._foreach_mul_(e, coefficient.to(e[0].dtype) if torch.is_tensor(coefficient) else coefficient)
         e_sq += squared_norm(e)
         if any(x.dtype != w.dtype for x, w in zip(e, weights, strict=True)):  # bf16 weights: e rounded to them

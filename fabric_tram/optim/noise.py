@@ -1,43 +1,59 @@
-"""Input noise z for tram-x, tram-fisher and r3f: a deterministic function of (seed, step, example index).
+"""Input noise z for tram-x, tram-fisher and r3f: a pure function of (seed, step, example index, position, channel).
 
-So k = 1 vs k = 4, 1 vs 2 processes and a resumed run all draw the same z for the same example. z is added to
-the output of the model's token-embedding lookup, through the model's ``input_noise`` forward argument when it
-has one, or by a forward hook on the embedding module the user names.
+So k = 1 vs k = 4, 1 vs 2 processes, any padding and a resumed run all give an example the same z. It is
+computed where the embeddings are (on the GPU for a GPU run: no host generator, no copy), by a counter-based
+generator: every element's value is the SplitMix64 hash of its own coordinates, so it is the same on every
+device and for every batch layout, and nothing is drawn for positions that do not exist. z is added to the output
+of the model's token-embedding lookup, through the model's ``input_noise`` forward argument when it has one, or
+by a forward hook on the embedding module the user names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 NOISE_KINDS = ("normal", "uniform")
-_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_MASK64 = (1 << 64) - 1
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _int64(x: int) -> int:
+    """A 64-bit pattern as the signed int64 that holds it (torch has no general uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` on int64 is arithmetic: mask the sign copies off)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors: products wrap modulo 2^64, as two's complement does."""
+    x = (x ^ _shift_right(x, 30)) * _int64(_MIX1)
+    x = (x ^ _shift_right(x, 27)) * _int64(_MIX2)
+    return x ^ _shift_right(x, 31)
 
 
 def example_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed mixing (seed, step, example index) (splitmix64-style, so nearby triples do not collide)."""
-    x = (seed * _MIX[0] + step * _MIX[1] + index * _MIX[2]) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * _MIX[1]) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * _MIX[2]) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+    """The 64-bit key of one example's noise at one step (nearby triples do not collide)."""
+    key = torch.tensor(_int64(seed * _GOLDEN + step * _MIX1 + index * _MIX2))
+    return int(splitmix64(key))
 
 
 @dataclass
 class NoiseSource:
-    """Draws z per example: ``normal`` (std σ) or ``uniform`` in [-σ, σ].
-
-    Each example's noise is drawn for ``max_len`` positions (the model's context length when known) and cut to
-    the micro-batch's padded length, so that padding never changes the noise of a real position.
-    """
+    """Draws z: ``normal`` (std σ) or ``uniform`` in [-σ, σ], element by element from its coordinates."""
 
     sigma: float = 0.1
     kind: str = "normal"
     seed: int = 0
-    max_len: int | None = None
 
     def __post_init__(self):
         if self.sigma < 0:
@@ -46,19 +62,21 @@ class NoiseSource:
             raise ValueError(f"noise kind {self.kind!r} is not one of normal, uniform")
 
     def sample(self, step: int, example_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Noise shaped like ``like`` (batch, length, dim) for the examples ``example_index`` at ``step``."""
-        batch, length = like.shape[0], like.shape[1]
-        rows = max(self.max_len or length, length)
-        out = []
-        for index in example_index.tolist():
-            g = torch.Generator().manual_seed(example_seed(self.seed, step, int(index)))
-            if self.kind == "normal":
-                z = torch.randn((rows, *like.shape[2:]), generator=g) * self.sigma
-            else:
-                z = (torch.rand((rows, *like.shape[2:]), generator=g) * 2 - 1) * self.sigma
-            out.append(z[:length])
-        assert len(out) == batch, "one example index per row of the batch"
-        return torch.stack(out).to(device=like.device, dtype=like.dtype)
+        """Noise shaped like ``like`` (batch, length, dim) for the examples ``example_index`` at ``step``, on
+        ``like``'s device and in its dtype; no value goes through the host."""
+        batch, length, width = like.shape[0], like.shape[1], math.prod(like.shape[2:])
+        device = like.device
+        index = example_index.to(device=device, dtype=torch.int64).reshape(batch, 1, 1)
+        keys = splitmix64(_int64(self.seed * _GOLDEN + step * _MIX1) + index * _int64(_MIX2))  # one per example
+        counter = torch.arange(length * width, device=device, dtype=torch.int64).reshape(1, length, width)
+        bits = splitmix64(keys + (counter + 1) * _int64(_GOLDEN))  # the SplitMix64 stream of each example
+        u1 = (_shift_right(bits, 40).float() + 0.5) / 2**24  # 24 uniform bits each, in (0, 1)
+        u2 = ((_shift_right(bits, 16) & 0xFFFFFF).float() + 0.5) / 2**24
+        if self.kind == "normal":  # Box-Muller
+            z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        else:
+            z = 2.0 * u1 - 1.0
+        return (z * self.sigma).reshape(like.shape).to(like.dtype)
 
 
 def batch_example_index(batch: dict, offset: int = 0) -> torch.Tensor:
@@ -156,11 +174,7 @@ class InputNoise:
         embedding_module: str | None = None,
         sampler: Callable | None = None,
     ):
-        inner = getattr(model, "module", model)
-        max_len = getattr(inner, "n_positions", None) or getattr(
-            getattr(inner, "_original_module", None), "n_positions", None
-        )
-        self.source = NoiseSource(sigma, kind, seed, max_len)
+        self.source = NoiseSource(sigma, kind, seed)
         self.sampler = sampler or self.source.sample  # (step, example_index, embeddings) -> z
         self.injector = NoiseInjector(model, embedding_module)
 

@@ -55,6 +55,7 @@ class StepContext:
     n_local: torch.Tensor | None = None
     grad_clip: float = 0.0
     scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler in force (None without one)
+    compute_dtype: torch.dtype | None = None  # mixed precision's autocast dtype: what target logits are kept in
     counts: dict = field(default_factory=lambda: {"forward": 0, "no_grad_forward": 0, "backward": 0})
 
     def __post_init__(self):
@@ -202,13 +203,17 @@ class StepContext:
         return {"grad_norm": norm, "skipped": not finite, "nonfinite": not finite and self.scaler is None}
 
 
-def all_finite(*values) -> bool:
-    """Whether every value (device tensors, Python numbers or None) is finite: one transfer to the host."""
-    tensors = [v for v in values if torch.is_tensor(v)]
+def all_finite(*values, fabric=None) -> bool:
+    """Whether every value (device tensors, Python numbers or None) is finite, with one transfer to the host;
+    with ``fabric``, on every rank (one all-reduce first: under m-sharpness the ranks' values differ)."""
     numbers = [v for v in values if v is not None and not torch.is_tensor(v)]
-    if not all(math.isfinite(x) for x in numbers):
-        return False
-    return bool(torch.stack([torch.isfinite(t.detach().double()) for t in tensors]).all()) if tensors else True
+    tensors = [v.detach().double().reshape(()) for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return all(math.isfinite(x) for x in numbers)
+    bad = (~torch.isfinite(torch.stack(tensors))).sum() + (0 if all(math.isfinite(x) for x in numbers) else 1)
+    if fabric is not None:
+        bad = all_reduce_sum(fabric, bad.double())
+    return float(bad) == 0.0
 
 
 def to_host(entries: list[dict]) -> None:

@@ -90,7 +90,7 @@ class WeightTarget(Target):
             weights_swapped_in(self.params, self.buffers),
             _mode(ctx.model, self.target_mode),
         ):
-            return ctx.no_grad_forward(batch).as_target()
+            return ctx.no_grad_forward(batch).as_target(ctx.compute_dtype)
 
     def state_dict(self) -> dict:
         return {self.state_key: self.buffers}
@@ -148,7 +148,7 @@ class NoisedInputs(Target):
 
     def output(self, ctx, batch) -> LossOutput:
         with replayed_rng(ctx.device), self.noise.applied(ctx.step, batch) as kwargs:
-            return ctx.no_grad_forward(batch, **kwargs).as_target()
+            return ctx.no_grad_forward(batch, **kwargs).as_target(ctx.compute_dtype)
 
 
 def _saved(state: dict, key: str):

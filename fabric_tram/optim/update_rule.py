@@ -22,11 +22,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-
 from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
-from fabric_tram.optim.geometry import EPS, Geometry, climb, scaled_gradient_norm
+from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients
 from fabric_tram.optim.objectives import DivergenceMeter
 from fabric_tram.optim.step import Objective, StepContext, all_finite
 from fabric_tram.optim.targets import Target
@@ -110,14 +108,15 @@ class UpdateRule:
         if ascent.regulariser is not None:
             stats["regulariser"] = ascent.regulariser
         if self.geometry is not None:
-            radius, scale = self.radius(d), ctx.loss_scale()
-            norm = scaled_gradient_norm(self.geometry, self.params, scale)  # ‖g‖, ‖T g‖ or sqrt(Σ g²/f), all shards
+            radius = self.radius(d)
+            # e is formed in the ascent gradients' memory: first g ← scaled(g) and its norm over every shard
+            parts, norm = scale_gradients(self.geometry, self.params, ctx.loss_scale())
             stats.update(Tg_norm=norm, radius=radius)
-            if not self._finite(ctx, ascent.loss, norm, radius, d):  # e.g. an fp16 overflow: skip the whole step
+            if not all_finite(ascent.loss, norm, radius, d, fabric=ctx.fabric):  # e.g. an fp16 overflow: skip
                 return {**stats, "e_norm": float("nan"), **ctx.skip_step()}
             with perturbed(self.params, self.backup):  # backup ← w here; w ← backup on leaving, bit-exact
                 # climb to the local maximum w + e(w)
-                stats["e_norm"] = climb(self.geometry, self.params, radius / (norm + EPS), scale)
+                stats["e_norm"] = climb(self.geometry, parts, self.params, radius / (norm + EPS))
                 ctx.zero_grad()
                 ctx.forward_backward(self.descent_objective(ctx))  # the sharpness-aware gradient, at w + e(w)
         self.target.before_base_step()
@@ -126,12 +125,6 @@ class UpdateRule:
         if not stats["skipped"]:
             self.target.after_base_step()
         return stats
-
-    @staticmethod
-    def _finite(ctx: StepContext, *values) -> bool:
-        """Every rank agrees (under m-sharpness the ranks' norms differ): one all-reduce, one host transfer."""
-        bad = torch.tensor(0.0 if all_finite(*values) else 1.0, device=ctx.device)
-        return float(ctx.all_reduce_sum(bad)) == 0.0
 
 
 def is_rule(target) -> bool:

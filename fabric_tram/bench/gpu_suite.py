@@ -1,0 +1,256 @@
+"""The GPU suite: one command, one table, one JSON (about 6 minutes on one H100/H200).
+
+    python benchmarks/gpu_suite.py                                   # on a GPU: GPT-2 124M, 1,024 tokens a row
+    python benchmarks/gpu_suite.py --device cpu --size tiny --xl tiny --steps 2 --compile-backend aot_eager
+                                                                     # the same code path on a CPU (the tests)
+
+Side by side, bf16-mixed, our GPT2 module, the bundled demo text (no download), random weights:
+
+1. a bare eager loop and a bare compiled loop (fused AdamW on a GPU): tokens/s and MFU;
+2. the trainer's adam with strategy auto and fsdp, eager and compiled: tokens/s against the bare loop;
+3. every update rule's step against its pass floor (forward-with-gradient passes × T_fb + no-grad forwards × T_f);
+4. memory: the peak of tram-prev over adam, beside parameter bytes + one micro-batch's logits in bf16;
+5. GPT2-XL (4 × 1,024 tokens, fsdp, bf16-mixed, activation checkpointing), adam and tram-prev: tokens/s, MFU,
+   peak memory beside `fabric-tram estimate`'s.
+
+MFU divides by our table of dense peaks (engine/monitor.py) and counts every pass a rule runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fabric_tram.analysis.estimate import estimate
+from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, synchronize, table, write_json
+from fabric_tram.bench.step_cost import RULES
+from fabric_tram.config import load_config
+from fabric_tram.data.batching import StepSampler
+from fabric_tram.engine.monitor import available_flops, flops_per_step
+from fabric_tram.engine.setup import compile_blocks, setup
+from fabric_tram.engine.trainer import training_step
+from fabric_tram.optim.api import UpdateRuleLoop
+from fabric_tram.optim.base import implementation
+from fabric_tram.optim.update_rule import Passes, rule_class
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="gpt2", choices=sorted(SIZES), help="the model of parts 1-4")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the size's)")
+    parser.add_argument("--xl", default="gpt2-xl", help="the GPT-2 preset of part 5 (tiny on a CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after 3 warm-up)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    return parser.parse_args()
+
+
+def timed_steps(step, steps: int, device: str, warmup: int = 3) -> float:
+    """Seconds per step over ``steps`` steps (after ``warmup``), the device synchronised once at each end."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bare_loop(args, batch: dict, compiled: bool) -> float:
+    model = make_model(args.size, args.device)
+    if compiled:
+        compile_blocks(model, args.compile_backend)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **implementation(params))
+    loss = loss_fn("bf16-mixed")
+
+    def step():
+        loss(model, batch).loss_sum.div(batch["labels"].numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed_steps(step, args.steps, args.device)
+
+
+def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled: bool, xl: bool = False):
+    if xl:  # the paper's GPT2-XL setting: 4 rows of 1,024 tokens (64 on a CPU), activation checkpointing
+        model = [f"model.preset={preset_or_size}", "model.dropout=0.0"]
+        block = 1024 if args.device.startswith("cuda") else 64
+        batch, extra = 4, ["trainer.activation_checkpointing=true"]
+    else:
+        n_layer, n_head, n_embd, vocab, block, batch = SIZES[preset_or_size]
+        model = ["model.preset=tiny", f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
+                 f"model.n_positions={block}", "model.dropout=0.0"]  # fmt: skip
+        batch, extra = args.batch or batch, []
+    settings = [
+        "model.name=gpt2", *model, "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
+        f"task.block_size={block}", f"optimizer.name={rule}", "optimizer.lr=1e-5", "trainer.grad_clip=1.0",
+        f"trainer.micro_batch_size={batch}", "trainer.precision=bf16-mixed", f"trainer.accelerator={args.device}",
+        "trainer.devices=1", f"trainer.strategy={strategy}", f"trainer.compile={compiled}",
+        f"trainer.compile_backend={args.compile_backend}", "trainer.max_steps=1000000", "trainer.log_every=1000000",
+        "trainer.progress_bar=false", f"trainer.run_dir={args.out}/gpu_suite-run", *extra,
+    ]  # fmt: skip
+    return load_config(None, settings)
+
+
+def through_trainer(config, args) -> tuple[float, object]:
+    """Seconds per step of the trainer's own step (data, the rule's passes, the base step), and the run."""
+    run = setup(config, training=True)
+    sampler = StepSampler(len(run.task.train_set), config.trainer.micro_batch_size, 1, 1, 0)
+    state = {"step": 0}
+
+    def step():
+        state["step"] += 1
+        training_step(run, sampler, state["step"])
+
+    return timed_steps(step, args.steps, args.device), run
+
+
+def mfu(run, seconds: float, tokens: int, seq_len: int, peak: float | None) -> float | None:
+    flops = flops_per_step(getattr(run.model, "module", run.model), tokens, seq_len, run.rule.passes)
+    return flops / seconds / peak if flops is not None and peak else None
+
+
+def main() -> dict:
+    args = arguments()
+    n_layer, n_head, n_embd, vocab, block, default_batch = SIZES[args.size]
+    rows_per_step = args.batch or default_batch
+    batch = make_batch(args.size, args.device)
+    batch = {k: v[:rows_per_step] if v.dim() else v for k, v in batch.items()}
+    tokens = rows_per_step * block
+    peak = available_flops(torch.device(args.device), "bf16-mixed")
+    with torch.device("meta"):
+        model_flops = make_model(args.size, "meta").forward_flops_per_token(block) * tokens * 3  # fwd + bwd (2x)
+    results, rows = {}, []
+    compile_modes = [False] if args.skip_compile else [False, True]
+
+    # 1-2. bare loop vs trainer
+    for compiled in compile_modes:
+        name = "compiled" if compiled else "eager"
+        bare = bare_loop(args, batch, compiled)
+        results[f"bare_{name}"] = {
+            "seconds": bare,
+            "tokens_per_s": tokens / bare,
+            "mfu": model_flops / bare / peak if peak else None,
+        }
+        rows.append([f"bare loop, {name}", tokens / bare, results[f"bare_{name}"]["mfu"] or float("nan"), 1.0])
+        for strategy in ("auto", "fsdp"):
+            seconds, run = through_trainer(trainer_config(args, args.size, "adam", strategy, compiled), args)
+            results[f"trainer_{strategy}_{name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
+                                                     "over_bare": bare / seconds}  # fmt: skip
+            rows.append(
+                [
+                    f"trainer adam, {strategy}, {name}",
+                    tokens / seconds,
+                    mfu(run, seconds, tokens, block, peak) or float("nan"),
+                    bare / seconds,
+                ]
+            )
+
+    # 3. every rule against its pass floor (interleaving is not needed on a dedicated GPU)
+    loss = loss_fn("bf16-mixed")
+    probe = make_model(args.size, args.device)
+
+    def forward_backward():
+        loss(probe, batch).loss_sum.backward()
+        probe.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward_only():
+        loss(probe, batch)
+
+    t_fb, t_f = (
+        timed_steps(forward_backward, args.steps, args.device),
+        timed_steps(forward_only, args.steps, args.device),
+    )
+    steps = {}
+    for name in ["adam", *RULES]:
+        model = make_model(args.size, args.device)
+        params = list(model.parameters())
+        loop = UpdateRuleLoop(
+            name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss, grad_clip=1.0
+        )
+        steps[name] = timed_steps(lambda lp=loop: lp.rule.step(context(lp, batch)), args.steps, args.device)
+    rule_rows = []
+    for name in RULES:
+        passes: Passes = rule_class(name).passes
+        floor = (passes.forward * t_fb + passes.no_grad_forward * t_f) / t_fb
+        ratio = steps[name] / steps["adam"]
+        results.setdefault("rules", {})[name] = {"ratio_to_adam": ratio, "floor": floor, "over_floor": ratio / floor}
+        rule_rows.append([name, ratio, floor, f"{100 * (ratio / floor - 1):+.1f}%"])
+
+    # 4. memory of one step: tram-prev over adam
+    memory = {}
+    if args.device.startswith("cuda"):
+        for name in ("adam", "tram-prev"):
+            model = make_model(args.size, args.device)
+            params = list(model.parameters())
+            loop = UpdateRuleLoop(name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss)
+            loop.rule.step(context(loop, batch))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            loop.rule.step(context(loop, batch))
+            torch.cuda.synchronize()
+            memory[name] = torch.cuda.max_memory_allocated() - base
+            param_bytes = sum(p.numel() * p.element_size() for p in params)
+            del loop, model, params
+        logits_bf16 = tokens * vocab * 2
+        memory["budget"] = param_bytes + logits_bf16
+    results["memory"] = memory
+
+    # 5. GPT2-XL
+    xl = {}
+    for name in ("adam", "tram-prev"):
+        config = trainer_config(args, args.xl, name, "fsdp", False, xl=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        seconds, run = through_trainer(config, args)
+        xl_tokens = config.trainer.micro_batch_size * config.task.block_size
+        xl[name] = {"seconds": seconds, "tokens_per_s": xl_tokens / seconds,
+                    "mfu": mfu(run, seconds, xl_tokens, config.task.block_size, peak),
+                    "peak_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
+                    "estimated_bytes": estimate(config, devices=1)["total_bytes"]}  # fmt: skip
+        del run
+    xl["tram_over_adam"] = xl["tram-prev"]["seconds"] / xl["adam"]["seconds"]
+    results["xl"] = xl
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"{device_name}, torch {torch.__version__}, bf16-mixed, {args.size} ({rows_per_step} x {block} tokens), "
+          f"{args.steps} timed steps; peak {peak or float('nan'):.3g} FLOP/s")  # fmt: skip
+    print(table(["what", "tokens/s", "MFU", "vs bare eager loop"], rows))
+    print(f"T_fb {t_fb * 1e3:.2f} ms, T_f {t_f * 1e3:.2f} ms, adam step {steps['adam'] * 1e3:.2f} ms")
+    print(table(["rule", "step / adam", "floor", "over floor"], rule_rows))
+    if memory:
+        print(f"peak of one step above the memory before it: adam {memory['adam'] / 2**30:.2f} GiB, tram-prev "
+              f"{memory['tram-prev'] / 2**30:.2f} GiB (+{(memory['tram-prev'] - memory['adam']) / 2**30:.2f} GiB; "
+              f"budget: parameters + one micro-batch's bf16 logits = {memory['budget'] / 2**30:.2f} GiB)")  # fmt: skip
+    print(table(["GPT2-XL (" + args.xl + ")", "tokens/s", "MFU", "peak GiB", "estimate GiB"],
+                [[name, r["tokens_per_s"], r["mfu"] or float("nan"), (r["peak_bytes"] or float("nan")) / 2**30,
+                  r["estimated_bytes"] / 2**30] for name, r in xl.items() if isinstance(r, dict)]))  # fmt: skip
+    print(f"GPT2-XL tram-prev / adam step: {xl['tram_over_adam']:.2f}x")
+    results.update(device=device_name, size=args.size, batch=rows_per_step, block=block, steps=args.steps,
+                   t_fb=t_fb, t_f=t_f, torch=torch.__version__)  # fmt: skip
+    print(f"written: {write_json(args.out, 'gpu_suite', results)}")
+    return results
+
+
+def context(rule_loop: UpdateRuleLoop, batch: dict):
+    """The engine's step context for one micro-batch (the rule's step alone, values left on the device)."""
+    from fabric_tram.optim.step import StepContext
+
+    rule_loop.step_count += 1
+    n = batch["labels"].ne(-100).sum().double()
+    return StepContext(fabric=rule_loop.fabric, model=rule_loop.model, optimizer=rule_loop.optimizer,
+                       loss_fn=rule_loop.loss_fn, micro_batches=[batch], step=rule_loop.step_count, n_global=n,
+                       n_local=n, grad_clip=1.0, compute_dtype=torch.bfloat16)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
