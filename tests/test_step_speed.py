@@ -8,24 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from fabric_tram.bench.step_cost import RULES as STEP_COST_RULES
 from fabric_tram.loss import cross_entropy_sum
 from fabric_tram.optim.api import UpdateRuleLoop
 from fabric_tram.optim.step import StepContext
+from fabric_tram.optim.update_rule import rule_class
 
-RULES = ["adam", "sam", "asam", "fsam", "tram-prev", "tram-init", "tram-x", "tram-fisher", "trpo", "r3f", "mesa",
-         "asam+trpo", "asam+r3f", "asam+mesa"]  # fmt: skip
-TWO_PASS = {
-    "sam",
-    "asam",
-    "fsam",
-    "tram-prev",
-    "tram-init",
-    "tram-x",
-    "tram-fisher",
-    "asam+trpo",
-    "asam+r3f",
-    "asam+mesa",
-}
+RULES = ["adam", *STEP_COST_RULES]
+TWO_PASS = {name for name in STEP_COST_RULES if rule_class(name).passes.backward == 2}
 PACKAGE = str(Path(__import__("fabric_tram").__file__).parent)
 TRANSFERS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "__format__")
 

@@ -73,6 +73,21 @@ def loss_fn(precision: str):
     return loss
 
 
+def pass_floors(size: str, device: str, loss, batch: dict) -> dict:
+    """The passes a floor is made of, on a model of their own: one forward + backward, one no-grad forward."""
+    probe = make_model(size, device)
+
+    def forward_backward():
+        loss(probe, batch).loss_sum.backward()
+        probe.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward_only():
+        loss(probe, batch)
+
+    return {"fwd+bwd": forward_backward, "no-grad fwd": forward_only}
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -24,7 +24,7 @@ import time
 import torch
 
 from fabric_tram.analysis.estimate import estimate
-from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, synchronize, table, write_json
+from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, pass_floors, synchronize, table, write_json
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
@@ -154,20 +154,8 @@ def main() -> dict:
 
     # 3. every rule against its pass floor (interleaving is not needed on a dedicated GPU)
     loss = loss_fn("bf16-mixed")
-    probe = make_model(args.size, args.device)
-
-    def forward_backward():
-        loss(probe, batch).loss_sum.backward()
-        probe.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def forward_only():
-        loss(probe, batch)
-
-    t_fb, t_f = (
-        timed_steps(forward_backward, args.steps, args.device),
-        timed_steps(forward_only, args.steps, args.device),
-    )
+    passes = pass_floors(args.size, args.device, loss, batch)
+    t_fb, t_f = (timed_steps(passes[name], args.steps, args.device) for name in ("fwd+bwd", "no-grad fwd"))
     steps = {}
     for name in ["adam", *RULES]:
         model = make_model(args.size, args.device)

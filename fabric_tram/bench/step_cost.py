@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from fabric_tram.bench.common import arguments, interleave, loss_fn, make_batch, make_model, table, write_json
+from fabric_tram.bench.common import (
+    arguments,
+    interleave,
+    loss_fn,
+    make_batch,
+    make_model,
+    pass_floors,
+    table,
+    write_json,
+)
 from fabric_tram.optim.api import UpdateRuleLoop
 from fabric_tram.registry import OPTIMIZERS, load_builtins
 
@@ -41,17 +50,7 @@ def main() -> dict:
     for name in ["adam", *rules]:
         model = make_model(args.size, args.device)
         loops[name] = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss)
-    probe = make_model(args.size, args.device)
-
-    def forward_backward():
-        loss(probe, batch).loss_sum.backward()
-        probe.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def forward_only():
-        loss(probe, batch)
-
-    candidates = {"fwd+bwd": forward_backward, "no-grad fwd": forward_only}
+    candidates = pass_floors(args.size, args.device, loss, batch)
     for name, loop in loops.items():
         candidates[name] = (lambda rule_loop: lambda: rule_loop.step(batch))(loop)
     median = interleave(candidates, args.device, args.repeats)
