@@ -95,6 +95,19 @@ SMALL_MODEL = [
 ]
 
 
+# The rules the 1 vs 2 process tests run (docs/design.md), and what they add to the small config: TRAM's scale
+# calibrated within the run (tram-prev) and a radius reused between measurements of d (tram-x).
+DIST_RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "tram-fisher", "trpo", "r3f")
+DIST_RULE_EXTRA = {
+    "tram-prev": ["optimizer.calibration_steps=2"],
+    "tram-x": ["optimizer.calibration_steps=1", "optimizer.radius_every=2"],
+}
+
+
+def rule_extra(rule: str) -> list[str]:
+    return ["optimizer.base=sgd", *DIST_RULE_EXTRA.get(rule, [])]
+
+
 def small_config(
     data_dir, run_dir, optimizer="sgd", micro=8, accumulate=1, steps=3, strategy="auto", precision="64-true", extra=()
 ):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import poisoned_forward_backward, small_config, trajectory  # noqa: E402
+from conftest import DIST_RULES, poisoned_forward_backward, rule_extra, small_config, trajectory  # noqa: E402
 
 from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
@@ -50,12 +50,9 @@ for optimizer in ("sgd", "adam"):
     results["world_size"] = run.fabric.world_size
     results[optimizer]["results_json_seen_by_rank"] = run.fabric.all_gather(seen).tolist()
 
-RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "tram-fisher", "trpo", "r3f")
-for rule in RULES:  # the update rules: norms and d all-reduced over ranks / shards
+for rule in DIST_RULES:  # the update rules: norms, d and TRAM's calibrated scale all-reduced over ranks / shards
     run = train(
-        small_config(
-            data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=["optimizer.base=sgd"]
-        )
+        small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=rule_extra(rule))
     )
     results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
 

@@ -93,7 +93,7 @@ def test_list_shows_each_entrys_config_defaults():
     from fabric_tram.cli import main
 
     out = CliRunner().invoke(main, ["list"]).output
-    assert "rho=0.5" in out and "radius_scale=1.0" in out and "betas=[0.9, 0.99]" in out and "warmup_steps=0" in out
+    assert "rho=0.5" in out and "radius_scale=auto" in out and "betas=[0.9, 0.99]" in out and "warmup_steps=0" in out
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

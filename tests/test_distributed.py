@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    DIST_RULES,
     EXACT_ABS,
     assert_histories_match,
     launch_two_processes,
     max_param_diff,
+    rule_extra,
     small_config,
     trajectory,
     write_corpus,
@@ -19,8 +21,8 @@ from fabric_tram.engine.trainer import train
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).parent / "dist_worker.py"
-RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "tram-fisher", "trpo", "r3f")
-RULE_KEYS = ("n_targets", "loss", "Tg_norm", "e_norm", "radius", "d", "regulariser")
+RULES = DIST_RULES
+RULE_KEYS = ("n_targets", "loss", "Tg_norm", "e_norm", "radius", "d", "regulariser", "radius_scale")
 
 
 def launch(strategy, corpus, out) -> dict:
@@ -38,9 +40,7 @@ def reference(tmp_path_factory):
         for opt in ("sgd", "adam")
     }
     for rule in RULES:
-        run = train(
-            small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=["optimizer.base=sgd"])
-        )
+        run = train(small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=rule_extra(rule)))
         ref[rule] = {"history": run.history, "params": trajectory(run)["params"]}
     return root, corpus, ref
 
@@ -64,6 +64,8 @@ def test_two_processes_match_one(reference, strategy):
     tram = got["tram_resume"]
     assert tram["resumed"] == tram["full"] and all(d > 0 for d in tram["full"])
     assert max_param_diff(*tram["diff"]) == 0.0
+    # TRAM's scale calibrated at step 2 (tram-prev) and tram-x's reused radius at step 3 are in the comparison
+    assert "radius_scale" in ref["tram-prev"]["history"][2] and "d" not in ref["tram-x"]["history"][2]
     for rule in RULES:  # the update rules: per-step ‖T g‖, ‖e‖, d, the regulariser, and the final weights
         assert_histories_match(ref[rule]["history"], got[rule]["history"], RULE_KEYS, label=rule)
         assert max_param_diff(ref[rule]["params"], got[rule]["params"]) < EXACT_ABS, rule

@@ -80,7 +80,7 @@ def test_one_step_perturbation_and_update(name, hyper, e, new):
 
 @pytest.mark.parametrize("name", ["tram-prev", "tram-init"])
 def test_tram_weight_targets(name):
-    model, rule, seen = make(name)
+    model, rule, seen = make(name, radius_scale=1.0)  # r = d: the paper's radius, no calibration
     first = rule.step(X)
     # step 1: the target is θ_0 = current weights, so d = 0 and the step is a plain SGD step
     assert first["d"] == 0.0 and first["e_norm"] == 0.0
@@ -115,7 +115,9 @@ def test_tram_weight_targets(name):
 
 def test_tram_x_with_a_given_noise():
     z = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
-    model, rule, seen = make("tram-x", embedding_module="embed", noise_sampler=lambda step, idx, emb: z)
+    model, rule, seen = make(
+        "tram-x", embedding_module="embed", noise_sampler=lambda step, idx, emb: z, radius_scale=1.0
+    )
     stats = rule.step(X)
     # d = KL(softmax((x+z) w0) ‖ softmax(x w0)); e = d T²g/‖Tg‖; the descent ran on clean inputs
     assert stats["d"] == pytest.approx(0.0002399316636205566, rel=1e-9)
@@ -268,15 +270,19 @@ def test_weight_targets_restore_bit_exactly_when_d_is_positive(name):
     assert torch.equal(model.w.detach(), start)
 
 
+def weight_buffers(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "radius"}  # TRAM's radius state: tests/test_radius.py
+
+
 @pytest.mark.parametrize("name", ["tram-prev", "tram-init", "trpo", "mesa", "asam+trpo", "asam+mesa"])
 def test_loading_a_rules_state_replaces_its_buffers(name):
     """A checkpoint's rule state must land in the buffers: a rule built on other weights takes the saved ones."""
     source_model, source, _ = make(name)
     source.step(X)
     _, target, _ = make(name, start=[3.0, -6.0])  # other weights: its own buffers start elsewhere
-    before = {k: [b.clone() for b in v] for k, v in target.rule.state_dict().items()}
+    before = {k: [b.clone() for b in v] for k, v in weight_buffers(target.rule.state_dict()).items()}
     target.load_state_dict(source.state_dict())
-    for key, buffers in source.rule.state_dict().items():
+    for key, buffers in weight_buffers(source.rule.state_dict()).items():
         loaded = target.rule.state_dict()[key]
         assert all(torch.equal(a, b) for a, b in zip(loaded, buffers, strict=True)), key
         assert not all(torch.equal(a, b) for a, b in zip(loaded, before[key], strict=True)), key

@@ -87,12 +87,13 @@ def test_accumulation_equivalence_of_rules(corpus, tmp_path, rule):
 
 def test_tram_prev_first_step_is_the_base_step_and_d_is_the_kl_of_successive_iterates(corpus, tmp_path):
     base = trajectory(train(small_config(corpus, tmp_path / "adam", "adam", steps=1)))
-    tram = trajectory(train(small_config(corpus, tmp_path / "tram1", "tram-prev", steps=1)))
+    scale_one = ["optimizer.radius_scale=1"]  # r = d (no calibration, whose first steps climb radius_target)
+    tram = trajectory(train(small_config(corpus, tmp_path / "tram1", "tram-prev", steps=1, extra=scale_one)))
     assert tram["steps"][0]["loss"] == base["steps"][0]["loss"]
     assert max_param_diff(base["params"], tram["params"]) == 0.0  # d = 0: e = 0, the descent gradient is g
 
     weights = []
-    config = small_config(corpus, tmp_path / "tram2", "tram-prev", steps=2)
+    config = small_config(corpus, tmp_path / "tram2", "tram-prev", steps=2, extra=scale_one)
     run = train(config, callbacks=(lambda run, s: weights.append(trajectory(run)["params"]),))
     d2 = run.history[1]["d"]
     assert d2 > 0
@@ -126,7 +127,8 @@ def test_checkpoint_round_trip_restores_persistent_state(corpus, tmp_path, rule)
     assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
     saved = torch.load(tmp_path / "stop" / "checkpoints" / "step-00000002" / "rank-0.pt", weights_only=True)["rule"]
     expected_key = {"tram-prev": "previous_iterate", "tram-init": "initial_weights", "mesa": "ema"}[rule]
-    assert list(saved) == [expected_key] and len(saved[expected_key]) == len(list(full.model.parameters()))
+    assert list(saved) == [expected_key, *(["radius"] if rule.startswith("tram") else [])]
+    assert len(saved[expected_key]) == len(list(full.model.parameters()))
     if rule == "mesa":  # the EMA is accumulated in at least float32: float64 here, as the weights
         assert all(b.dtype == torch.float64 for b in saved["ema"])
 

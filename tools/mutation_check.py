@@ -60,9 +60,9 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/update_rule.py",
-                "        if self.geometry is not None:\n            radius = self.radius(d)",
+                "        if self.geometry is not None:\n            radius = self.radius(ctx, d)",
                 "        if self.geometry is not None:\n            ctx.clip_gradients()\n"
-                "            radius = self.radius(d)",
+                "            radius = self.radius(ctx, d)",
             ),
             (
                 "fabric_tram/optim/update_rule.py",

@@ -49,12 +49,16 @@ def optimizer_state_factor(config: Config) -> float:
     return float(declared(config.optimizer)) if declared else 0.0
 
 
-def rule_declarations(name: str) -> dict:
-    """What an update rule declares (``optim/update_rule.py``), read through the registry: passes per step,
-    state held between steps, divergence gradients; a base optimizer alone is one forward and one backward."""
+def rule_declarations(name: str, section=None) -> dict:
+    """What an update rule declares (``optim/update_rule.py``), read through the registry: passes per step (on
+    average over a run with the optimizer ``section``: tram's radius_every), state held between steps, divergence
+    gradients; a base optimizer alone is one forward and one backward."""
     target = OPTIMIZERS.get(name).target
+    mean_passes = getattr(target, "mean_passes", None)
     return {
-        "passes": tuple(getattr(target, "passes", (1, 0, 1))),
+        "passes": tuple(
+            mean_passes(section) if mean_passes and section is not None else getattr(target, "passes", (1, 0, 1))
+        ),
         "state_factor": getattr(target, "state_factor", 0),
         "fp32_state": getattr(target, "fp32_state", 0),
         "divergence_gradients": getattr(target, "divergence_gradients", 0),
@@ -69,7 +73,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     param_bytes = {"bf16-true": 2, "64-true": 8}.get(t.precision, 4)  # mixed precision keeps fp32 weights
     act_bytes = {"32-true": 4, "64-true": 8}.get(t.precision, 2)
-    rule = rule_declarations(config.optimizer.name)
+    rule = rule_declarations(config.optimizer.name, config.optimizer)
     fwd, nograd, bwd = rule["passes"]
     rule_bytes = n_params * (param_bytes * rule["state_factor"] + max(4, param_bytes) * rule["fp32_state"])
     sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
@@ -77,7 +81,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
     V = getattr(model.config, "vocab_size", 0)
     block_full = 34 * B * T * C * act_bytes / 2
-    graphs = fwd // bwd  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
+    graphs = int(fwd // bwd)  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {
         "without_checkpointing": graphs * L * block_full,
         "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full),
@@ -125,7 +129,7 @@ def format_estimate(config: Config, e: dict) -> str:
     p = e["passes"]
     lines.append(
         f"  compute: {e['flops_per_step_per_device'] / 1e12:,.2f} TFLOP per step per device "
-        f"({p['forward']} fwd + {p['no_grad_forward']} no-grad fwd + {p['backward']} bwd over "
+        f"({p['forward']:g} fwd + {p['no_grad_forward']:g} no-grad fwd + {p['backward']:g} bwd over "
         f"{e['tokens_per_step_per_device']:,} tokens)"
     )
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
+from fabric_tram.analysis.curves import plot_curves
 from fabric_tram.jsonfile import write_json
 
 ZS_AVG = "ZS Avg."
@@ -104,6 +105,7 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
     plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
+    plot_curves([(name, d) for d, name, _, _ in per_run], Path(out_dir) / "curves.png")  # loss, d, r, ‖e‖ per step
     note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
     return note + f"{split} perplexity (mean ± std over seeds where n > 1):\n" + markdown
 

@@ -25,6 +25,7 @@ from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
 from fabric_tram.jsonfile import write_json
 from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext, to_host
+from fabric_tram.optim.update_rule import Passes
 
 Callback = Callable[[Run, dict], None]
 # the autocast dtype of the mixed precisions: a target forward's logits are kept in it (docs/design.md)
@@ -143,13 +144,18 @@ def add_throughput(run: Run, entries: list[dict], seconds: float, peak: float | 
     over ``entries``, the steps of the last ``seconds``; each entry gets the interval's rate."""
     model = getattr(run.model, "module", run.model)
     targets = sum(e["n_targets"] for e in entries)
-    flops = [flops_per_step(model, e["tokens_local"], e["seq_len"], run.rule.passes) for e in entries]
+    flops = [flops_per_step(model, e["tokens_local"], e["seq_len"], counted_passes(e)) for e in entries]
     for entry in entries:
         entry["tokens_per_s"] = targets / seconds
         if None not in flops:
             entry["flops_per_s"] = sum(flops) / seconds
             if peak:
                 entry["mfu"] = sum(flops) / seconds / peak
+
+
+def counted_passes(entry: dict) -> Passes:
+    """The passes a step ran, as counted by its context (a TRAM step that reuses its radius skips the target's)."""
+    return Passes(*(entry[f"passes/{k}"] for k in Passes._fields))
 
 
 class NonFiniteError(FloatingPointError):

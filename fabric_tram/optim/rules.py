@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fabric_tram.config import ConfigError
 from fabric_tram.optim.base import nonnegative
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
 from fabric_tram.optim.noise import NOISE_KINDS, InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter, measuring, noise_penalty, on_noised, penalised
+from fabric_tram.optim.radius import RADIUS_TRANSFORMS, TrustRegionRadius
 from fabric_tram.optim.targets import TARGET_MODES, ExponentialAverage, InitialWeights, NoisedInputs, PreviousIterate
 from fabric_tram.optim.update_rule import Passes, UpdateRule
 from fabric_tram.registry import DIVERGENCES, register_optimizer
@@ -31,7 +30,8 @@ class Wrapped:
 
     def check(self) -> None:
         """Refuse bad values of any rule's fields at config time (run again by the rule itself, for the API)."""
-        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_scale", "max_radius")
+        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_target", "max_radius")
+        check_radius_fields(self)
         if getattr(self, "divergence", None) is not None and self.divergence not in DIVERGENCES:
             raise ConfigError(f"optimizer.divergence: {DIVERGENCES.describe_unknown(self.divergence)}")
         if getattr(self, "target_mode", "train") not in TARGET_MODES:
@@ -42,6 +42,19 @@ class Wrapped:
             raise ConfigError(f"optimizer.noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
         if not 0.0 <= getattr(self, "ema_decay", 0.0) <= 1.0:
             raise ConfigError(f"optimizer.ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+def check_radius_fields(config) -> None:
+    scale = getattr(config, "radius_scale", 1.0)
+    if scale != "auto" and not (isinstance(scale, (int, float)) and scale >= 0):
+        raise ConfigError(f"optimizer.radius_scale must be auto or a number >= 0, got {scale!r}")
+    if getattr(config, "radius_transform", "linear") not in RADIUS_TRANSFORMS:
+        raise ConfigError(
+            f"optimizer.radius_transform must be one of {', '.join(RADIUS_TRANSFORMS)}, got {config.radius_transform!r}"
+        )
+    for key in ("radius_every", "calibration_steps"):
+        if getattr(config, key, 1) < 1:
+            raise ConfigError(f"optimizer.{key} must be an integer >= 1, got {getattr(config, key)}")
 
 
 @dataclass
@@ -58,7 +71,11 @@ class ASAMFields:
 @dataclass
 class TrustRegionFields:
     divergence: str = "kl"  # kl, kl-reverse, kl-sym, l2 (mmd: classification only)
-    radius_scale: float = 1.0  # multiplies d (the published code's d is 1/(B·V) of ours; docs/algorithms.md)
+    radius_scale: float | str = "auto"  # r = scale · t(d); auto: calibrated (optim/radius.py, docs/algorithms.md)
+    radius_target: float = 0.5  # auto: the radius climbed while calibrating, and the median radius after (ASAM's ρ)
+    calibration_steps: int = 20  # auto: optimizer steps that calibrate the scale
+    radius_transform: str = "linear"  # t(d): linear (d) or sqrt (√(2d), a distance like ρ)
+    radius_every: int = 1  # take d (the target forward) every N optimizer steps, reuse the radius in between
     max_radius: float | None = None  # optional clamp of the radius (the paper's d <= ρ bound)
     target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
 
@@ -156,7 +173,7 @@ class SAM(UpdateRule):
     def build_geometry(self):
         return SAMGeometry()
 
-    def radius(self, d):
+    def radius(self, ctx, d):
         return self.config.rho
 
 
@@ -169,7 +186,7 @@ class ASAM(UpdateRule):
     def build_geometry(self):
         return asam_geometry(self.config, self.names)
 
-    def radius(self, d):
+    def radius(self, ctx, d):
         return self.config.rho
 
 
@@ -184,7 +201,7 @@ class FSAM(UpdateRule):
     def build_geometry(self):
         return FisherGeometry(self.config.eta)
 
-    def radius(self, d):
+    def radius(self, ctx, d):
         return self.config.gamma
 
 
@@ -192,21 +209,46 @@ class FSAM(UpdateRule):
 
 
 class TRAM(ASAM):
-    """ASAM whose radius is the trust-region distance d between the target's outputs and the ascent pass's own,
-    measured on the ascent pass: e = r T²g/‖Tg‖ with r = min(radius_scale · d, max_radius)."""
+    """ASAM whose radius comes from the trust-region distance d between the target's outputs and the ascent
+    pass's own, measured on the ascent pass: e = r T²g/‖Tg‖ with r = min(scale · t(d), max_radius)
+    (``optim/radius.py``: the calibrated scale, the transform, d every N steps)."""
 
-    passes = Passes(2, 1, 2)
+    passes = Passes(2, 1, 2)  # on a step that measures d; Passes(2, 0, 2) on the others (radius_every > 1)
 
     def __init__(self, config, model, optimizer):
         super().__init__(config, model, optimizer)
         self.meter = DivergenceMeter(config.divergence)
+        self.trust_radius = TrustRegionRadius(config)
 
-    def radius(self, d):
-        radius = self.config.radius_scale * d  # a device tensor: never brought to the host
-        return radius if self.config.max_radius is None else torch.clamp(radius, max=self.config.max_radius)
+    @classmethod
+    def mean_passes(cls, config) -> tuple[float, float, float]:
+        every = getattr(config, "radius_every", 1)
+        return cls.passes.forward, cls.passes.no_grad_forward / every, cls.passes.backward
+
+    def measures_d(self, ctx):
+        return self.trust_radius.measures(ctx.step)
+
+    def radius(self, ctx, d):
+        return self.trust_radius(ctx.step, d)  # a device tensor: never brought to the host
+
+    def logged(self):
+        return self.trust_radius.logged()
 
     def ascent_objective(self, ctx):
-        return measuring(ctx, self.target, self.meter)
+        return measuring(ctx, self.target, self.meter) if self.measures_d(ctx) else ctx.forward
+
+    def state_dict(self):
+        return {**super().state_dict(), "radius": self.trust_radius.state_dict()}
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        if "radius" not in state:
+            raise ValueError(
+                "the checkpoint holds no TRAM radius state (calibrated scale, last radius): it was written by "
+                "another optimizer.name or an older fabric_tram; start a new trainer.run_dir"
+            )
+        self.trust_radius.load_state_dict(state.pop("radius"), self.params[0].device)
+        super().load_state_dict(state)
 
 
 @register_optimizer(

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
 from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients
@@ -76,8 +78,21 @@ class UpdateRule:
     def build_geometry(self) -> Geometry | None:
         return None
 
-    def radius(self, d: float | None) -> float:
+    def radius(self, ctx: StepContext, d: torch.Tensor | None) -> float | torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has a geometry but no radius")
+
+    def measures_d(self, ctx: StepContext) -> bool:
+        """Whether this step takes d (a rule with a meter: every step, unless it amortises d)."""
+        return self.meter is not None
+
+    def logged(self) -> dict:
+        """Values of the rule's own state to log with each step (TRAM's calibrated scale)."""
+        return {}
+
+    @classmethod
+    def mean_passes(cls, config) -> tuple[float, float, float]:
+        """Passes per step on average over a run with ``config`` (``passes`` unless some steps skip some)."""
+        return tuple(cls.passes)
 
     def ascent_objective(self, ctx: StepContext) -> Objective:
         return ctx.forward
@@ -100,15 +115,16 @@ class UpdateRule:
         """One optimizer step. Values stay device tensors (logged by the engine once, after the step); the host
         waits on the device only to decide whether a non-finite step is skipped: after the ascent pass of a
         sharpness-aware rule, and before the base step."""
-        if self.meter is not None:
+        measured = self.measures_d(ctx)
+        if measured:
             self.meter.reset()
         ascent = ctx.forward_backward(self.ascent_objective(ctx), per_rank=self.per_rank)  # g at θ: the logged loss
-        d = self.meter.mean(ctx) if self.meter is not None else None  # the trust-region distance or the regulariser's D
+        d = self.meter.mean(ctx) if measured else None  # the trust-region distance or the regulariser's D
         stats = {"loss": ascent.loss} if d is None else {"loss": ascent.loss, "d": d}
         if ascent.regulariser is not None:
             stats["regulariser"] = ascent.regulariser
         if self.geometry is not None:
-            radius = self.radius(d)
+            radius = self.radius(ctx, d)
             # e is formed in the ascent gradients' memory: first g ← scaled(g) and its norm over every shard
             parts, norm = scale_gradients(self.geometry, self.params, ctx.loss_scale())
             stats.update(Tg_norm=norm, radius=radius)
@@ -124,7 +140,7 @@ class UpdateRule:
         stats.update(ctx.clip_and_step(ascent.loss))
         if not stats["skipped"]:
             self.target.after_base_step()
-        return stats
+        return {**stats, **self.logged()}
 
 
 def is_rule(target) -> bool:

@@ -1,0 +1,62 @@
+"""Training curves of several runs (``curves.png`` of a report): the loss, d, the radius and ‖e‖ against the step,
+one line per update rule (the mean over its seeds), read from each run's CSV log."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+CURVES = (("loss", "training loss"), ("d", "trust-region distance d"), ("radius", "radius r"), ("e_norm", "‖e‖"))
+
+
+def read_log(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of ``RUN/logs/csv/metrics.csv`` as numbers (empty cells left out); no log, no rows."""
+    path = Path(run_dir) / "logs" / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def mean_curve(logs: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """Steps and the mean of ``key`` over the runs that logged it at that step."""
+    by_step: dict[float, list[float]] = {}
+    for rows in logs:
+        for row in rows:
+            if key in row and "step" in row and math.isfinite(row[key]):
+                by_step.setdefault(row["step"], []).append(row[key])
+    steps = sorted(by_step)
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def plot_curves(runs: list[tuple[str, Path]], path: Path) -> bool:
+    """Draw one panel per curve, one line per rule (``runs``: (rule, run folder)); False when no run has a log."""
+    logs: dict[str, list[list[dict]]] = {}
+    for rule, run_dir in runs:
+        rows = read_log(run_dir)
+        if rows:
+            logs.setdefault(rule, []).append(rows)
+    if not logs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(3.6 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for rule, rule_logs in logs.items():
+            steps, values = mean_curve(rule_logs, key)
+            if steps:
+                ax.plot(steps, values, label=rule, linewidth=1)
+        if key != "loss" and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
