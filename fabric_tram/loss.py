@@ -100,3 +100,12 @@ def as_loss_output(result: Any) -> LossOutput:
             count = torch.tensor(1.0, device=loss_sum.device)
         return LossOutput(loss_sum, torch.as_tensor(count, device=loss_sum.device), logits, mask)
     raise TypeError("loss_fn must return a LossOutput, a scalar loss, or a tuple (loss_sum, count, logits, mask)")
+
+
+def token_weighted_loss(metrics: dict[str, dict], domains: list[str]) -> float:
+    """The loss over ``domains`` of an evaluation's per-domain ``metrics`` ({domain: {"loss", "tokens"}}), weighted
+    by their token counts; every domain when none of ``domains`` was evaluated. The in-domain validation loss that
+    chooses the best checkpoint (engine) and a sweep's setting (analysis)."""
+    names = [d for d in domains if d in metrics] or list(metrics)
+    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
+    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)

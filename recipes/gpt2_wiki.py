@@ -4,7 +4,8 @@
     python recipes/gpt2_wiki.py optimizer.name=tram-prev          # or fabric run --devices N ...
     python recipes/gpt2_wiki.py --smoke                          # the same code path, tiny, on a CPU
 
-Settings: recipes/_m2d2.py (gpt2_base_recipe). radius_scale = 1: d is the per-token KL (docs/algorithms.md).
+Settings: recipes/_m2d2.py (gpt2_base_recipe). TRAM's radius: radius_scale=auto (calibrated over the first 20
+steps to a median of radius_target 0.5; docs/algorithms.md, "TRAM's radius").
 """
 
 import sys

@@ -50,6 +50,15 @@ def test_step_cost(tmp_path):
 
 
 @pytest.mark.slow
+def test_radius_every(tmp_path):
+    text, result = bench(tmp_path, "radius_every", "--size", "tiny", "--repeats", "1", "--every", "1,4")
+    assert "| 4 |" in text
+    floors = {int(n): r["floor"] for n, r in result["every"].items()}
+    assert 2.0 < floors[4] < floors[1] < 3.0  # (2 T_fb + T_f / N) / T_fb
+    assert all(r["seconds_per_step"] > 0 for r in result["every"].values())
+
+
+@pytest.mark.slow
 def test_memory_held_by_rules_is_at_target(tmp_path):
     text, result = bench(tmp_path, "memory", "--size", "tiny")
     for name, r in result["rules"].items():

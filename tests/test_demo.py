@@ -76,6 +76,9 @@ def test_demo_command_on_a_cut_down_setting_continues_after_an_interruption(tmp_
     assert "| run | jargon | bible | python-manual | wordnet | ZS Avg. |" in out.stdout
     assert "| pre-trained |" in out.stdout and "| tram-prev |" in out.stdout and "| adam |" in out.stdout
     assert (tmp_path / "demo" / "report" / "figure2.png").is_file()
+    assert (tmp_path / "demo" / "report" / "curves.png").is_file()  # loss, d, radius, ‖e‖ over steps
+    config = (tmp_path / "demo" / "tram-prev-seed0" / "config.yaml").read_text()
+    assert "radius_target: 0.1" in config  # the setting the sweep selected (recipes/demo.py, SELECTED)
     summary = json.loads((tmp_path / "demo" / "tram-prev-seed0" / "results.json").read_text())
     assert summary["train_domains"] == ["jargon"]
     assert set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}

@@ -70,3 +70,15 @@ def test_activation_terms_follow_the_graphs_and_output_sized_tensors_of_each_rul
     assert acts["trpo"] - acts["adam"] == 2 * output
     assert acts["r3f"] - 2 * acts["adam"] == 2 * output
     assert acts["sam"] == acts["adam"] and acts["tram-prev"] - acts["adam"] == output
+
+
+def test_an_amortised_radius_counts_a_fraction_of_the_target_forward():
+    every = {
+        n: estimate(
+            load_config("recipes/gpt2_s2orc.py", ["optimizer.name=tram-prev", f"optimizer.radius_every={n}"]), 1
+        )
+        for n in (1, 4)
+    }
+    assert every[1]["passes"]["no_grad_forward"] == 1 and every[4]["passes"]["no_grad_forward"] == 0.25
+    # FLOPs per step: (2 + 1/N) forwards + 2 backwards at twice a forward's cost
+    assert every[4]["flops_per_step_per_device"] / every[1]["flops_per_step_per_device"] == pytest.approx(6.25 / 7)

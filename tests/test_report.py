@@ -46,7 +46,9 @@ def test_report_side_by_side_with_seeds_and_figure(tmp_path):
     ]
     result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "| adam (n=2) | 11.00 ± 1.41 | 31.00 ± 1.41 | 21.00 ± 1.41 | 26.00 ± 1.41 |" in result.output
+    # mean ± std [95% CI of the mean]: t(0.975, 1 df) = 12.706, times std / √2 = 1 gives a half-width of 12.71
+    cells = ["11.00 ± 1.41 [-1.71, 23.71]", "31.00 ± 1.41 [18.29, 43.71]", "21.00 ± 1.41 [8.29, 33.71]"]
+    assert f"| adam (n=2) | {' | '.join(cells)} | 26.00 ± 1.41 [13.29, 38.71] |" in result.output
     assert "| tram-prev | 8.50 | 29.00 | 18.00 | 23.50 |" in result.output
     png = (tmp_path / "out" / "figure2.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

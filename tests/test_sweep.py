@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fabric_tram.analysis.sweep import collect, expand, mean_ci, parse_grid, select, split_values, summarise
+from fabric_tram.analysis.stats import mean_ci
+from fabric_tram.analysis.sweep import collect, expand, parse_grid, select, split_values, summarise
 from fabric_tram.cli import main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_sample.py")
@@ -121,13 +122,15 @@ SMALL = [
 def test_a_sweep_trains_selects_and_resumes_without_retraining_finished_runs(tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", RECIPE, "optimizer.lr=1e-3,1e-2", "trainer.seed=0,1", *SMALL, "--out", str(out)]
-    first = CliRunner().invoke(main, args)
+    first = CliRunner().invoke(main, [*args, "--parallel", "2"])  # two runs at a time, each in its own process
     assert first.exit_code == 0, first.output
     assert "4 runs, 0 finished, 4 to train" in first.output and "[4/4]" in first.output
+    assert len(list((out / "logs").glob("*.log"))) == 4  # each process's output
     for name in ("selection.md", "selected.md", "sweep.png", "report.md", "figure2.png", "curves.png"):
         assert (out / "sweep" / name).is_file(), name
     interrupted = out / "optimizer.lr=1e-2,trainer.seed=1"
     (interrupted / "results.json").unlink()  # as if killed after its last checkpoint
-    second = CliRunner().invoke(main, args)
+    second = CliRunner().invoke(main, args)  # in this process, one after another
     assert second.exit_code == 0, second.output
     assert "4 runs, 3 finished, 1 to train" in second.output and "(selected)" in second.output
+    assert "continuing" in second.output or "resumed from" in second.output  # from its newest checkpoint

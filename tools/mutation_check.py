@@ -267,6 +267,44 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_step_speed.py::test_per_parameter_work_launches_as_many_kernels_for_10_or_100_tensors",),
     ),
+    Mutation(
+        "radius-mean-not-median",
+        "TRAM's calibration divides by the mean of d instead of its median (an outlier then sets the scale)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "median = torch.nanmedian(self.samples)",
+                "median = torch.nanmean(self.samples)",
+            ),
+        ),
+        (
+            "tests/test_radius.py::test_calibration_climbs_the_target_then_fixes_the_scale_from_the_median_of_positive_d",
+        ),
+    ),
+    Mutation(
+        "radius-state-not-restored",
+        "a resumed TRAM run forgets its calibrated scale and the radius it was reusing",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                'self.samples, self.scale, self.last = (on_device(state[k]) for k in ("samples", "scale", "last"))',
+                "pass",
+            ),
+        ),
+        ("tests/test_radius.py::test_resume_mid_and_after_calibration_continues_exactly",),
+    ),
+    Mutation(
+        "radius-every-schedule-shifted",
+        "radius_every measures d one step late after calibration (the first calibrated step reuses a stale radius)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "(step - self.calibration_steps - 1) % self.every == 0",
+                "(step - self.calibration_steps) % self.every == 0",
+            ),
+        ),
+        ("tests/test_radius.py::test_measurement_schedule_of_radius_every",),
+    ),
 )
 
 

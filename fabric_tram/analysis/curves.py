@@ -16,7 +16,15 @@ def read_log(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with path.open(newline="") as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+        return [{k: number for k, v in row.items() if (number := _number(v)) is not None} for row in csv.DictReader(fh)]
+
+
+def _number(text: str | None) -> float | None:
+    """A cell as a number; flags (True/False) and empty cells are not curves."""
+    try:
+        return float(text) if text not in ("", None, "True", "False") else None
+    except ValueError:
+        return None
 
 
 def mean_curve(logs: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
@@ -44,12 +52,14 @@ def plot_curves(runs: list[tuple[str, Path]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {rule: colors[i % len(colors)] for i, rule in enumerate(logs)}  # one colour per rule in every panel
     fig, axes = plt.subplots(1, len(CURVES), figsize=(3.6 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES, strict=True):
         for rule, rule_logs in logs.items():
             steps, values = mean_curve(rule_logs, key)
             if steps:
-                ax.plot(steps, values, label=rule, linewidth=1)
+                ax.plot(steps, values, label=rule, linewidth=1, color=color[rule])
         if key != "loss" and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)

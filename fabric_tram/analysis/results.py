@@ -7,10 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 
 from fabric_tram.analysis.curves import plot_curves
+from fabric_tram.analysis.stats import mean_std_ci
 from fabric_tram.jsonfile import write_json
 
 ZS_AVG = "ZS Avg."
@@ -107,7 +107,7 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
     plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
     plot_curves([(name, d) for d, name, _, _ in per_run], Path(out_dir) / "curves.png")  # loss, d, r, ‖e‖ per step
     note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
-    return note + f"{split} perplexity (mean ± std over seeds where n > 1):\n" + markdown
+    return note + f"{split} perplexity (mean ± std [95% CI of the mean] over seeds where n > 1):\n" + markdown
 
 
 def _mean_spread(values: list[float]):
@@ -115,7 +115,7 @@ def _mean_spread(values: list[float]):
         return ""
     if len(values) == 1:
         return values[0]
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return mean_std_ci(values)
 
 
 def plot_in_vs_out(per_run, train_domains: list[str], path: Path) -> None:

@@ -22,14 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fabric_tram.analysis.results import run_row, write_table
+from fabric_tram.analysis.stats import mean_ci, mean_std_ci
+from fabric_tram.loss import token_weighted_loss
 
 SEED_KEY = "trainer.seed"
 RULE_KEY = "optimizer.name"
-# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond, the normal's 1.96
-# fmt: off
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-# fmt: on
 
 
 @dataclass
@@ -124,28 +121,13 @@ def expand(grid: Grid, default_rule: str | None) -> list[Point]:
 # ------------------------------------------------------------------------------------------- selection and report
 
 
-def t_quantile(df: int) -> float:
-    return T_975[df - 1] if df <= len(T_975) else 1.96
-
-
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean, standard deviation and the half-width of the 95% confidence interval of the mean (t, n−1 df)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    std = statistics.stdev(values)
-    return mean, std, t_quantile(len(values) - 1) * std / math.sqrt(len(values))
-
-
 def validation_loss(results: dict, train_domains: list[str]) -> float:
     """The in-domain validation loss of a run (token-weighted over its training domains), as the trainer's
     best-checkpoint choice computes it."""
     metrics = results.get("validation")
     if not metrics:
         raise ValueError("a sweep selects on the validation split: add validation to trainer.eval_splits")
-    names = [d for d in train_domains if d in metrics] or list(metrics)
-    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
-    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)
+    return token_weighted_loss(metrics, train_domains)
 
 
 def collect(points: list[Point], out: Path) -> dict[str, dict[str, list[dict]]]:
@@ -171,13 +153,6 @@ def select(found: dict[str, dict[str, list[dict]]]) -> dict[str, str]:
     }
 
 
-def _cell(values: list[float]) -> str:
-    mean, std, half = mean_ci(values)
-    if math.isnan(half):
-        return f"{mean:.2f} (n=1)"
-    return f"{mean:.2f} ± {std:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
-
-
 def summarise(points: list[Point], out: Path, split: str | None = None) -> str:
     """Write ``OUT/sweep/selection.{md,csv,json}``, ``OUT/sweep/selected.{md,csv,json}`` and ``sweep.png``;
     return the Markdown of both tables. Unfinished runs are counted and left out."""
@@ -191,12 +166,15 @@ def summarise(points: list[Point], out: Path, split: str | None = None) -> str:
         for setting, runs in settings.items():
             losses = [validation_loss(r["results"], r["train_domains"]) for r in runs]
             mark = " (selected)" if chosen[rule] == setting else ""
-            selection[f"{rule} {setting}{mark}"] = {"seeds": len(runs), "validation loss": _cell(losses)}
+            selection[f"{rule} {setting}{mark}"] = {
+                "seeds": len(runs),
+                "validation loss": mean_std_ci(losses, digits=4),
+            }
         runs = settings[chosen[rule]]
         split_used = split or ("test" if "test" in runs[0]["results"] else "validation")
         rows = [run_row(r["results"], r["train_domains"], split_used) for r in runs]
         columns = list(dict.fromkeys(c for row in rows for c in row))
-        selected[f"{rule} {chosen[rule]} (n={len(runs)})"] = {c: _cell([row[c] for row in rows if c in row])
+        selected[f"{rule} {chosen[rule]} (n={len(runs)})"] = {c: mean_std_ci([row[c] for row in rows if c in row])
                                                                for c in columns}  # fmt: skip
     folder = out / "sweep"
     left = sum(not (p.run_dir(out) / "results.json").is_file() for p in points)

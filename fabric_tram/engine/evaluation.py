@@ -14,6 +14,7 @@ from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.setup import Run, setup
+from fabric_tram.loss import token_weighted_loss
 
 
 @torch.no_grad()
@@ -55,9 +56,7 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 
 def in_domain_loss(task, metrics: dict) -> float:
     """Token-weighted validation loss over the training domains (every domain when the task has none)."""
-    names = [d for d in getattr(task, "train_domains", []) if d in metrics] or list(metrics)
-    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
-    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)
+    return token_weighted_loss(metrics, list(getattr(task, "train_domains", [])))
 
 
 def improves_best(run: Run, metrics: dict) -> bool:

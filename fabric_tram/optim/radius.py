@@ -62,7 +62,7 @@ class TrustRegionRadius:
         t = transformed(d, self.transform)
         if self.calibrating(step):
             self._record(step, t)
-            return self.target  # climb radius_target while measuring
+            return self.target if self.max_radius is None else min(self.target, self.max_radius)  # while measuring
         scale = self.scale if self.auto else self.fixed_scale
         radius = scale * t
         if self.max_radius is not None:
