@@ -48,10 +48,17 @@ EXACT_ABS = 1e-12  # for values that are near zero (parameters, d at step 1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first: with ``-n`` workers the long ones start early, so the workers finish together."""
-    items.sort(
-        key=lambda item: item.get_closest_marker("slow") is None and item.get_closest_marker("distributed") is None
-    )
+    """Longest first: with ``-n`` workers the long ones start early, so the workers finish together (the mutation
+    check, then the 2-process launches, then the other slow tests)."""
+
+    def rank(item) -> int:
+        if "test_mutations.py" in item.nodeid and item.get_closest_marker("slow"):
+            return 0
+        if item.get_closest_marker("distributed"):
+            return 1
+        return 2 if item.get_closest_marker("slow") else 3
+
+    items.sort(key=rank)
 
 
 # ------------------------------------------------------------------------------------------- corpus

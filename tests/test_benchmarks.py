@@ -98,4 +98,4 @@ def test_bench_command_passes_help_to_the_benchmark():
     result = CliRunner().invoke(main, ["bench", "step_cost", "--help"])
     assert result.exit_code == 0 and "--system-malloc" in result.output and "--rules" in result.output
     result = CliRunner().invoke(main, ["bench", "--help"])  # the command's own help lists the benchmarks
-    assert result.exit_code == 0 and "step_cost|memory" in result.output
+    assert result.exit_code == 0 and "step_cost|radius_every|memory" in result.output

@@ -17,9 +17,11 @@ from fabric_tram.registry import OPTIMIZERS, load_builtins
 
 
 def held_bytes(loop: UpdateRuleLoop) -> int:
-    """Buffers and copies the rule keeps between steps (its saved state plus the restore backup)."""
+    """Per-parameter buffers and copies the rule keeps between steps (its saved state plus the restore backup);
+    TRAM's radius state (a dict of calibration_steps + 2 scalars) is not per parameter and is left out."""
     rule = loop.rule
-    tensors = {id(t): t for buffers in rule.state_dict().values() for t in buffers}
+    per_parameter = [buffers for buffers in rule.state_dict().values() if isinstance(buffers, list)]
+    tensors = {id(t): t for buffers in per_parameter for t in buffers}
     for t in getattr(rule, "backup", []) or []:
         tensors.setdefault(id(t), t)
     return sum(t.numel() * t.element_size() for t in tensors.values())
