@@ -10,6 +10,7 @@ import pytest
 from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
 from fabric_tram.bench.step_cost import RULES
+from fabric_tram.optim.update_rule import rule_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,14 @@ def test_gpu_suite_path_on_cpu(tmp_path):
     args = ["--device", "cpu", "--size", "tiny", "--xl", "tiny", "--steps", "1", "--compile-backend", "aot_eager"]
     text, result = bench(tmp_path, "gpu_suite", *args)
     assert "| bare loop, compiled |" in text and "| trainer adam, fsdp, compiled |" in text
-    assert set(result["rules"]) == set(RULES) and all(r["floor"] >= 1.4 for r in result["rules"].values())
+    assert set(result["rules"]) == set(RULES)
+    # every floor is forward passes + no-grad forwards × T_f/T_fb, with one measured T_f/T_fb for all rules (its
+    # value is timing noise on a tiny CPU model; the formula is not)
+    t_f_over_t_fb = result["rules"]["tram-prev"]["floor"] - 2
+    assert t_f_over_t_fb > 0
+    for name, r in result["rules"].items():
+        fwd, nograd, _ = rule_class(name).passes
+        assert r["floor"] == pytest.approx(fwd + nograd * t_f_over_t_fb, rel=1e-12), name
     assert result["xl"]["adam"]["estimated_bytes"] > 0 and result["xl"]["tram_over_adam"] > 1
 
 
