@@ -1,8 +1,9 @@
-"""``fabric-tram``: train, evaluate, list.
+"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list.
 
 fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
 fabric-tram evaluate runs/tiny/checkpoints/step-00000050
 fabric-tram list
+fabric-tram sweep recipes/demo.py optimizer.name=adam,asam asam:optimizer.rho=0.1,0.5 trainer.seed=0,1
 fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
 """
 
