@@ -11,6 +11,7 @@ rules that run one, plus the divergence's output-sized gradients for the regular
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from fabric_tram.config import Config, base_optimizer_name
 from fabric_tram.models import build_model
-from fabric_tram.registry import OPTIMIZERS
+from fabric_tram.registry import MODELS, OPTIMIZERS
 
 GIB = 1024**3
 
@@ -27,13 +28,13 @@ def meta_model(config: Config) -> torch.nn.Module:
     """The model on the meta device (no weights read): sizes from the preset or the checkpoint's config.json."""
     section = config.model
     if getattr(section, "pretrained", None):
-        from fabric_tram.models.gpt2 import HF_IDS, PRESETS, config_from_hf
-
+        family = sys.modules[MODELS.get(section.name).target.__module__]  # its PRESETS, HF_IDS, config_from_hf
         name = section.pretrained
-        if name in PRESETS or name in HF_IDS:
-            section = replace(section, pretrained=None, preset=name)
+        preset = {hub_id: preset for preset, hub_id in family.HF_IDS.items()}.get(name, name)
+        if preset in family.PRESETS:
+            section = replace(section, pretrained=None, preset=preset)
         elif (Path(name) / "config.json").is_file():
-            section = config_from_hf(
+            section = family.config_from_hf(
                 replace(section, pretrained=None), json.loads((Path(name) / "config.json").read_text())
             )
         else:
@@ -79,7 +80,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
-    V = getattr(model.config, "vocab_size", 0)
+    V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
     block_full = 34 * B * T * C * act_bytes / 2
     graphs = int(fwd // bwd)  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {

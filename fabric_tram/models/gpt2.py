@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fabric_tram.models.hub import load_hf_state_dict
+from fabric_tram.models.hub import build_pretrained
 from fabric_tram.registry import register_model
 
 PRESETS = {
@@ -185,12 +185,7 @@ class GPT2(nn.Module):
     @classmethod
     def from_config(cls, config: GPT2Config) -> GPT2:
         """Build the model; with ``pretrained`` set, its sizes come from the checkpoint's config.json."""
-        if config.pretrained is None:
-            return cls(config)
-        state, hf_config = load_hf_state_dict(HF_IDS.get(config.pretrained, config.pretrained), config.revision)
-        model = cls(config_from_hf(config, hf_config))
-        model.load_hf_state_dict(state)
-        return model
+        return build_pretrained(cls, config, HF_IDS, config_from_hf)
 
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face GPT-2 state dict (Conv1D layout) into this model, refusing any mismatch."""

@@ -64,3 +64,15 @@ def load_hf_state_dict(name_or_path: str, revision: str | None = None) -> tuple[
     for name in files:
         state.update(load_file(str(folder / name)))
     return state, hf_config
+
+
+def build_pretrained(cls, config, hub_ids: dict[str, str], config_from_hf):
+    """``cls(config)``, or with ``config.pretrained`` set: the model sized by the checkpoint's config.json (through
+    ``config_from_hf``) with its weights loaded (``cls.load_hf_state_dict`` refuses any mismatch). ``hub_ids`` maps
+    preset names to hub ids."""
+    if config.pretrained is None:
+        return cls(config)
+    state, hf_config = load_hf_state_dict(hub_ids.get(config.pretrained, config.pretrained), config.revision)
+    model = cls(config_from_hf(config, hf_config))
+    model.load_hf_state_dict(state)
+    return model
