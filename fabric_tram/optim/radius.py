@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from fabric_tram.config import ConfigError
+
 RADIUS_TRANSFORMS = ("linear", "sqrt")
 
 
@@ -99,3 +101,16 @@ class TrustRegionRadius:
             return value.to(device) if isinstance(value, torch.Tensor) else value
 
         self.samples, self.scale, self.last = (on_device(state[k]) for k in ("samples", "scale", "last"))
+
+
+def check_radius_fields(config) -> None:
+    scale = getattr(config, "radius_scale", 1.0)
+    if scale != "auto" and not (isinstance(scale, (int, float)) and scale >= 0):
+        raise ConfigError(f"optimizer.radius_scale must be auto or a number >= 0, got {scale!r}")
+    if getattr(config, "radius_transform", "linear") not in RADIUS_TRANSFORMS:
+        raise ConfigError(
+            f"optimizer.radius_transform must be one of {', '.join(RADIUS_TRANSFORMS)}, got {config.radius_transform!r}"
+        )
+    for key in ("radius_every", "calibration_steps"):
+        if getattr(config, key, 1) < 1:
+            raise ConfigError(f"optimizer.{key} must be an integer >= 1, got {getattr(config, key)}")

@@ -16,7 +16,7 @@ from fabric_tram.optim.base import nonnegative
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
 from fabric_tram.optim.noise import NOISE_KINDS, InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter, measuring, noise_penalty, on_noised, penalised
-from fabric_tram.optim.radius import RADIUS_TRANSFORMS, TrustRegionRadius
+from fabric_tram.optim.radius import TrustRegionRadius, check_radius_fields
 from fabric_tram.optim.targets import TARGET_MODES, ExponentialAverage, InitialWeights, NoisedInputs, PreviousIterate
 from fabric_tram.optim.update_rule import Passes, UpdateRule
 from fabric_tram.registry import DIVERGENCES, register_optimizer
@@ -42,19 +42,6 @@ class Wrapped:
             raise ConfigError(f"optimizer.noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
         if not 0.0 <= getattr(self, "ema_decay", 0.0) <= 1.0:
             raise ConfigError(f"optimizer.ema_decay must be in [0, 1], got {self.ema_decay}")
-
-
-def check_radius_fields(config) -> None:
-    scale = getattr(config, "radius_scale", 1.0)
-    if scale != "auto" and not (isinstance(scale, (int, float)) and scale >= 0):
-        raise ConfigError(f"optimizer.radius_scale must be auto or a number >= 0, got {scale!r}")
-    if getattr(config, "radius_transform", "linear") not in RADIUS_TRANSFORMS:
-        raise ConfigError(
-            f"optimizer.radius_transform must be one of {', '.join(RADIUS_TRANSFORMS)}, got {config.radius_transform!r}"
-        )
-    for key in ("radius_every", "calibration_steps"):
-        if getattr(config, key, 1) < 1:
-            raise ConfigError(f"optimizer.{key} must be an integer >= 1, got {getattr(config, key)}")
 
 
 @dataclass
