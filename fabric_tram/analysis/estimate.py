@@ -1,11 +1,12 @@
 """``fabric-tram estimate``: per-device memory and FLOPs of one optimizer step, before paying for a run.
 
 Parameters, gradients, base-optimizer state and update-rule buffers are counted exactly from the model's shapes
-(built on the meta device) and divided by the world size under fsdp. Activations are an estimate for GPT-2
-blocks with fused (SDPA) attention: about 34·B·T·C bytes per block at 16-bit (Korthikanti et al. 2022, without
-the attention-score term that fused attention does not store), only the block inputs under activation
-checkpointing, plus the float32 logits and log-probabilities, plus a target forward's log-probabilities for the
-rules that run one, plus the divergence's output-sized gradients for the regularisers; r3f holds two graphs.
+(built on the meta device) and divided by the world size under fsdp. Activations are an estimate from each model
+family's count of the values a block keeps for its backward (``activation_elements_per_token``: GPT-2 17·C,
+Korthikanti et al. 2022 without the attention scores that fused attention does not store; Llama 8·C + 2·kv + 4·I
+for its GQA projections and SwiGLU), only the block inputs under activation checkpointing, plus the float32
+logits and log-probabilities, plus a target forward's log-probabilities for the rules that run one, plus the
+divergence's output-sized gradients for the regularisers; r3f holds two graphs.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
-    block_full = 34 * B * T * C * act_bytes / 2
+    per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C
+    block_full = B * T * per_token * act_bytes
     graphs = int(fwd // bwd)  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {
         "without_checkpointing": graphs * L * block_full,

@@ -149,6 +149,11 @@ class GPT2(nn.Module):
         weights = L * 12 * C * C + self.config.vocab_size * C  # from sizes: a local FSDP shard would undercount
         return 2.0 * weights + 2.0 * L * seq_len * C
 
+    def activation_elements_per_token(self) -> float:
+        """Values one block keeps for its backward, per token: 17·C (Korthikanti et al. 2022's 34·s·b·h bytes at
+        16-bit, without the attention scores that fused attention does not store)."""
+        return 17.0 * self.config.sizes()["n_embd"]
+
     def reset_parameters(self, n_layer: int) -> None:
         for name, p in self.named_parameters():
             if p.is_meta:

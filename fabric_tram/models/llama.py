@@ -7,6 +7,7 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM``/``Qwen2ForCausalLM`` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,13 +41,38 @@ PRESETS = {
         rope_theta=100000.0,
         max_position_embeddings=8192,
     ),  # fmt: skip
+    # meta-llama/Llama-3.2-1B: Llama 3's rotary frequencies stretched for a 128k context
+    "llama-3.2-1b": dict(
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=2048,
+        intermediate_size=8192,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),  # fmt: skip
 }
-HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M", "smollm2-360m": "HuggingFaceTB/SmolLM2-360M"}
+HF_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+}
+# sizes a preset fixes; set explicitly in the config they win over the preset
+SIZE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size", "rope_scaling")
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
 class LlamaConfig:
-    preset: str = "tiny"  # tiny | smollm2-135m | smollm2-360m
+    preset: str = "tiny"  # tiny | smollm2-135m | smollm2-360m | llama-3.2-1b
     pretrained: str | None = None  # a hub id, a local folder (config.json + safetensors), or null
     n_layer: int | None = None  # the preset's sizes unless set (a checkpoint's config.json wins when loading)
     n_head: int | None = None
@@ -56,6 +82,9 @@ class LlamaConfig:
     vocab_size: int | None = None
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    # Llama 3's frequency scaling, as in its config.json: {rope_type: llama3, factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings}; null: plain rotary embeddings (the preset's unless set)
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # Qwen2: biases on q, k and v
@@ -71,13 +100,22 @@ class LlamaConfig:
                 f"model.n_embd={s['n_embd']} must be divisible by n_head={s['n_head']}, and n_head by "
                 f"n_kv_head={s['n_kv_head']} (grouped-query attention shares each key/value head by a group)"
             )
+        scaling = s["rope_scaling"]
+        if scaling is not None:
+            missing = [k for k in LLAMA3_SCALING_KEYS if k not in scaling]
+            if scaling.get("rope_type", scaling.get("type")) != "llama3" or missing:
+                raise ValueError(
+                    f"model.rope_scaling={scaling} is not supported: only Llama 3's "
+                    f"{{rope_type: llama3, {', '.join(LLAMA3_SCALING_KEYS)}}} (missing: {missing or 'none'}); "
+                    "linear, dynamic and YaRN scaling are not implemented"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     def sizes(self) -> dict:
         sizes = {"rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings}
-        sizes.update(PRESETS[self.preset])
-        for key in ("n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "vocab_size"):
+        sizes.update({"rope_scaling": None, **PRESETS[self.preset]})
+        for key in SIZE_KEYS:
             if getattr(self, key) is not None:
                 sizes[key] = getattr(self, key)
         return sizes
@@ -94,9 +132,23 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3's context extension: wavelengths longer than the original context / low_freq_factor are slowed by
+    ``factor``; shorter than original context / high_freq_factor kept; those between interpolated smoothly."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: long waves, 1: short waves
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rotary_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device, dtype, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position × frequency, the frequencies repeated for both halves (Hugging Face's layout)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -202,6 +254,15 @@ class Llama(nn.Module):
         per_layer = 2 * C * C + 2 * C * kv + 3 * C * s["intermediate_size"]
         return 2.0 * (s["n_layer"] * per_layer + s["vocab_size"] * C) + 2.0 * s["n_layer"] * seq_len * C
 
+    def activation_elements_per_token(self) -> float:
+        """Values one block keeps for its backward, per token (counted with saved-tensor hooks in the tests): each
+        RMSNorm's input and normalised value (4·C), the projections' inputs (2·C), the rotated q, k and v and the
+        attention output (2·C + 2·kv), SwiGLU's gate, up, SiLU(gate) and product (4·I); kv = n_kv_head·head_dim,
+        I = intermediate_size. Fused attention stores no scores; per-token statistics are left out."""
+        s = self.sizes
+        C, kv = s["n_embd"], s["n_kv_head"] * (s["n_embd"] // s["n_head"])
+        return 8.0 * C + 2.0 * kv + 4.0 * s["intermediate_size"]
+
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
         """``input_noise``: a function mapping the token embeddings to their noised version (the update rules that
         noise the inputs pass one). Rotary embeddings have no table: any length runs."""
@@ -209,7 +270,8 @@ class Llama(nn.Module):
         if input_noise is not None:
             x = input_noise(x)
         s = self.sizes
-        cos, sin = rotary_cos_sin(input_ids.shape[1], s["n_embd"] // s["n_head"], s["rope_theta"], x.device, x.dtype)
+        head_dim = s["n_embd"] // s["n_head"]
+        cos, sin = rotary_cos_sin(input_ids.shape[1], head_dim, s["rope_theta"], x.device, x.dtype, s["rope_scaling"])
         for block in self.model.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -244,16 +306,33 @@ class Llama(nn.Module):
         self.load_state_dict(converted, strict=True)
 
 
+HF_MODEL_TYPES = ("llama", "qwen2", "mistral")  # config.json model_type values with this architecture
+
+
+def rope_from_hf(hf: dict, default_theta: float) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a config.json: transformers ≥ 5 writes ``rope_parameters`` (theta and
+    scaling in one dict), earlier versions ``rope_theta`` and ``rope_scaling``."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return params.get("rope_theta", default_theta), (scaling if scaling.get("rope_type") != "default" else None)
+    scaling = hf.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return hf.get("rope_theta", default_theta), scaling or None
+
+
 def config_from_hf(config: LlamaConfig, hf: dict) -> LlamaConfig:
-    """Our config with the sizes of a Hugging Face ``config.json`` (Llama or Qwen2)."""
-    if hf.get("rope_scaling"):
+    """Our config with the sizes of a Hugging Face ``config.json`` (Llama, Qwen2, Mistral without sliding windows).
+    A preset other than the default ``tiny``, or sizes set explicitly, must agree with the checkpoint."""
+    if hf.get("model_type") not in HF_MODEL_TYPES:
         raise ValueError(
-            f"the checkpoint uses rope_scaling={hf['rope_scaling']}, which this Llama does not implement yet "
-            "(plain rotary embeddings only: SmolLM2, Qwen2 and Llama 2 checkpoints)"
+            f"the checkpoint's config.json has model_type={hf.get('model_type')!r}, not a Llama-architecture model "
+            f"({', '.join(HF_MODEL_TYPES)}); use the model family that matches it (fabric-tram list shows them)"
         )
     n_head = hf["num_attention_heads"]
-    return replace(
-        config,
+    rope_theta, rope_scaling = rope_from_hf(hf, config.rope_theta)
+    checkpoint = dict(
         n_layer=hf["num_hidden_layers"],
         n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads", n_head),
@@ -261,8 +340,23 @@ def config_from_hf(config: LlamaConfig, hf: dict) -> LlamaConfig:
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings", config.max_position_embeddings),
-        rope_theta=hf.get("rope_theta", config.rope_theta),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+    )
+    chosen = dict(PRESETS[config.preset]) if config.preset != "tiny" else {}
+    chosen.update({k: getattr(config, k) for k in SIZE_KEYS if getattr(config, k) is not None})
+    conflicts = [f"{k}={v} (config) vs {checkpoint[k]} (checkpoint)" for k, v in chosen.items() if checkpoint[k] != v]
+    if conflicts:
+        raise ValueError(
+            f"model.pretrained={config.pretrained!r} does not match model.preset={config.preset!r} and the sizes "
+            f"set: {'; '.join(conflicts)}. With a checkpoint the sizes come from its config.json: leave the preset "
+            "at tiny and the sizes unset, or pick the checkpoint that matches the preset"
+        )
+    return replace(
+        config,
+        preset="tiny",  # the checkpoint's sizes below replace every size the preset held
         rms_norm_eps=hf.get("rms_norm_eps", config.rms_norm_eps),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         attention_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),
+        **checkpoint,
     )
