@@ -59,8 +59,8 @@ RECIPE = {
 SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2, "save_every": 1}}
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    options = {"seeds": 5, "rules": RULES, "out": "runs/demo", "smoke": False}
+def parse(argv: list[str], defaults: dict) -> tuple[dict, list[str]]:
+    options = {**defaults, "smoke": False}
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -91,9 +91,18 @@ def pretrained_row(base: dict, out: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> str:
-    options, overrides = parse(list(sys.argv[1:] if argv is None else argv))
-    base = merge(RECIPE, SMOKE) if options["smoke"] else RECIPE
+def main(
+    argv: list[str] | None = None,
+    recipe: dict = RECIPE,
+    smoke: dict = SMOKE,
+    selected: dict = SELECTED,
+    defaults: dict | None = None,
+) -> str:
+    """Every rule × seed from ``recipe`` (each rule with its ``selected`` settings), the pre-trained row, the
+    table and figures. ``defaults``: seeds, rules and output folder unless --seeds/--rules/--out say otherwise."""
+    defaults = {"seeds": 5, "rules": RULES, "out": "runs/demo", **(defaults or {})}
+    options, overrides = parse(list(sys.argv[1:] if argv is None else argv), defaults)
+    base = merge(recipe, smoke) if options["smoke"] else recipe
     base = merge(base, parse_overrides(overrides))
     out = Path(options["out"])
     run_dirs = [pretrained_row(base, out)]
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> str:
             if (run_dir / "results.json").is_file():
                 print(f"reusing {run_dir} (delete it to train again)")
                 continue
-            optimizer = {"name": rule, **SELECTED.get(rule, {})}
+            optimizer = {"name": rule, **selected.get(rule, {})}
             settings = {"optimizer": optimizer, "trainer": {"seed": seed, "run_dir": str(run_dir)}}
             if (run_dir / "config.yaml").is_file():  # interrupted: continue from its newest checkpoint
                 settings["trainer"]["resume"] = "auto"

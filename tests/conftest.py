@@ -100,6 +100,15 @@ SMALL_MODEL = [
     "model.n_positions=48",
     "model.dropout=0.0",
 ]
+# the Llama family's equivalence run (FSDP2): grouped-query attention, SwiGLU, tied embeddings
+LLAMA_MODEL = [
+    "model.name=llama",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.n_embd=32",
+    "model.intermediate_size=48",
+]
 
 
 # The rules the 1 vs 2 process tests run (docs/design.md), and what they add to the small config: TRAM's scale
@@ -116,13 +125,22 @@ def rule_extra(rule: str) -> list[str]:
 
 
 def small_config(
-    data_dir, run_dir, optimizer="sgd", micro=8, accumulate=1, steps=3, strategy="auto", precision="64-true", extra=()
+    data_dir,
+    run_dir,
+    optimizer="sgd",
+    micro=8,
+    accumulate=1,
+    steps=3,
+    strategy="auto",
+    precision="64-true",
+    extra=(),
+    model=tuple(SMALL_MODEL),
 ):
     """The small LM run of the equivalence tests; float64 unless a test is about another precision."""
     lr = "0.5" if optimizer == "sgd" else "0.003"
     return load_config(
         None,
-        SMALL_MODEL
+        list(model)
         + [
             "task.name=lm",
             f"task.data_dir={data_dir}",

@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import DIST_RULES, poisoned_forward_backward, rule_extra, small_config, trajectory  # noqa: E402
+from conftest import (  # noqa: E402
+    DIST_RULES,
+    LLAMA_MODEL,
+    poisoned_forward_backward,
+    rule_extra,
+    small_config,
+    trajectory,
+)
 
 from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
@@ -75,6 +82,15 @@ try:  # per-rank perturbations: allowed under DDP, refused under sharding, befor
     }
 except ValueError as err:
     results["m_sharpness"] = {"error": str(err)}
+
+if strategy == "fsdp":  # the Llama family sharded: GQA projections and tied embeddings split over the ranks
+    run = train(
+        small_config(
+            data, out / "llama", "tram-prev", micro=2, accumulate=2, strategy=strategy, extra=rule_extra("tram-prev"),
+            model=LLAMA_MODEL,
+        )
+    )  # fmt: skip
+    results["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
 
 if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
     import fabric_tram.optim.geometry as geometry

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     DIST_RULES,
     EXACT_ABS,
+    LLAMA_MODEL,
     assert_histories_match,
     launch_two_processes,
     max_param_diff,
@@ -42,6 +43,9 @@ def reference(tmp_path_factory):
     for rule in RULES:
         run = train(small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=rule_extra(rule)))
         ref[rule] = {"history": run.history, "params": trajectory(run)["params"]}
+    extra = rule_extra("tram-prev")
+    run = train(small_config(corpus, root / "ref-llama", "tram-prev", micro=8, extra=extra, model=LLAMA_MODEL))
+    ref["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
     return root, corpus, ref
 
 
@@ -69,6 +73,10 @@ def test_two_processes_match_one(reference, strategy):
     for rule in RULES:  # the update rules: per-step ‖T g‖, ‖e‖, d, the regulariser, and the final weights
         assert_histories_match(ref[rule]["history"], got[rule]["history"], RULE_KEYS, label=rule)
         assert max_param_diff(ref[rule]["params"], got[rule]["params"]) < EXACT_ABS, rule
+    if strategy == "fsdp":  # the Llama family under FSDP2: TRAM's d, radius and ‖e‖ per step, the final weights
+        assert "radius_scale" in ref["llama"]["history"][2]
+        assert_histories_match(ref["llama"]["history"], got["llama"]["history"], RULE_KEYS, label="llama")
+        assert max_param_diff(ref["llama"]["params"], got["llama"]["params"]) < EXACT_ABS
     if strategy == "fsdp":  # negative control: without the all-reduce of the sums of squares, e is wrong
         wrong = got["asam_per_shard_norm"]
         assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)

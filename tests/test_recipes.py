@@ -19,7 +19,7 @@ from fabric_tram.engine.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("recipe", ["gpt2_s2orc", "gpt2_wiki"])
+@pytest.mark.parametrize("recipe", ["gpt2_s2orc", "gpt2_wiki", "smollm2_m2d2"])
 def test_recipe_smoke_in_process(recipe, tmp_path):
     config = load_config(
         ROOT / "recipes" / f"{recipe}.py",
@@ -27,7 +27,9 @@ def test_recipe_smoke_in_process(recipe, tmp_path):
         smoke=True,
     )
     full = load_config(ROOT / "recipes" / f"{recipe}.py")
-    assert full.trainer.max_steps == 50_000 and full.trainer.micro_batch_size == 16 and full.model.pretrained == "gpt2"
+    pretrained = "HuggingFaceTB/SmolLM2-360M" if recipe.startswith("smollm2") else "gpt2"
+    assert full.trainer.max_steps == 50_000 and full.trainer.micro_batch_size == 16
+    assert full.model.pretrained == pretrained
     assert full.task.data_dir == "hf://machelreid/m2d2" and len(full.task.eval_domains) == 11
     assert config.optimizer.lr == 2e-5 and config.optimizer.betas == [0.9, 0.99]  # the recipe's own, kept by the rule
     run = train_job(config)  # what `python recipes/X.py` and `fabric-tram train` run: train() and the paper table

@@ -102,6 +102,20 @@ def check_splits(task, config: Config) -> None:
         task.eval_sets(split)
 
 
+def check_vocabulary(task, model, config: Config) -> None:
+    """A tokenizer with more ids than the model's embedding table has rows would index past it (a device-side
+    assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2 variants)."""
+    tokens = getattr(task, "vocab_size", None)
+    embedding = getattr(model, "input_embedding", None)
+    rows = getattr(embedding, "num_embeddings", None)
+    if tokens is not None and rows is not None and tokens > rows:
+        raise ConfigError(
+            f"task.tokenizer={config.task.tokenizer!r} has {tokens} tokens but the model's embedding table has "
+            f"{rows} rows: they belong to different models. Use the checkpoint's own tokenizer (its folder holds "
+            "tokenizer.json) or a model whose vocab_size covers the tokenizer"
+        )
+
+
 def setup(config: Config, training: bool = True, fabric=None) -> Run:
     t = config.trainer
     if fabric is None:
@@ -113,6 +127,7 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         check_splits(task, config)
     with fabric.init_module(empty_init=False):
         model = build_model(config.model)
+    check_vocabulary(task, model, config)
     if t.activation_checkpointing:
         if not hasattr(model, "block_class"):
             raise ConfigError(

@@ -17,7 +17,7 @@ import torch
 from fabric_tram.data.batching import pad_sequences
 from fabric_tram.data.text import DataError, discover_domains, split_file
 from fabric_tram.data.token_cache import tokenize_split
-from fabric_tram.data.tokenizer import end_of_text_id
+from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer
 from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
 from fabric_tram.registry import register_task
 
@@ -150,6 +150,11 @@ class LanguageModelingTask:
                 )
             self._cache[key] = seqs
         return self._cache[key]
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's number of ids (checked against the model's embedding table before training)."""
+        return load_tokenizer(self.config.tokenizer).get_vocab_size()
 
     def eval_sets(self, split: str) -> dict:
         return {domain: self.sequences(domain, split) for domain in self.eval_domains}
