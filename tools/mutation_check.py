@@ -305,6 +305,24 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_radius.py::test_measurement_schedule_of_radius_every",),
     ),
+    Mutation(
+        "llama3-frequencies-unscaled",
+        "Llama 3's rope_scaling read but its frequency stretch never applied",
+        (("fabric_tram/models/llama.py", "        inv_freq = llama3_frequencies(inv_freq, scaling)", "        pass"),),
+        ("tests/test_llama.py::test_llama3_rope_scaling_matches_transformers_past_the_original_context",),
+    ),
+    Mutation(
+        "gguf-rows-left-permuted",
+        "GGUF query/key rows kept in llama.cpp's interleaved order",
+        (
+            (
+                "fabric_tram/models/gguf.py",
+                "            weights = unpermute_rotary_rows(weights, heads[kind])",
+                "            pass",
+            ),
+        ),
+        ("tests/test_gguf.py::test_a_gguf_llama_converts_to_a_folder_both_loaders_read_identically",),
+    ),
 )
 
 
