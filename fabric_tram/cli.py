@@ -83,7 +83,8 @@ def train_job(config):
     if run.fabric.is_global_zero and domains:
         from fabric_tram.analysis.results import write_run_results
 
-        run.fabric.print(write_run_results(run.run_dir, run.results, domains, config.optimizer.name))
+        metric = getattr(run.task, "headline_metric", "ppl")
+        run.fabric.print(write_run_results(run.run_dir, run.results, domains, config.optimizer.name, metric))
     return run
 
 

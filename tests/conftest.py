@@ -100,6 +100,20 @@ SMALL_MODEL = [
     "model.n_positions=48",
     "model.dropout=0.0",
 ]
+
+
+def xnli_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
+    """The XNLI recipe's smoke setting (tiny encoder, bundled pairs) as an equivalence run: float64, no dropout
+    (ranks would draw other masks than one process), tram-prev calibrated within the 4 steps."""
+    from fabric_tram.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "xlmr_xnli.py"
+    overrides = [f"trainer.run_dir={run_dir}", f"trainer.strategy={strategy}", "trainer.precision=64-true",
+                 f"trainer.micro_batch_size={micro}", f"trainer.accumulate={accumulate}", "model.dropout=0.0",
+                 "optimizer.name=tram-prev", "optimizer.calibration_steps=2"]  # fmt: skip
+    return load_config(recipe, overrides, smoke=True)
+
+
 # the Llama family's equivalence run (FSDP2): grouped-query attention, SwiGLU, tied embeddings
 LLAMA_MODEL = [
     "model.name=llama",

@@ -19,6 +19,7 @@ from conftest import (  # noqa: E402
     rule_extra,
     small_config,
     trajectory,
+    xnli_smoke_config,
 )
 
 from fabric_tram.distributed import (  # noqa: E402
@@ -91,6 +92,9 @@ if strategy == "fsdp":  # the Llama family sharded: GQA projections and tied emb
         )
     )  # fmt: skip
     results["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
+    # the encoder family through the XNLI recipe's smoke setting: sentence pairs, accuracy per language
+    run = train(xnli_smoke_config(out / "xnli", strategy=strategy, micro=2, accumulate=1))
+    results["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
 
 if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
     import fabric_tram.optim.geometry as geometry

@@ -8,6 +8,7 @@ import torch
 from conftest import (
     DIST_RULES,
     EXACT_ABS,
+    EXACT_REL,
     LLAMA_MODEL,
     assert_histories_match,
     launch_two_processes,
@@ -16,6 +17,7 @@ from conftest import (
     small_config,
     trajectory,
     write_corpus,
+    xnli_smoke_config,
 )
 
 from fabric_tram.engine.trainer import train
@@ -46,6 +48,8 @@ def reference(tmp_path_factory):
     extra = rule_extra("tram-prev")
     run = train(small_config(corpus, root / "ref-llama", "tram-prev", micro=8, extra=extra, model=LLAMA_MODEL))
     ref["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
+    run = train(xnli_smoke_config(root / "ref-xnli", micro=2, accumulate=2))
+    ref["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
     return root, corpus, ref
 
 
@@ -77,6 +81,15 @@ def test_two_processes_match_one(reference, strategy):
         assert "radius_scale" in ref["llama"]["history"][2]
         assert_histories_match(ref["llama"]["history"], got["llama"]["history"], RULE_KEYS, label="llama")
         assert max_param_diff(ref["llama"]["params"], got["llama"]["params"]) < EXACT_ABS
+        # the XNLI recipe's smoke on 2 FSDP2 processes: the encoder's steps, weights and per-language evaluation
+        assert_histories_match(ref["xnli"]["history"], got["xnli"]["history"], RULE_KEYS, label="xnli")
+        assert max_param_diff(ref["xnli"]["params"], got["xnli"]["params"]) < EXACT_ABS
+        for split, languages in ref["xnli"]["results"].items():
+            assert set(languages) == {"en", "fr", "de", "es"}
+            for language, metrics in languages.items():
+                theirs = got["xnli"]["results"][split][language]
+                assert metrics["loss"] == pytest.approx(theirs["loss"], rel=EXACT_REL)
+                assert metrics["accuracy"] == theirs["accuracy"]
     if strategy == "fsdp":  # negative control: without the all-reduce of the sums of squares, e is wrong
         wrong = got["asam_per_shard_norm"]
         assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)

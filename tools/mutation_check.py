@@ -323,6 +323,30 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_gguf.py::test_a_gguf_llama_converts_to_a_folder_both_loaders_read_identically",),
     ),
+    Mutation(
+        "roberta-positions-ignore-padding",
+        "RoBERTa positions counted over every slot, padding included (left padding shifts them)",
+        (
+            (
+                "fabric_tram/models/encoder.py",
+                '        return torch.cumsum(keep, dim=1) * keep + self.sizes["pad_token_id"]',
+                '        return torch.arange(1, keep.shape[1] + 1).expand_as(keep) + self.sizes["pad_token_id"]',
+            ),
+        ),
+        ("tests/test_encoder.py::test_hidden_states_and_logits_match_transformers",),
+    ),
+    Mutation(
+        "accuracy-counts-padding-examples",
+        "evaluation counts the zero-weight padding examples of a rank that ran out as correct or wrong",
+        (
+            (
+                "fabric_tram/tasks/pair_classification.py",
+                '        return {"correct": ((out.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()}',
+                '        return {"correct": (out.logits.argmax(-1) == labels.clamp(min=0)).sum()}',
+            ),
+        ),
+        ("tests/test_encoder.py::test_accuracy_leaves_out_padding_examples",),
+    ),
 )
 
 

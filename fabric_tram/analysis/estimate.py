@@ -80,8 +80,12 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     rule_bytes = n_params * (param_bytes * rule["state_factor"] + max(4, param_bytes) * rule["fp32_state"])
     sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
-    B, T = t.micro_batch_size, getattr(config.task, "block_size", 1)
+    B = t.micro_batch_size
+    T = getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)  # tokens per sequence
+    # output rows: one distribution per token over the vocabulary (LM), or per sequence over the labels (classifier)
+    labels = getattr(model.config, "num_labels", None)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
+    outputs = B * labels if labels else B * T * V
     per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C
     block_full = B * T * per_token * act_bytes
     graphs = int(fwd // bwd)  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
@@ -89,7 +93,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
         "without_checkpointing": graphs * L * block_full,
         "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full),
     }
-    logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * B * T * V * 4
+    logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * outputs * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_params * param_bytes / shards,

@@ -1,6 +1,7 @@
-"""Result tables like the paper's Table 4 (perplexity on the training domain, each zero-shot domain and their
-average), per run and across runs (``fabric-tram report``), and the paper's Figure 2 (in-domain vs
-out-of-domain perplexity, one point per run, the trend line of the non-TRAM runs)."""
+"""Result tables like the paper's Tables 4 and 5 (the headline metric on the training domain or language, each
+zero-shot one and their average: perplexity for language modelling, accuracy for classification), per run and
+across runs (``fabric-tram report``), and the paper's Figure 2 (in-domain vs zero-shot average, one point per run,
+the trend line of the non-TRAM runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from fabric_tram.analysis.stats import mean_std_ci
 from fabric_tram.jsonfile import write_json
 
 ZS_AVG = "ZS Avg."
+METRIC_NAMES = {"ppl": "perplexity", "accuracy": "accuracy (%)"}
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric)
 
 
 def _abbrev(domain: str) -> str:
@@ -60,11 +66,11 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def write_run_results(run_dir: Path, results: dict, train_domains: list[str], label: str) -> str:
+def write_run_results(run_dir: Path, results: dict, train_domains: list[str], label: str, metric: str = "ppl") -> str:
     """After a run's final evaluation: ``results_table.{csv,json,md}`` in the run folder."""
     split = pick_split(results)
-    row = run_row(results, train_domains, split)
-    return f"{split} perplexity:\n" + write_table({label: row}, list(row), Path(run_dir) / "results_table")
+    row = run_row(results, train_domains, split, metric)
+    return f"{split} {metric_name(metric)}:\n" + write_table({label: row}, list(row), Path(run_dir) / "results_table")
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -91,8 +97,11 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
     if not finished:
         raise FileNotFoundError(f"none of {', '.join(map(str, run_dirs))} is a finished run folder (with results.json)")
     runs = [(d, load_run(d)) for d in finished]
+    metric = runs_metric([r for _, r in runs])
     split = split or pick_split(runs[0][1]["results"])
-    per_run = [(d, r["optimizer"], r.get("seed", 0), run_row(r["results"], r["train_domains"], split)) for d, r in runs]
+    per_run = [
+        (d, r["optimizer"], r.get("seed", 0), run_row(r["results"], r["train_domains"], split, metric)) for d, r in runs
+    ]
     columns = list(dict.fromkeys(c for *_, row in per_run for c in row))
     groups: dict[str, list[dict]] = {}
     for _, name, _, row in per_run:
@@ -104,10 +113,20 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
         }
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
-    plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png")
+    plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png", metric)
     plot_curves([(name, d) for d, name, _, _ in per_run], Path(out_dir) / "curves.png")  # loss, d, r, ‖e‖ per step
     note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
-    return note + f"{split} perplexity (mean ± std [95% CI of the mean] over seeds where n > 1):\n" + markdown
+    spread = "(mean ± std [95% CI of the mean] over seeds where n > 1)"
+    return note + f"{split} {metric_name(metric)} {spread}:\n" + markdown
+
+
+def runs_metric(runs: list[dict]) -> str:
+    """The headline metric the runs' results.json name (perplexity when they predate the field); runs of tasks
+    with different metrics cannot share a table."""
+    metrics = sorted({r.get("metric", "ppl") for r in runs})
+    if len(metrics) > 1:
+        raise ValueError(f"the runs report different metrics ({', '.join(metrics)}): report each task separately")
+    return metrics[0]
 
 
 def _mean_spread(values: list[float]):
@@ -118,8 +137,8 @@ def _mean_spread(values: list[float]):
     return mean_std_ci(values)
 
 
-def plot_in_vs_out(per_run, train_domains: list[str], path: Path) -> None:
-    """Figure 2: x = in-domain perplexity, y = zero-shot average; the trend line fits the non-TRAM runs."""
+def plot_in_vs_out(per_run, train_domains: list[str], path: Path, metric: str = "ppl") -> None:
+    """Figure 2: x = in-domain metric, y = zero-shot average; the trend line fits the non-TRAM runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +167,8 @@ def plot_in_vs_out(per_run, train_domains: list[str], path: Path) -> None:
         ax.plot(
             [xs[0], xs[-1]], [my + slope * (xs[0] - mx), my + slope * (xs[-1] - mx)], "b:", label="trend (non-TRAM)"
         )
-    ax.set_xlabel(f"in-domain perplexity ({', '.join(_abbrev(d) for d in train_domains)})")
-    ax.set_ylabel("zero-shot average perplexity")
+    ax.set_xlabel(f"in-domain {metric_name(metric)} ({', '.join(_abbrev(d) for d in train_domains)})")
+    ax.set_ylabel(f"zero-shot average {metric_name(metric)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric_tram.analysis.results import run_row, write_table
+from fabric_tram.analysis.results import metric_name, run_row, runs_metric, write_table
 from fabric_tram.analysis.stats import mean_ci, mean_std_ci
 from fabric_tram.loss import token_weighted_loss
 
@@ -172,7 +172,8 @@ def summarise(points: list[Point], out: Path, split: str | None = None) -> str:
             }
         runs = settings[chosen[rule]]
         split_used = split or ("test" if "test" in runs[0]["results"] else "validation")
-        rows = [run_row(r["results"], r["train_domains"], split_used) for r in runs]
+        metric = runs_metric(runs)
+        rows = [run_row(r["results"], r["train_domains"], split_used, metric) for r in runs]
         columns = list(dict.fromkeys(c for row in rows for c in row))
         selected[f"{rule} {chosen[rule]} (n={len(runs)})"] = {c: mean_std_ci([row[c] for row in rows if c in row])
                                                                for c in columns}  # fmt: skip
@@ -181,7 +182,7 @@ def summarise(points: list[Point], out: Path, split: str | None = None) -> str:
     text = f"selection on in-domain validation loss (mean ± std [95% CI] over seeds); {left} run(s) unfinished:\n"
     text += write_table(selection, ["seeds", "validation loss"], folder / "selection")
     columns = list(dict.fromkeys(c for row in selected.values() for c in row))
-    text += f"\n{split_used} perplexity of each rule's selected setting (mean ± std [95% CI] over seeds):\n"
+    text += f"\n{split_used} {metric_name(metric)} of each rule's selected setting (mean ± std [95% CI] over seeds):\n"
     text += write_table(selected, columns, folder / "selected")
     plot_selection(found, chosen, folder / "sweep.png")
     return text

@@ -51,25 +51,26 @@ def split_file(domain_dir: Path, split: str, must_exist: bool = True) -> Path | 
     return None
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line; a corrupt line is a DataError naming file and line."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line") from None
+
+
 def read_documents(path: Path, text_key: str = "text", doc_format: str = "paragraphs") -> Iterator[str]:
     if doc_format not in DOC_FORMATS:
         raise DataError(f"task.doc_format={doc_format!r} is not one of {', '.join(DOC_FORMATS)}")
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise DataError(
-                        f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)"
-                    )
-                yield record[text_key]
+        for lineno, record in jsonl_records(path):
+            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)")
+            yield record[text_key]
     elif doc_format == "lines":
         with path.open(encoding="utf-8") as fh:
             for line in fh:

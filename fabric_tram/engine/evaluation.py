@@ -24,18 +24,25 @@ def evaluate(run: Run, split: str, max_batches: int = 0) -> dict[str, dict[str, 
     was_training = model.training
     model.eval()
     results = {}
+    # besides the loss and its count, a task may add up more per batch (a classifier: its correct predictions)
+    extra_sums = getattr(task, "eval_sums", None)
     for name, data in task.eval_sets(split).items():
-        totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)
+        totals = None
         for idx in eval_batches(
             len(data), run.config.trainer.micro_batch_size, fabric.world_size, fabric.global_rank, max_batches
         ):
             batch = task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
             if not idx:  # this rank ran out of examples: a zero-weight batch keeps FSDP's collectives in step
                 batch["labels"].fill_(-100)
-            out = task.loss(model, fabric.to_device(batch))
-            totals += torch.stack([out.loss_sum.double(), torch.as_tensor(out.count, device=totals.device).double()])
+            batch = fabric.to_device(batch)
+            out = task.loss(model, batch)
+            sums = {"loss_sum": out.loss_sum, "count": torch.as_tensor(out.count, device=out.loss_sum.device)}
+            sums.update(extra_sums(out, batch) if extra_sums else {})
+            values = torch.stack([v.double() for v in sums.values()])
+            totals = values if totals is None else totals + values
         totals = all_reduce_sum(fabric, totals)
-        results[name] = task.metrics(float(totals[0]), float(totals[1]))
+        loss_sum, count, *extra = totals.tolist()
+        results[name] = task.metrics(loss_sum, count, **dict(zip(list(sums)[2:], extra, strict=True)))
     reshard_after_no_grad_forward(model)
     model.train(was_training)
     return results

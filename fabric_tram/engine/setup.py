@@ -102,9 +102,16 @@ def check_splits(task, config: Config) -> None:
         task.eval_sets(split)
 
 
-def check_vocabulary(task, model, config: Config) -> None:
+def check_task_fits_model(task, model, config: Config) -> None:
     """A tokenizer with more ids than the model's embedding table has rows would index past it (a device-side
-    assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2 variants)."""
+    assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
+    variants). A classifier must have one output per label of the task."""
+    labels, outputs = getattr(task, "num_labels", None), getattr(model.config, "num_labels", None)
+    if labels is not None and outputs is not None and labels != outputs:
+        raise ConfigError(
+            f"the task has {labels} labels ({', '.join(map(str, config.task.labels))}) but model.num_labels="
+            f"{outputs}: set model.num_labels={labels}"
+        )
     tokens = getattr(task, "vocab_size", None)
     embedding = getattr(model, "input_embedding", None)
     rows = getattr(embedding, "num_embeddings", None)
@@ -127,7 +134,7 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         check_splits(task, config)
     with fabric.init_module(empty_init=False):
         model = build_model(config.model)
-    check_vocabulary(task, model, config)
+    check_task_fits_model(task, model, config)
     if t.activation_checkpointing:
         if not hasattr(model, "block_class"):
             raise ConfigError(

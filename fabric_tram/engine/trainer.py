@@ -250,6 +250,7 @@ def write_results(run: Run) -> None:
             "optimizer": config.optimizer.name,
             "seed": config.trainer.seed,
             "train_domains": list(getattr(run.task, "train_domains", [])),
+            "metric": getattr(run.task, "headline_metric", "ppl"),  # what result tables report
             "results": run.results,
         }
         write_json(run.run_dir / "results.json", summary)  # a diverged metric is null, not a bare NaN

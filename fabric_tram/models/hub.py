@@ -76,3 +76,28 @@ def build_pretrained(cls, config, hub_ids: dict[str, str], config_from_hf):
     model = cls(config_from_hf(config, hf_config))
     model.load_hf_state_dict(state)
     return model
+
+
+def mismatches(ours: dict, theirs: dict) -> list[str]:
+    """What keeps state dict ``theirs`` from loading into a model whose state dict is ``ours``: missing and
+    unexpected names and differing shapes (the first six of each), one phrase per kind; empty when it fits."""
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = [f"{k} {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}"
+              for k in sorted(set(ours) & set(theirs)) if ours[k].shape != theirs[k].shape]  # fmt: skip
+    found = (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+    return [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in found if keys]
+
+
+def refuse_conflicting_sizes(config, presets: dict, size_keys: tuple, checkpoint: dict) -> None:
+    """With ``model.pretrained`` set the sizes come from the checkpoint's config.json; a preset other than the
+    default ``tiny``, or a size set explicitly, that disagrees with them is an error naming each difference."""
+    chosen = dict(presets[config.preset]) if config.preset != "tiny" else {}
+    chosen.update({k: getattr(config, k) for k in size_keys if getattr(config, k) is not None})
+    conflicts = [f"{k}={v} (config) vs {checkpoint[k]} (checkpoint)" for k, v in chosen.items() if checkpoint[k] != v]
+    if conflicts:
+        raise ValueError(
+            f"model.pretrained={config.pretrained!r} does not match model.preset={config.preset!r} and the sizes "
+            f"set: {'; '.join(conflicts)}. With a checkpoint the sizes come from its config.json: leave the preset "
+            "at tiny and the sizes unset, or pick the checkpoint that matches the preset"
+        )

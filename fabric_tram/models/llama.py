@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fabric_tram.models.hub import build_pretrained
+from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
 from fabric_tram.registry import register_model
 
 PRESETS = {
@@ -292,12 +292,7 @@ class Llama(nn.Module):
         converted = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}
         if self.config.tie_word_embeddings:
             converted.setdefault("lm_head.weight", converted.get("model.embed_tokens.weight"))
-        missing = sorted(set(ours) - set(converted))
-        unexpected = sorted(set(converted) - set(ours))
-        shapes = [f"{k} {tuple(converted[k].shape)} vs {tuple(ours[k].shape)}"
-                  for k in sorted(set(ours) & set(converted)) if ours[k].shape != converted[k].shape]  # fmt: skip
-        found = (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        problems = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in found if keys]
+        problems = mismatches(ours, converted)
         if problems:
             raise ValueError(
                 f"checkpoint does not match this Llama ({'; '.join(problems)}). Pick the preset/config that matches "
@@ -343,15 +338,7 @@ def config_from_hf(config: LlamaConfig, hf: dict) -> LlamaConfig:
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
     )
-    chosen = dict(PRESETS[config.preset]) if config.preset != "tiny" else {}
-    chosen.update({k: getattr(config, k) for k in SIZE_KEYS if getattr(config, k) is not None})
-    conflicts = [f"{k}={v} (config) vs {checkpoint[k]} (checkpoint)" for k, v in chosen.items() if checkpoint[k] != v]
-    if conflicts:
-        raise ValueError(
-            f"model.pretrained={config.pretrained!r} does not match model.preset={config.preset!r} and the sizes "
-            f"set: {'; '.join(conflicts)}. With a checkpoint the sizes come from its config.json: leave the preset "
-            "at tiny and the sizes unset, or pick the checkpoint that matches the preset"
-        )
+    refuse_conflicting_sizes(config, PRESETS, SIZE_KEYS, checkpoint)
     return replace(
         config,
         preset="tiny",  # the checkpoint's sizes below replace every size the preset held
