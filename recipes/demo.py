@@ -86,7 +86,8 @@ def pretrained_row(base: dict, out: Path) -> Path:
     run = setup(config, training=False)
     results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
     folder.mkdir(parents=True, exist_ok=True)
-    summary = {"optimizer": "pre-trained", "seed": 0, "train_domains": list(run.task.train_domains), "results": results}
+    summary = {"optimizer": "pre-trained", "seed": 0, "train_domains": list(run.task.train_domains), "results": results,
+               "metric": getattr(run.task, "headline_metric", "ppl")}  # fmt: skip
     write_json(folder / "results.json", summary)
     return folder
 

@@ -256,3 +256,18 @@ def test_accuracy_leaves_out_padding_examples():
     correct = task.eval_sums(out, batch)["correct"]
     assert int(correct) == int(batch["labels"][0] == 0) and int(out.count) == 1
     assert task.metrics(0.0, 1.0, float(correct))["accuracy"] == 100.0 * int(correct)
+
+
+def test_the_real_cross_lingual_check_runs_its_smoke_setting_and_asks_for_its_inputs(tmp_path, monkeypatch):
+    import runpy
+
+    recipe = runpy.run_path(str(ROOT / "recipes" / "e5_crosslingual.py"))
+    assert recipe["RECIPE"]["model"]["pretrained"] == recipe["RECIPE"]["task"]["tokenizer"] == recipe["CHECKPOINT"]
+    monkeypatch.chdir(tmp_path)  # no checkpoint or data here: the recipe says how to make them
+    with pytest.raises(SystemExit, match="does not exist; make them with the commands of this file's docstring"):
+        recipe["check_inputs"]([])
+    defaults = {"seeds": 3, "rules": recipe["RULES"], "out": str(tmp_path / "out")}
+    table = recipe["main"](["--smoke", "--rules", "tram-x"], recipe["RECIPE"], recipe["SMOKE"], recipe["SELECTED"],
+                           defaults)  # fmt: skip
+    assert table.startswith("test accuracy (%)") and "| pre-trained |" in table and "| tram-x |" in table
+    assert "calibration_steps: 10" in (tmp_path / "out" / "tram-x-seed0" / "config.yaml").read_text()

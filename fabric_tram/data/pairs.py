@@ -1,8 +1,10 @@
-"""Sentence pairs with a label (NLI: premise, hypothesis, entailment/neutral/contradiction), per language.
+"""Labelled sentence pairs (NLI: premise, hypothesis, entailment/neutral/contradiction) or single sentences, per
+language.
 
-Two sources, one shape (``list[Pair]`` per language and split):
-- a folder ``DATA/<language>/{train,validation,test}.jsonl``, one JSON object per line with ``premise``,
-  ``hypothesis`` and ``label`` (an index into the label names, or the name itself);
+Two sources, one shape (``list[Example]`` per language and split):
+- a folder ``DATA/<language>/{train,validation,test}.jsonl``, one JSON object per line with the text fields
+  (``premise`` and ``hypothesis`` by default; one field for single-sentence classification) and ``label`` (an
+  index into the label names, or the name itself);
 - the hub through ``datasets`` (parquet, no loading scripts): English MultiNLI ``nyu-mll/multi_nli`` for training
   (its ``validation_matched`` as English validation when XNLI lacks it) and XNLI ``facebook/xnli`` (one config per
   language: validation and test) for the 15 languages.
@@ -25,9 +27,8 @@ NLI_LABELS = ("entailment", "neutral", "contradiction")  # MultiNLI's and XNLI's
 
 
 @dataclass(frozen=True)
-class Pair:
-    premise: str
-    hypothesis: str
+class Example:
+    texts: tuple[str, ...]  # (premise, hypothesis), or (sentence,)
     label: int
 
 
@@ -43,15 +44,15 @@ def label_index(value, labels: tuple[str, ...] | list[str], where: str) -> int:
     )
 
 
-def read_pairs(path: Path, labels, keys: tuple[str, str, str] = ("premise", "hypothesis", "label")) -> list[Pair]:
-    pairs = []
+def read_examples(path: Path, labels, text_keys=("premise", "hypothesis"), label_key: str = "label") -> list[Example]:
+    examples, keys = [], [*text_keys, label_key]
     for lineno, record in jsonl_records(path):
-        missing = [k for k in keys if k not in record] if isinstance(record, dict) else list(keys)
+        missing = [k for k in keys if k not in record] if isinstance(record, dict) else keys
         if missing:
-            raise DataError(f"{path}:{lineno}: no field(s) {missing}; each line needs {list(keys)}")
-        premise, hypothesis, label = (record[k] for k in keys)
-        pairs.append(Pair(str(premise), str(hypothesis), label_index(label, labels, f"{path}:{lineno}")))
-    return pairs
+            raise DataError(f"{path}:{lineno}: no field(s) {missing}; each line needs {keys} (task.text_keys)")
+        texts = tuple(str(record[k]) for k in text_keys)
+        examples.append(Example(texts, label_index(record[label_key], labels, f"{path}:{lineno}")))
+    return examples
 
 
 def local_languages(root: Path) -> list[str]:
@@ -63,14 +64,14 @@ def local_languages(root: Path) -> list[str]:
     return found
 
 
-def local_split(root: Path, language: str, split: str, labels) -> list[Pair]:
+def local_split(root: Path, language: str, split: str, labels, text_keys, label_key: str) -> list[Example]:
     path = split_file(root / language, split)
     if path.suffix != ".jsonl":
-        raise DataError(f"{path}: sentence pairs are read from .jsonl files (premise, hypothesis, label)")
-    return read_pairs(path, labels)
+        raise DataError(f"{path}: labelled sentences are read from .jsonl files ({', '.join(text_keys)}, label)")
+    return read_examples(path, labels, text_keys, label_key)
 
 
-def hub_split(language: str, split: str, labels, revision: str | None = None) -> list[Pair]:
+def hub_split(language: str, split: str, labels, revision: str | None = None) -> list[Example]:
     """English training pairs from MultiNLI, everything else from XNLI's config for ``language``. Hub rows labelled
     -1 (MultiNLI's pairs without a gold label) are left out, as every NLI setup does."""
     from datasets import load_dataset
@@ -87,5 +88,6 @@ def hub_split(language: str, split: str, labels, revision: str | None = None) ->
     for i, row in enumerate(rows):
         if row["label"] == -1:
             continue
-        pairs.append(Pair(row["premise"], row["hypothesis"], label_index(row["label"], labels, f"{name} row {i}")))
+        label = label_index(row["label"], labels, f"{name} row {i}")
+        pairs.append(Example((row["premise"], row["hypothesis"]), label))
     return pairs

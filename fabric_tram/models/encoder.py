@@ -266,7 +266,7 @@ class Encoder(nn.Module):
 
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face encoder state dict into this model (masked-LM heads and position-id buffers left
-        out); a checkpoint without a classification head (or ``new_head``) keeps this model's new one."""
+        out); a checkpoint without a classification head or pooler (or ``new_head``) keeps this model's new ones."""
         ours = self.state_dict()
         converted = {}
         for key, value in hf_state.items():
@@ -278,9 +278,10 @@ class Encoder(nn.Module):
                 if key.startswith("classifier.") and not self.config.new_head:
                     converted[key] = value
         converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
-        head = [k for k in ours if k.startswith("classifier.")]
-        if not any(k.startswith("classifier.") for k in converted):
-            converted.update({k: ours[k] for k in head})  # a new head, as initialised
+        # the head (BERT: pooler and classifier) is the checkpoint's where it has one, else new, as initialised
+        for group in ("body.pooler.", "classifier."):
+            if not any(k.startswith(group) for k in converted):
+                converted.update({k: v for k, v in ours.items() if k.startswith(group)})
         problems = mismatches(ours, converted)
         if problems:
             hint = (

@@ -1,5 +1,5 @@
-"""Sentence-pair classification across languages: train in one language (English MultiNLI), evaluate accuracy in
-every language (XNLI's 15), the paper's zero-shot cross-lingual transfer (section 4.3, Table 5).
+"""Sentence-pair (or single-sentence) classification across languages: train in one language (English MultiNLI),
+evaluate accuracy in every language (XNLI's 15), the paper's zero-shot cross-lingual transfer (section 4.3, Table 5).
 
 Pairs are encoded as the checkpoint's tokenizer does (its ``tokenizer.json`` post-processor: ``<s> A </s></s> B
 </s>`` for XLM-R, ``[CLS] A [SEP] B [SEP]`` with segment ids for BERT), the longer segment truncated first to
@@ -30,6 +30,8 @@ class PairConfig:
     train_language: str = "en"  # the only language the model is trained on; its validation loss selects
     eval_languages: list = field(default_factory=list)  # empty: every language found (hub: XNLI's 15)
     labels: list = field(default_factory=lambda: list(NLI_LABELS))
+    text_keys: list = field(default_factory=lambda: ["premise", "hypothesis"])  # one key: single sentences
+    label_key: str = "label"
     tokenizer: str = "nli-sample"  # bundled name, a folder with tokenizer.json, or a hub id (the checkpoint's own)
     max_length: int = 128  # tokens per pair after special tokens; the longer segment is truncated first
     revision: str | None = None  # hub revision for data_dir=hub
@@ -39,6 +41,12 @@ class PairConfig:
             raise ValueError(f"task.max_length must be >= 4 (room for special tokens), got {self.max_length}")
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"task.labels must name at least 2 distinct labels, got {self.labels}")
+        if len(self.text_keys) not in (1, 2):
+            raise ValueError(f"task.text_keys names the text fields of a line: 1 or 2 keys, got {self.text_keys}")
+        if self.data_dir == "hub" and list(self.text_keys) != ["premise", "hypothesis"]:
+            raise ValueError(
+                "task.data_dir=hub reads MultiNLI/XNLI pairs: task.text_keys must be [premise, hypothesis]"
+            )
 
 
 class EncodedPairs:
@@ -128,12 +136,12 @@ class PairClassificationTask:
             if c.data_dir == "hub":
                 raw = hub_split(language, split, c.labels, c.revision)
             else:
-                raw = local_split(self.root, language, split, c.labels)
+                raw = local_split(self.root, language, split, c.labels, c.text_keys, c.label_key)
             if not raw:
                 raise DataError(f"{self.source}: {language} {split} holds no pairs")
-            encoded = self.encoder.encode_batch([(p.premise, p.hypothesis) for p in raw])
+            encoded = self.encoder.encode_batch([e.texts if len(e.texts) == 2 else e.texts[0] for e in raw])
             self._cache[key] = EncodedPairs([e.ids for e in encoded], [e.type_ids for e in encoded],
-                                            [p.label for p in raw])  # fmt: skip
+                                            [e.label for e in raw])  # fmt: skip
         return self._cache[key]
 
     def eval_sets(self, split: str) -> dict:
