@@ -1,6 +1,6 @@
 """Models: each registered with ``@register_model``; ``build_model`` turns a config section into a module."""
 
-from fabric_tram.models import encoder, gpt2, llama  # noqa: F401  (register "encoder", "gpt2", "llama")
+from fabric_tram.models import encoder, gpt2, llama, vit  # noqa: F401  (register each family)
 from fabric_tram.registry import MODELS
 
 
