@@ -41,6 +41,8 @@ class TrainerConfig:
     micro_batch_size: int = 8  # sequences per micro-batch per device
     accumulate: int = 1  # micro-batches per optimizer step on each device
     max_steps: int = 100
+    max_epochs: int = 0  # > 0: train this many passes over the training set (sets max_steps once data is known)
+    data_workers: int = 0  # background processes that build each step's batches (decode, augment); 0: in-line
     grad_clip: float = 1.0  # max global L2 norm of the (descent) gradient; 0 disables
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPUs: faster steps after a first slow one)
@@ -346,7 +348,7 @@ def validate_trainer(t: TrainerConfig) -> None:
     for key in ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last", "num_nodes"):
         if getattr(t, key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("save_every", "eval_every", "eval_batches", "grad_clip"):
+    for key in ("save_every", "eval_every", "eval_batches", "grad_clip", "max_epochs", "data_workers"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key} must be >= 0 (0 turns it off), got {getattr(t, key)}")
     if isinstance(t.devices, str) and t.devices != "auto" or isinstance(t.devices, int) and t.devices < 1:

@@ -336,13 +336,25 @@ MUTATIONS = (  # fmt: skip
         ("tests/test_encoder.py::test_hidden_states_and_logits_match_transformers",),
     ),
     Mutation(
+        "augmentation-ignores-the-step",
+        "every epoch crops and flips an image the same way (the augmentation drawn from the image alone)",
+        (("fabric_tram/data/images.py", "manual_seed(step * 1_000_003 + index)", "manual_seed(index)"),),
+        ("tests/test_images.py::test_training_augmentation_is_drawn_per_step_and_image_evaluation_is_not_augmented",),
+    ),
+    Mutation(
+        "workers-see-other-steps",
+        "background batch workers build the steps shifted by one",
+        (("fabric_tram/engine/batches.py", "sampler=range(first - 1, last)", "sampler=range(first, last + 1)"),),
+        ("tests/test_images.py::test_epochs_workers_and_mid_epoch_resume_change_nothing",),
+    ),
+    Mutation(
         "accuracy-counts-padding-examples",
         "evaluation counts the zero-weight padding examples of a rank that ran out as correct or wrong",
         (
             (
-                "fabric_tram/tasks/pair_classification.py",
-                '        return {"correct": ((out.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()}',
-                '        return {"correct": (out.logits.argmax(-1) == labels.clamp(min=0)).sum()}',
+                "fabric_tram/tasks/classification.py",
+                '    return {"correct": ((out.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()}',
+                '    return {"correct": (out.logits.argmax(-1) == labels.clamp(min=0)).sum()}',
             ),
         ),
         ("tests/test_encoder.py::test_accuracy_leaves_out_padding_examples",),

@@ -10,6 +10,7 @@ import torch
 from fabric_tram.bench.common import SIZES, arguments, interleave, table, write_json
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
+from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.setup import setup
 from fabric_tram.engine.trainer import training_step
 
@@ -54,7 +55,7 @@ def main() -> dict:
 
     def engine_step():
         state["engine"] += 1
-        training_step(run, sampler, state["engine"])
+        training_step(run, StepBatches(run.task, sampler)[state["engine"] - 1], state["engine"])
 
     def loop_step():
         state["loop"] += 1

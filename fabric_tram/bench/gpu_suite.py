@@ -28,6 +28,7 @@ from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, pas
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
+from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.monitor import available_flops, flops_per_step
 from fabric_tram.engine.setup import compile_blocks, setup
 from fabric_tram.engine.trainer import training_step
@@ -106,7 +107,7 @@ def through_trainer(config, args) -> tuple[float, object]:
 
     def step():
         state["step"] += 1
-        training_step(run, sampler, state["step"])
+        training_step(run, StepBatches(run.task, sampler)[state["step"] - 1], state["step"])
 
     return timed_steps(step, args.steps, args.device), run
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,15 +103,33 @@ def check_splits(task, config: Config) -> None:
         task.eval_sets(split)
 
 
+def steps_from_epochs(t, examples: int, world_size: int) -> None:
+    """``trainer.max_epochs`` > 0: ``max_steps`` = the steps that cover that many passes over the training set
+    (the last one may spill into the next epoch's first examples). Data position is a function of the step, so a
+    run resumed mid-epoch continues exactly."""
+    if t.max_epochs:
+        t.max_steps = max(1, math.ceil(t.max_epochs * examples / (t.micro_batch_size * t.accumulate * world_size)))
+
+
 def check_task_fits_model(task, model, config: Config) -> None:
     """A tokenizer with more ids than the model's embedding table has rows would index past it (a device-side
     assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
     variants). A classifier must have one output per label of the task."""
     labels, outputs = getattr(task, "num_labels", None), getattr(model.config, "num_labels", None)
     if labels is not None and outputs is not None and labels != outputs:
+        names = getattr(config.task, "labels", None)
         raise ConfigError(
-            f"the task has {labels} labels ({', '.join(map(str, config.task.labels))}) but model.num_labels="
-            f"{outputs}: set model.num_labels={labels}"
+            f"the task has {labels} labels{f' ({chr(44).join(map(str, names))})' if names else ''} but "
+            f"model.num_labels={outputs}: set model.num_labels={labels}"
+        )
+    size = getattr(task, "image_size", None)
+    model_size = (
+        getattr(model, "sizes", {}).get("image_size") if isinstance(getattr(model, "sizes", None), dict) else None
+    )
+    if size is not None and model_size is not None and size != model_size:
+        raise ConfigError(
+            f"the task resizes images to {size}×{size} but the model takes {model_size}×{model_size} (its position "
+            f"embeddings fix it): set task.image_size={model_size}, or task.processor to the checkpoint's folder"
         )
     tokens = getattr(task, "vocab_size", None)
     embedding = getattr(model, "input_embedding", None)
@@ -132,6 +151,7 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     task = build_task(config)
     if training:
         check_splits(task, config)
+        steps_from_epochs(t, len(task.train_set), fabric.world_size)
     with fabric.init_module(empty_init=False):
         model = build_model(config.model)
     check_task_fits_model(task, model, config)

@@ -18,6 +18,7 @@ from fabric_tram.config import Config, to_dict
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.distributed import all_reduce_sum
 from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine.batches import step_batches
 from fabric_tram.engine.evaluation import evaluate, format_results, improves_best, in_domain_loss
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
 from fabric_tram.engine.run_log import RunCSVLogger
@@ -67,8 +68,8 @@ def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
     peak = available_flops(fabric.device, t.precision, t.peak_flops)
     pending, since = [], time.perf_counter()
     run.model.train()
-    for step in range(run.start_step + 1, t.max_steps + 1):
-        stats = training_step(run, sampler, step)
+    for step, micro_batches in step_batches(run.task, sampler, run.start_step + 1, t.max_steps, t.data_workers):
+        stats = training_step(run, micro_batches, step)
         stats["epoch"] = sampler.epoch_of(step)
         run.history.append(stats)
         pending.append(stats)
@@ -98,15 +99,13 @@ def is_evaluated(t, step: int) -> bool:
     return bool(t.eval_every) and step % t.eval_every == 0 and step < t.max_steps
 
 
-def training_step(run: Run, sampler: StepSampler, step: int) -> dict:
-    """Optimizer step ``step`` (1-based): draw this rank's micro-batches, let the update rule run its passes."""
+def training_step(run: Run, micro_batches: list[dict], step: int) -> dict:
+    """Optimizer step ``step`` (1-based) on this rank's micro-batches: let the update rule run its passes."""
     fabric, task, t = run.fabric, run.task, run.config.trainer
     lr = run.config.optimizer.lr * lr_factor(run.config.schedule, step, t.max_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    micro_batches = [
-        fabric.to_device(task.collate([task.train_set[i] for i in idx], idx)) for idx in sampler.step_indices(step - 1)
-    ]
+    micro_batches = [fabric.to_device(batch) for batch in micro_batches]
     n_local = (
         torch.stack([torch.as_tensor(task.count_targets(b)) for b in micro_batches])
         .sum()

@@ -13,13 +13,12 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fabric_tram.data.pairs import NLI_LABELS, XNLI_LANGUAGES, hub_split, local_languages, local_split
 from fabric_tram.data.text import DataError
 from fabric_tram.data.tokenizer import load_tokenizer
-from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets
 from fabric_tram.registry import register_task
+from fabric_tram.tasks.classification import ClassificationTask
 
 
 @dataclass
@@ -81,9 +80,7 @@ def pair_encoder(name: str, max_length: int):
 
 
 @register_task("nli", config=PairConfig, description="sentence-pair classification (NLI); accuracy per language (XNLI)")
-class PairClassificationTask:
-    headline_metric = "accuracy"  # what result tables report (higher is better)
-
+class PairClassificationTask(ClassificationTask):
     def __init__(self, config: PairConfig):
         self.config = config
         self.encoder = pair_encoder(config.tokenizer, config.max_length)
@@ -161,22 +158,5 @@ class PairClassificationTask:
         return {"input_ids": ids, "attention_mask": keep, "token_type_ids": types, "labels": labels,
                 "example_index": torch.tensor(indices, dtype=torch.long)}  # fmt: skip
 
-    def loss(self, model, batch: dict, **forward_kwargs) -> LossOutput:
-        logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **forward_kwargs)
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return LossOutput(loss_sum, count_targets(labels), logits, labels != IGNORE_INDEX)
-
-    @staticmethod
-    def count_targets(batch: dict) -> torch.Tensor:
-        return count_targets(batch["labels"], IGNORE_INDEX)
-
-    @staticmethod
-    def eval_sums(out: LossOutput, batch: dict) -> dict[str, torch.Tensor]:
-        """What evaluation adds up besides the loss: correct predictions (padding examples excluded)."""
-        labels = batch["labels"]
-        return {"correct": ((out.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()}
-
-    @staticmethod
-    def metrics(loss_sum: float, count: float, correct: float = 0.0) -> dict[str, float]:
-        return {"loss": loss_sum / max(count, 1.0), "accuracy": 100.0 * correct / max(count, 1.0), "examples": count}
+    def logits(self, model, batch: dict, **forward_kwargs) -> torch.Tensor:
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **forward_kwargs)
