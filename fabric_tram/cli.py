@@ -1,4 +1,4 @@
-"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list, convert-gguf.
+"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list, sharpness, cka, convert-gguf.
 
 fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
 fabric-tram evaluate runs/tiny/checkpoints/step-00000050
@@ -137,6 +137,40 @@ def report(run_dirs, out_dir, split):
     with reported_errors():
         click.echo(make_report([Path(d) for d in run_dirs], Path(out_dir), split))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("checkpoint")
+@click.argument("overrides", nargs=-1)
+@click.option("--split", default="validation", show_default=True, help="the split whose domains are measured")
+@click.option("--domain", "domains", multiple=True, help="only these domains or languages (default: all)")
+@click.option("--epsilon", default=1e-5, show_default=True, help="box half-width factor: |δ_i| ≤ ε(|w_i| + 1)")
+@click.option("--lr", default=8e-5, show_default=True, help="SGD learning rate of the ascent")
+@click.option("--steps", default=10, show_default=True, help="projected ascent steps")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--accumulate", default=4, show_default=True, help="batches per ascent step")
+def sharpness(checkpoint, overrides, split, domains, epsilon, lr, steps, batch_size, accumulate):
+    """ε-sharpness (Keskar et al. 2017) of CHECKPOINT per domain: RUN/analysis/sharpness-SPLIT.json."""
+    from fabric_tram.measure import sharpness as measure
+
+    with reported_errors():
+        measure(checkpoint, split, domains, epsilon, lr, steps, batch_size, accumulate, overrides)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("pretrained")
+@click.argument("checkpoint")
+@click.argument("overrides", nargs=-1)
+@click.option("--split", default="validation", show_default=True, help="the split whose domains are compared")
+@click.option("--domain", "domains", multiple=True, help="only these domains or languages (default: all)")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batches", default=0, show_default=True, help="batches per domain (0: the whole split)")
+def cka(pretrained, checkpoint, overrides, split, domains, batch_size, batches):
+    """Linear CKA per domain between PRETRAINED's and CHECKPOINT's representations: RUN/analysis/cka-SPLIT.json."""
+    from fabric_tram.measure import cka as measure
+
+    with reported_errors():
+        measure(pretrained, checkpoint, split, domains, batch_size, batches, overrides)
 
 
 @main.command("convert-gguf")

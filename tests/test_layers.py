@@ -21,7 +21,8 @@ ALLOWED = {
     "optim": BOTTOM,  # an update rule never sees a model class, a task, a dataset or the CLI
     "engine": BOTTOM | {"models", "tasks", "data", "optim"},  # never analysis: tables are the callers' job
     "bench": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis"},
-    "cli": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis"},
+    "measure": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis"},  # analysis of trained runs
+    "cli": BOTTOM | {"models", "tasks", "data", "optim", "engine", "analysis", "measure"},
 }
 
 

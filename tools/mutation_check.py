@@ -336,6 +336,24 @@ MUTATIONS = (  # fmt: skip
         ("tests/test_encoder.py::test_hidden_states_and_logits_match_transformers",),
     ),
     Mutation(
+        "cka-uncentred",
+        "CKA's cross products left uncentred (an offset in the representations changes the similarity)",
+        (("fabric_tram/analysis/cka.py", "cxy = self.xy - torch.outer(self.sx, self.sy) / n", "cxy = self.xy"),),
+        ("tests/test_analysis_tools.py::test_streamed_cka_equals_the_direct_formula_batch_by_batch",),
+    ),
+    Mutation(
+        "sharpness-leaves-the-box",
+        "ε-sharpness ascent never projected back onto the ε-box",
+        (
+            (
+                "fabric_tram/analysis/sharpness.py",
+                "            _clamp_to_box(params, origin, epsilon)",
+                "            pass",
+            ),
+        ),
+        ("tests/test_analysis_tools.py::test_epsilon_sharpness_finds_the_closed_form_maximum_of_a_quadratic",),
+    ),
+    Mutation(
         "augmentation-ignores-the-step",
         "every epoch crops and flips an image the same way (the augmentation drawn from the image alone)",
         (("fabric_tram/data/images.py", "manual_seed(step * 1_000_003 + index)", "manual_seed(index)"),),

@@ -168,8 +168,12 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        """``input_noise``: a function mapping the token embeddings to their noised version, applied before the
-        position embeddings (the update rules that noise the inputs pass one; docs/design.md, "Model")."""
+        return self.lm_head(self.hidden_states(input_ids, input_noise))
+
+    def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the last LayerNorm. ``input_noise``: a function mapping the token
+        embeddings to their noised version, applied before the position embeddings (the update rules that noise
+        the inputs pass one; docs/design.md, "Model")."""
         B, T = input_ids.shape
         if T > self.n_positions:
             raise ValueError(f"sequence length {T} exceeds the model's n_positions={self.n_positions}")
@@ -183,7 +187,7 @@ class GPT2(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.lm_head(tr.ln_f(x))
+        return tr.ln_f(x)
 
     # --------------------------------------------------------------------------------- checkpoints
 

@@ -264,8 +264,12 @@ class Llama(nn.Module):
         return 8.0 * C + 2.0 * kv + 4.0 * s["intermediate_size"]
 
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        """``input_noise``: a function mapping the token embeddings to their noised version (the update rules that
-        noise the inputs pass one). Rotary embeddings have no table: any length runs."""
+        return self.lm_head(self.hidden_states(input_ids, input_noise))
+
+    def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
+        """Final hidden states (B, T, C), after the last RMSNorm. ``input_noise``: a function mapping the token
+        embeddings to their noised version (the update rules that noise the inputs pass one). Rotary embeddings
+        have no table: any length runs."""
         x = self.model.embed_tokens(input_ids)
         if input_noise is not None:
             x = input_noise(x)
@@ -277,7 +281,7 @@ class Llama(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     # --------------------------------------------------------------------------------- checkpoints
 
