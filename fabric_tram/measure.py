@@ -10,7 +10,6 @@ states over a sequence's positions.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -141,8 +140,3 @@ def write(run: Run, path: Path, stem: str, summary: dict) -> dict:
         folder.mkdir(exist_ok=True)
         write_json(folder / f"{stem}.json", summary)
     return summary
-
-
-def read_analysis(run_dir: Path, kind: str, split: str) -> dict | None:
-    path = Path(run_dir) / "analysis" / f"{kind}-{split}.json"
-    return json.loads(path.read_text())["results"] if path.is_file() else None

@@ -1,6 +1,8 @@
 """The analysis tools' mathematics (analysis/cka.py, analysis/sharpness.py): CKA's invariances and its streamed
 sums against the direct formula; ε-sharpness against a quadratic loss whose box maximum is known in closed form."""
 
+import math
+
 import pytest
 import torch
 
@@ -112,3 +114,36 @@ def test_sharpness_command_per_domain(demo_run):
     assert (demo_run / "analysis" / "sharpness-validation.json").is_file()
     with pytest.raises(ValueError, match="--epsilon must be > 0, got -1"):
         sharpness(demo_run, epsilon=-1)
+
+
+def test_report_adds_domain_correlations_and_the_sharpness_and_cka_tables(tmp_path):
+    """Fake run folders: 2 rules × 3 seeds whose zero-shot perplexities move with (a) or against (b) the training
+    domain's, and whose sharpness on b rises with the training domain's exactly: r = +1, -1 and +1."""
+    import json
+
+    from fabric_tram.analysis.correlations import pearson
+    from fabric_tram.analysis.results import report
+
+    folders = []
+    for rule in ("adam", "tram-prev"):
+        for seed in range(3):
+            folder = tmp_path / f"{rule}-{seed}"
+            (folder / "analysis").mkdir(parents=True)
+            t = 10.0 + seed + (0.5 if rule == "adam" else 0.0)
+            test = {"m": {"ppl": t}, "a": {"ppl": 2 * t + 1}, "b": {"ppl": 40 - t}}
+            summary = {"optimizer": rule, "seed": seed, "train_domains": ["m"], "results": {"test": test}}
+            (folder / "results.json").write_text(json.dumps(summary))
+            sharp = {"m": {"sharpness": 0.1 * seed + 1}, "a": {"sharpness": 5.0 - seed}, "b": {"sharpness": 2 * seed}}
+            (folder / "analysis" / "sharpness-validation.json").write_text(json.dumps({"results": sharp}))
+            cka = {"m": {"cka": 0.9 - 0.01 * seed}, "a": {"cka": 0.5}, "b": {"cka": 0.4}}
+            (folder / "analysis" / "cka-validation.json").write_text(json.dumps({"results": cka}))
+            folders.append(folder)
+    text = report(folders, tmp_path / "report")
+    correlations = json.loads((tmp_path / "report" / "domain_correlations.json").read_text())["r with m"]
+    assert correlations["a"] == pytest.approx(1.0) and correlations["b"] == pytest.approx(-1.0)
+    assert "appendix C.1" in text and "ε-sharpness" in text and "CKA with the pre-trained model" in text
+    sharpness = json.loads((tmp_path / "report" / "sharpness.json").read_text())
+    # per rule: r(in-domain, a) = -1 and r(in-domain, b) = +1 across its 3 runs, so the mean over domains is 0
+    assert sharpness["adam (n=3)"]["Pearson r"].startswith("0.00 ± 1.41")
+    assert (tmp_path / "report" / "domain_correlations.png").is_file()
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and math.isnan(pearson([1, 1, 1], [1, 2, 3]))

@@ -117,7 +117,25 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
     plot_curves([(name, d) for d, name, _, _ in per_run], Path(out_dir) / "curves.png")  # loss, d, r, ‖e‖ per step
     note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
     spread = "(mean ± std [95% CI of the mean] over seeds where n > 1)"
-    return note + f"{split} {metric_name(metric)} {spread}:\n" + markdown
+    text = note + f"{split} {metric_name(metric)} {spread}:\n" + markdown
+    return text + analysis_tables(per_run, runs, train_domains, split, metric, Path(out_dir))
+
+
+def analysis_tables(per_run, runs, train_domains: list[str], split: str, metric: str, out_dir: Path) -> str:
+    """Appendix C.1 (each domain's correlation with the training domain across runs, 3 or more) and Table 6
+    (sharpness and CKA, from the runs that ``fabric-tram sharpness``/``cka`` measured on the validation split)."""
+    from fabric_tram.analysis.correlations import domain_correlations, measure_tables, plot_correlations
+
+    text = ""
+    if len(per_run) >= 3:
+        correlations = domain_correlations([row for *_, row in per_run], train_domains)
+        label = f"r with {', '.join(_abbrev(d) for d in train_domains)}"
+        table = write_table({label: correlations}, list(correlations), out_dir / "domain_correlations")
+        plot_correlations(correlations, train_domains, out_dir / "domain_correlations.png")
+        text += f"\nPearson r across runs between each domain's {split} {metric_name(metric)} and the training "
+        text += f"domain's (appendix C.1):\n{table}"
+    measured = [(d, r["optimizer"], r["train_domains"]) for d, r in runs]
+    return text + measure_tables(measured, "validation", out_dir)
 
 
 def runs_metric(runs: list[dict]) -> str:
