@@ -10,6 +10,7 @@ training curves (loss, d, radius, ‖e‖) into runs/demo/report/.
     python recipes/demo.py                                   # everything, into runs/demo/ (~13 min on 2 cores)
     python recipes/demo.py --seeds 1 --rules adam,tram-prev trainer.max_steps=50
     python recipes/demo.py --smoke                           # a cut-down setting (the tests run it)
+    python recipes/demo.py --analyse                         # + ε-sharpness and CKA of every run (Table 6)
 
 The sweep that chose SELECTED (20 runs, ~19 min on 2 cores; its tables and figure land in runs/demo-sweep/sweep/):
 
@@ -60,11 +61,13 @@ SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2, "save_every": 1}}
 
 
 def parse(argv: list[str], defaults: dict) -> tuple[dict, list[str]]:
-    options = {**defaults, "smoke": False}
+    options = {**defaults, "smoke": False, "analyse": False}
     rest, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--smoke":
+        if arg == "--analyse":
+            options["analyse"] = True
+        elif arg == "--smoke":
             options["smoke"], options["seeds"] = True, 1
         elif arg in ("--seeds", "--rules", "--out"):
             value = argv[i + 1]
@@ -90,6 +93,22 @@ def pretrained_row(base: dict, out: Path) -> Path:
                "metric": getattr(run.task, "headline_metric", "ppl")}  # fmt: skip
     write_json(folder / "results.json", summary)
     return folder
+
+
+def analyse(run_dirs: list[Path], recipe: dict, smoke: bool) -> None:
+    """ε-sharpness and CKA with the pre-trained model on every domain's validation split, for each run not yet
+    measured (RUN/analysis/); the report then adds Table 6. The paper's settings (ε 1e-5, SGD lr 8e-5, 4 batches
+    of 32 per step), 10 ascent steps; the smoke setting measures 1 batch of 4, 2 steps."""
+    from fabric_tram.measure import cka, sharpness
+
+    size, batches, steps = (4, 1, 2) if smoke else (32, 4, 10)
+    for run_dir in run_dirs:
+        if not (run_dir / "analysis" / "sharpness-validation.json").is_file():
+            print(f"== ε-sharpness of {run_dir}")
+            sharpness(run_dir, "validation", steps=steps, batch_size=size, accumulate=batches)
+        if not (run_dir / "analysis" / "cka-validation.json").is_file():
+            print(f"== CKA of {run_dir} with {recipe['model']['pretrained']}")
+            cka(recipe["model"]["pretrained"], run_dir, "validation", batch_size=size, limit=batches * 8)
 
 
 def main(
@@ -122,6 +141,8 @@ def main(
             else:
                 print(f"== {rule}, seed {seed} -> {run_dir}")
             train_job(resolve(merge(base, settings)))
+    if options["analyse"]:
+        analyse(run_dirs[1:], recipe, options["smoke"])
     table = report(run_dirs, out / "report")
     print(table)
     print(f"written: {out / 'report'}/(report.md, figure2.png, curves.png)")

@@ -2,6 +2,7 @@
 sums against the direct formula; ε-sharpness against a quadratic loss whose box maximum is known in closed form."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,14 @@ def test_report_adds_domain_correlations_and_the_sharpness_and_cka_tables(tmp_pa
     assert sharpness["adam (n=3)"]["Pearson r"].startswith("0.00 ± 1.41")
     assert (tmp_path / "report" / "domain_correlations.png").is_file()
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_the_demo_analyses_its_runs_and_reports_table_6(tmp_path):
+    import runpy
+
+    demo = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "demo.py"))
+    table = demo["main"](["--smoke", "--rules", "adam,tram-prev", "--analyse", "--out", str(tmp_path / "demo")])
+    for rule in ("adam", "tram-prev"):
+        assert (tmp_path / "demo" / f"{rule}-seed0" / "analysis" / "sharpness-validation.json").is_file()
+        assert (tmp_path / "demo" / f"{rule}-seed0" / "analysis" / "cka-validation.json").is_file()
+    assert "validation ε-sharpness" in table and "| tram-prev (n=1) |" in table
