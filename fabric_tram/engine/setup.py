@@ -115,12 +115,13 @@ def check_task_fits_model(task, model, config: Config) -> None:
     """A tokenizer with more ids than the model's embedding table has rows would index past it (a device-side
     assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
     variants). A classifier must have one output per label of the task."""
-    labels, outputs = getattr(task, "num_labels", None), getattr(model.config, "num_labels", None)
+    labels = getattr(task, "num_labels", None)
+    outputs = getattr(getattr(model, "config", None), "num_labels", None)  # a plugin model may have no config
     if labels is not None and outputs is not None and labels != outputs:
         names = getattr(config.task, "labels", None)
+        listed = f" ({', '.join(map(str, names))})" if names else ""
         raise ConfigError(
-            f"the task has {labels} labels{f' ({chr(44).join(map(str, names))})' if names else ''} but "
-            f"model.num_labels={outputs}: set model.num_labels={labels}"
+            f"the task has {labels} labels{listed} but model.num_labels={outputs}: set model.num_labels={labels}"
         )
     size = getattr(task, "image_size", None)
     model_size = (
