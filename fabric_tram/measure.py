@@ -19,7 +19,7 @@ from fabric_tram.analysis.cka import StreamedLinearCKA
 from fabric_tram.analysis.sharpness import epsilon_sharpness
 from fabric_tram.config import load_config, to_dict
 from fabric_tram.data.batching import eval_batches
-from fabric_tram.distributed import all_reduce_sum
+from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.evaluation import find_checkpoint
 from fabric_tram.engine.setup import Run, setup
@@ -47,7 +47,10 @@ def check_split(run: Run, split: str, domains: list[str]) -> dict:
 
 
 def batches(run: Run, data, batch_size: int, limit: int):
-    for idx in eval_batches(len(data), batch_size, run.fabric.world_size, run.fabric.global_rank, limit):
+    """The domain's first ``limit`` batches (0: all) of ``batch_size``, dealt out to the ranks in turn: the same
+    examples whatever the number of processes."""
+    world = run.fabric.world_size
+    for idx in eval_batches(len(data), batch_size, world, run.fabric.global_rank, -(-limit // world)):
         batch = run.task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
         if not idx:  # this rank ran out: a zero-weight batch keeps the ranks' collectives in step
             batch["labels"].fill_(-100)
@@ -64,12 +67,14 @@ def sharpness(checkpoint, split: str = "validation", domains=(), epsilon: float 
     sets = check_split(run, split, list(domains))
     params = [p for p in run.model.parameters() if p.requires_grad]
     results = {}
+    bar = progress(run, len(sets) * steps, "ε-sharpness (ascent steps)")
     for name, data in sets.items():
         fixed = list(batches(run, data, batch_size, accumulate))
 
         with_grad, loss_only = partial(mean_loss, run, fixed, True), partial(mean_loss, run, fixed, False)
-        results[name] = epsilon_sharpness(params, with_grad, loss_only, epsilon, lr, steps)
+        results[name] = epsilon_sharpness(params, with_grad, loss_only, epsilon, lr, steps, lambda *_: bar.update())
         run.fabric.print(f"  {name:<24} sharpness={results[name]['sharpness']:.4f}  loss={results[name]['loss']:.4f}")
+    bar.close()
     settings = {"epsilon": epsilon, "lr": lr, "steps": steps, "batch_size": batch_size, "accumulate": accumulate}
     return write(run, path, f"sharpness-{split}", {"checkpoint": str(path), "split": split, **settings,
                                                   "results": results})  # fmt: skip
@@ -84,9 +89,11 @@ def mean_loss(run: Run, fixed: list[dict], backward: bool) -> float:
     for batch in fixed:
         with torch.set_grad_enabled(backward):
             out = run.task.loss(run.model, batch)
-            if backward:
-                run.fabric.backward(out.loss_sum / count)
+            if backward:  # × world size: data parallelism averages gradients over the ranks (as the trainer's step)
+                run.fabric.backward(out.loss_sum * run.fabric.world_size / count)
         total += torch.stack([out.loss_sum.detach().double(), torch.as_tensor(out.count).to(total)])
+    if not backward:  # FSDP2 keeps the root unsharded after a forward without backward; the ascent needs shards
+        reshard_after_no_grad_forward(run.model)
     total = all_reduce_sum(run.fabric, total)
     return float(total[0] / total[1].clamp(min=1))
 
@@ -95,6 +102,7 @@ def representations(model, batch: dict) -> torch.Tensor:
     """(B, C): the first token's final state (encoders: what the head reads), or the mean over a sequence's
     target positions (decoders)."""
     inner = getattr(model, "module", model)
+    forward_method(inner, "hidden_states")
     if "pixel_values" in batch:
         return inner.hidden_states(batch["pixel_values"])[:, 0]
     if "attention_mask" in batch:
@@ -102,6 +110,16 @@ def representations(model, batch: dict) -> torch.Tensor:
     hidden = inner.hidden_states(batch["input_ids"])
     keep = (batch["labels"] != -100).unsqueeze(-1).to(hidden.dtype)
     return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def forward_method(module, name: str) -> None:
+    """An FSDP2-sharded module gathers its root parameters only around ``forward``: register ``name`` as another
+    entry point that does (once)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(module, FSDPModule) and not getattr(module, f"_fsdp_{name}", False):
+        register_fsdp_forward_method(module, name)
+        setattr(module, f"_fsdp_{name}", True)
 
 
 @torch.no_grad()
@@ -118,6 +136,7 @@ def cka(pretrained: str, checkpoint, split: str = "validation", domains=(), batc
         raise ValueError(f"{pretrained} is not the checkpoint's architecture (differs at {', '.join(differ[:4])})")
     sets = check_split(run, split, list(domains))
     results = {}
+    bar = progress(run, len(sets), "CKA (domains)")
     for name, data in sets.items():
         meter = None
         for batch in batches(run, data, batch_size, limit):
@@ -128,10 +147,21 @@ def cka(pretrained: str, checkpoint, split: str = "validation", domains=(), batc
             meter.update(x, y)
         for tensor in meter.sums():
             tensor.copy_(all_reduce_sum(run.fabric, tensor))
+        reshard_after_no_grad_forward(run.model)
+        reshard_after_no_grad_forward(base.model)
         results[name] = {"cka": meter.value(), "examples": float(meter.n)}
+        bar.update()
         run.fabric.print(f"  {name:<24} cka={results[name]['cka']:.4f}")
+    bar.close()
     return write(run, path, f"cka-{split}", {"checkpoint": str(path), "pretrained": pretrained, "split": split,
                                              "results": results})  # fmt: skip
+
+
+def progress(run: Run, total: int, what: str):
+    """A progress bar on rank 0 (standard error), silent on the other ranks."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, disable=not run.fabric.is_global_zero, leave=False)
 
 
 def write(run: Run, path: Path, stem: str, summary: dict) -> dict:

@@ -102,6 +102,30 @@ SMALL_MODEL = [
 ]
 
 
+def small_pretrained(data_dir, folder) -> Path:
+    """A Hugging Face GPT-2 folder of the small config's sizes (seeded weights): the "pre-trained" model the CKA of
+    the equivalence runs compares with."""
+    from fabric_tram.models.gpt2 import GPT2, export_hf_checkpoint
+
+    model_config = small_config(data_dir, Path(folder) / "unused").model
+    torch.manual_seed(0)
+    export_hf_checkpoint(GPT2(model_config), folder)
+    return Path(folder)
+
+
+MEASURE = dict(split="validation", epsilon=1e-3, lr=1e-2, steps=2, batch_size=2, accumulate=4)
+
+
+def measure_run(run_dir, pretrained) -> dict:
+    """ε-sharpness and CKA of an equivalence run, with settings whose batches do not depend on the processes."""
+    from fabric_tram.measure import cka, sharpness
+
+    return {
+        "sharpness": sharpness(run_dir, **MEASURE)["results"],
+        "cka": cka(str(pretrained), run_dir, "validation", batch_size=2, limit=4)["results"],
+    }
+
+
 def xnli_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
     """The XNLI recipe's smoke setting (tiny encoder, bundled pairs) as an equivalence run: float64, no dropout
     (ranks would draw other masks than one process), tram-prev calibrated within the 4 steps."""

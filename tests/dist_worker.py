@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import (  # noqa: E402
     DIST_RULES,
     LLAMA_MODEL,
+    measure_run,
     poisoned_forward_backward,
     rule_extra,
     small_config,
+    small_pretrained,
     trajectory,
     xnli_smoke_config,
 )
@@ -95,6 +97,12 @@ if strategy == "fsdp":  # the Llama family sharded: GQA projections and tied emb
     # the encoder family through the XNLI recipe's smoke setting: sentence pairs, accuracy per language
     run = train(xnli_smoke_config(out / "xnli", strategy=strategy, micro=2, accumulate=1))
     results["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
+
+if strategy == "fsdp":  # the analysis commands on a sharded checkpoint, 2 processes
+    if torch.distributed.get_rank() == 0:
+        small_pretrained(data, out / "pretrained")
+    torch.distributed.barrier()
+    results["measure"] = measure_run(out / "eq-adam", out / "pretrained")
 
 if strategy == "fsdp":  # negative control: a per-shard norm (no all-reduce) gives another perturbation
     import fabric_tram.optim.geometry as geometry

@@ -13,8 +13,10 @@ from conftest import (
     assert_histories_match,
     launch_two_processes,
     max_param_diff,
+    measure_run,
     rule_extra,
     small_config,
+    small_pretrained,
     trajectory,
     write_corpus,
     xnli_smoke_config,
@@ -48,6 +50,7 @@ def reference(tmp_path_factory):
     extra = rule_extra("tram-prev")
     run = train(small_config(corpus, root / "ref-llama", "tram-prev", micro=8, extra=extra, model=LLAMA_MODEL))
     ref["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
+    ref["measure"] = measure_run(root / "ref-adam", small_pretrained(corpus, root / "pretrained"))
     run = train(xnli_smoke_config(root / "ref-xnli", micro=2, accumulate=2))
     ref["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
     return root, corpus, ref
@@ -81,6 +84,12 @@ def test_two_processes_match_one(reference, strategy):
         assert "radius_scale" in ref["llama"]["history"][2]
         assert_histories_match(ref["llama"]["history"], got["llama"]["history"], RULE_KEYS, label="llama")
         assert max_param_diff(ref["llama"]["params"], got["llama"]["params"]) < EXACT_ABS
+        # ε-sharpness and CKA of a sharded checkpoint on 2 processes = on 1 (the same batches, float64)
+        for kind, key in (("sharpness", "sharpness"), ("cka", "cka")):
+            assert set(got["measure"][kind]) == set(ref["measure"][kind]) and ref["measure"][kind]
+            for domain, value in ref["measure"][kind].items():
+                assert got["measure"][kind][domain][key] == pytest.approx(value[key], rel=1e-9), (kind, domain)
+        assert all(v["sharpness"] > 0 for v in ref["measure"]["sharpness"].values())
         # the XNLI recipe's smoke on 2 FSDP2 processes: the encoder's steps, weights and per-language evaluation
         assert_histories_match(ref["xnli"]["history"], got["xnli"]["history"], RULE_KEYS, label="xnli")
         assert max_param_diff(ref["xnli"]["params"], got["xnli"]["params"]) < EXACT_ABS
