@@ -283,7 +283,7 @@ def run_points(source, points, configs, out: Path, parallel: int, plugins) -> No
         raise ChildProcessError("sweep runs failed: " + "; ".join(failed) + ". Rerun the sweep to retry them")
 
 
-BENCHMARKS = ("step_cost", "radius_every", "memory", "engine_overhead", "divergence", "gpu_suite")
+BENCHMARKS = ("step_cost", "radius_every", "memory", "engine_overhead", "divergence", "gpu_suite", "images")
 
 
 class _HelpToBenchmark(click.Command):

@@ -107,3 +107,12 @@ def test_bench_command_passes_help_to_the_benchmark():
     assert result.exit_code == 0 and "--system-malloc" in result.output and "--rules" in result.output
     result = CliRunner().invoke(main, ["bench", "--help"])  # the command's own help lists the benchmarks
     assert result.exit_code == 0 and "step_cost|radius_every|memory" in result.output
+
+
+@pytest.mark.slow
+def test_images_throughput(tmp_path):
+    text, result = bench(tmp_path, "images", "--images", "24", "--side", "64", "--steps", "1", "--repeats", "1",
+                         "--batch", "4")  # fmt: skip
+    assert "| trainer, 2 workers |" in text
+    assert set(result["images_per_s"]) == {"bare loop", "trainer, in-line", "trainer, 2 workers"}
+    assert all(rate > 0 for rate in result["images_per_s"].values())
