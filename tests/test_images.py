@@ -104,3 +104,24 @@ def test_bad_images_and_mismatched_models_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="resizes images to 48×48 but the model takes 32×32"):
         train(image_config(tmp_path / "run2", "task.image_size=48"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_accuracy_table_has_confidence_intervals_over_runs(tmp_path):
+    """Table 3's shape from fake run folders: top-1 accuracy per dataset, mean ± std [95% CI] over 5 runs."""
+    from fabric_tram.analysis.results import report
+
+    folders = []
+    for rule, base in (("sgd", 89.0), ("tram-prev", 90.0)):
+        for seed in range(5):
+            for dataset in ("cifar100", "oxford-flowers"):
+                folder = tmp_path / f"{dataset}-{rule}-{seed}"
+                folder.mkdir()
+                accuracy = base + 0.1 * seed + (5.0 if dataset == "oxford-flowers" else 0.0)
+                results = {"test": {dataset: {"accuracy": accuracy, "loss": 0.5, "examples": 100.0}}}
+                summary = {"optimizer": rule, "seed": seed, "train_domains": [dataset], "metric": "accuracy",
+                           "results": results}  # fmt: skip
+                (folder / "results.json").write_text(json.dumps(summary))
+                folders.append(folder)
+    text = report(folders, tmp_path / "report")
+    assert text.startswith("test accuracy (%) (mean ± std [95% CI of the mean]")
+    assert "| tram-prev (n=5) | 90.20 ± 0.16 [90.00, 90.40] | 95.20 ± 0.16 [95.00, 95.40] |" in text

@@ -108,9 +108,9 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
         groups.setdefault(name, []).append(row)
     table = {}
     for name, rows in groups.items():
-        table[f"{name} (n={len(rows)})" if len(rows) > 1 else name] = {
-            c: _mean_spread([r[c] for r in rows if c in r]) for c in columns
-        }
+        # runs per cell (runs of several datasets, as Table 3's, each fill their own column)
+        n = max(sum(c in r for r in rows) for c in columns)
+        table[f"{name} (n={n})" if n > 1 else name] = {c: _mean_spread([r[c] for r in rows if c in r]) for c in columns}
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
     plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png", metric)
@@ -127,7 +127,8 @@ def analysis_tables(per_run, runs, train_domains: list[str], split: str, metric:
     from fabric_tram.analysis.correlations import domain_correlations, measure_tables, plot_correlations
 
     text = ""
-    if len(per_run) >= 3:
+    same_training = all(r["train_domains"] == train_domains for _, r in runs)
+    if len(per_run) >= 3 and same_training:
         correlations = domain_correlations([row for *_, row in per_run], train_domains)
         label = f"r with {', '.join(_abbrev(d) for d in train_domains)}"
         table = write_table({label: correlations}, list(correlations), out_dir / "domain_correlations")
