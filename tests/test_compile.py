@@ -48,3 +48,21 @@ def test_inductor_compiled_blocks_match_eager_in_float64(corpus, tmp_path):
         small_config(corpus, tmp_path / "compiled", "tram-prev", steps=3, extra=extra + ["trainer.compile=true"])
     )
     assert max_param_diff(trajectory(compiled)["params"], trajectory(eager)["params"]) < EXACT_ABS
+
+
+@pytest.mark.slow
+def test_compiled_llama_blocks_do_not_recompile_and_match_eager(corpus, tmp_path):
+    """The Llama family under trainer.compile: its blocks (rotary tables passed in, GQA through SDPA) compiled
+    once for tram-x's clean, noised and replayed forwards, the updates equal to eager's."""
+    from conftest import LLAMA_MODEL
+
+    torch._dynamo.reset()
+    eager = train(small_config(corpus, tmp_path / "eager", "tram-x", steps=4, extra=EXTRA, model=LLAMA_MODEL))
+    compiled_extra = EXTRA + ["trainer.compile=true", "trainer.compile_backend=aot_eager"]
+    try:
+        config = small_config(corpus, tmp_path / "compiled", "tram-x", steps=4, extra=compiled_extra, model=LLAMA_MODEL)
+        compiled = train(config, callbacks=(no_recompile_after_the_first_step(4),))
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert [s["loss"] for s in compiled.history] == [s["loss"] for s in eager.history]
+    assert max_param_diff(trajectory(compiled)["params"], trajectory(eager)["params"]) == 0.0
