@@ -146,7 +146,9 @@ def test_report_adds_domain_correlations_and_the_sharpness_and_cka_tables(tmp_pa
     sharpness = json.loads((tmp_path / "report" / "sharpness.json").read_text())
     # per rule: r(in-domain, a) = -1 and r(in-domain, b) = +1 across its 3 runs, so the mean over domains is 0
     assert sharpness["adam (n=3)"]["Pearson r"].startswith("0.00 ± 1.41")
-    assert (tmp_path / "report" / "domain_correlations.png").is_file()
+    assert (tmp_path / "report" / "domain_correlations.png").is_file() and (
+        tmp_path / "report" / "sharpness.png"
+    ).is_file()
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and math.isnan(pearson([1, 1, 1], [1, 2, 3]))
 
 

@@ -64,11 +64,35 @@ def measure_tables(runs: list[tuple[Path, str, list[str]]], split: str, out_dir:
                 finite = [v for v in per_domain.values() if math.isfinite(v)]
                 entry["Pearson r"] = mean_std_ci(finite) if finite else "n/a (fewer than 3 runs)"
             table[f"{rule} (n={len(rows)})"] = entry
+        if kind == "sharpness":
+            plot_sharpness(groups, Path(out_dir) / "sharpness.png")
         columns = ["in-domain", ZS_AVG] + (["Pearson r"] if kind == "sharpness" else [])
         label = "ε-sharpness" if kind == "sharpness" else "CKA with the pre-trained model"
         text += f"\n{split} {label} (mean ± std [95% CI] over runs):\n"
         text += write_table(table, columns, Path(out_dir) / kind)
     return text
+
+
+def plot_sharpness(groups: dict[str, list[dict]], path: Path) -> None:
+    """Table 6a as a scatter: each run's in-domain against its zero-shot average ε-sharpness, a colour per rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for rule, rows in groups.items():
+        points = [(r["in-domain"], r[ZS_AVG]) for r in rows if ZS_AVG in r]
+        ax.scatter(
+            [x for x, _ in points], [y for _, y in points], label=rule, marker="*" if rule.startswith("tram") else "o"
+        )
+    ax.set_xlabel("in-domain ε-sharpness")
+    ax.set_ylabel("zero-shot average ε-sharpness")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_correlations(correlations: dict[str, float], train_domains: list[str], path: Path) -> None:
