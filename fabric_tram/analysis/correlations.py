@@ -58,7 +58,8 @@ def measure_tables(runs: list[tuple[Path, str, list[str]]], split: str, out_dir:
             continue
         table = {}
         for rule, rows in groups.items():
-            entry = {c: mean_std_ci([r[c] for r in rows if c in r]) for c in ("in-domain", ZS_AVG)}
+            digits = 4 if kind == "sharpness" else 3  # sharpness is small at the paper's ε: 2 decimals say nothing
+            entry = {c: mean_std_ci([r[c] for r in rows if c in r], digits=digits) for c in ("in-domain", ZS_AVG)}
             if kind == "sharpness":
                 per_domain = domain_correlations([dict(r["_domains"]) for r in rows], rows[0]["_train"])
                 finite = [v for v in per_domain.values() if math.isfinite(v)]

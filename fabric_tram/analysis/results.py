@@ -128,8 +128,9 @@ def analysis_tables(per_run, runs, train_domains: list[str], split: str, metric:
 
     text = ""
     same_training = all(r["train_domains"] == train_domains for _, r in runs)
-    if len(per_run) >= 3 and same_training:
-        correlations = domain_correlations([row for *_, row in per_run], train_domains)
+    tuned = [row for _, name, _, row in per_run if name != "pre-trained"]  # fine-tuned runs only, as the paper's
+    if len(tuned) >= 3 and same_training:
+        correlations = domain_correlations(tuned, train_domains)
         label = f"r with {', '.join(_abbrev(d) for d in train_domains)}"
         table = write_table({label: correlations}, list(correlations), out_dir / "domain_correlations")
         plot_correlations(correlations, train_domains, out_dir / "domain_correlations.png")
