@@ -42,6 +42,25 @@ def test_preprocessing_matches_transformers_vit_processor_on_every_mode(tmp_path
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+def test_processor_settings_come_from_a_hub_id_and_a_missing_source_is_refused(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    config = {"size": {"height": 48, "width": 48}, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):  # the hub's cache, offline: the file the test wrote
+        asked.append((repo_id, filename))
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    settings = processor_settings("google/vit-base-patch16-224")
+    assert asked == [("google/vit-base-patch16-224", "preprocessor_config.json")]
+    assert settings == {"size": 48, "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    with pytest.raises(DataError, match="task.processor='no/such/folder' is neither a folder nor a hub id"):
+        processor_settings("no/such/folder")
+
+
 def test_training_augmentation_is_drawn_per_step_and_image_evaluation_is_not_augmented():
     task = ImageClassificationTask(ImageConfig())
     assert (len(task.train_set), len(task.split("validation")), task.num_labels) == (24, 6, 3)

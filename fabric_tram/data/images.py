@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fabric_tram.data.text import DataError
+from fabric_tram.data.tokenizer import hub_file, is_hub_id
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
@@ -102,11 +103,22 @@ class HubImages:
         return row[self.image_key], int(row[self.label_key])
 
 
-def processor_settings(folder: str | None) -> dict:
-    """size, mean and std from a checkpoint folder's preprocessor_config.json (ViT's defaults without one)."""
+def processor_settings(source: str | None) -> dict:
+    """size, mean and std from a checkpoint's preprocessor_config.json: ``source`` is a folder or a hub id
+    (``google/vit-base-patch16-224``); ViT's defaults when it is None or a folder without that file."""
     settings = {"size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-    path = Path(folder) / "preprocessor_config.json" if folder else None
-    if path is not None and path.is_file():
+    if source is None:
+        return settings
+    if is_hub_id(source):
+        path = Path(hub_file(source, "preprocessor_config.json", "task.processor"))
+    elif Path(source).expanduser().is_dir():
+        path = Path(source).expanduser() / "preprocessor_config.json"
+    else:
+        raise DataError(
+            f"task.processor={source!r} is neither a folder nor a hub id (OWNER/NAME): give the checkpoint whose "
+            "preprocessor_config.json sets the image size, mean and std"
+        )
+    if path.is_file():
         config = json.loads(path.read_text())
         size = config.get("size", 224)
         settings["size"] = size.get("height", size.get("shortest_edge", 224)) if isinstance(size, dict) else size

@@ -29,7 +29,7 @@ def load_tokenizer(name_or_path: str = "gpt2"):
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return ByteLevelBPETokenizer.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
     if is_hub_id(name_or_path):
-        return Tokenizer.from_file(hub_tokenizer_file(name_or_path))
+        return Tokenizer.from_file(hub_file(name_or_path, "tokenizer.json", "tokenizer"))
     raise FileNotFoundError(
         f"tokenizer {name_or_path!r}: no bundled tokenizer of that name and no folder with tokenizer.json or "
         "vocab.json + merges.txt; use task.tokenizer=gpt2, a path to such a folder or a hub id (OWNER/NAME)"
@@ -41,16 +41,16 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
 
 
-def hub_tokenizer_file(repo_id: str) -> str:
-    """A hub checkpoint's tokenizer.json, from huggingface_hub's cache or downloaded into it."""
+def hub_file(repo_id: str, filename: str, what: str) -> str:
+    """One file of a hub checkpoint (``what`` names it in errors), from huggingface_hub's cache or downloaded."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(repo_id=repo_id, filename="tokenizer.json")
-    except Exception as err:  # offline without a cached copy, no tokenizer.json in that repo, ...
+        return hf_hub_download(repo_id=repo_id, filename=filename)
+    except Exception as err:  # offline without a cached copy, no such file in that repo, ...
         raise FileNotFoundError(
-            f"tokenizer {repo_id!r}: could not get its tokenizer.json from the Hugging Face hub or its cache "
-            f"({type(err).__name__}: {err}). Pass a local folder holding tokenizer.json, or go online once"
+            f"{what} {repo_id!r}: could not get its {filename} from the Hugging Face hub or its cache "
+            f"({type(err).__name__}: {err}). Pass a local folder holding {filename}, or go online once"
         ) from err
 
 
