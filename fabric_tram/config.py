@@ -158,6 +158,17 @@ def rule_base(name: str, values: dict) -> str | None:
     return base
 
 
+def drop_own_base(name: str, base) -> None:
+    """A recipe may name its base optimizer twice, ``{name: sgd, base: sgd}``, so that a rule chosen later by
+    ``optimizer.name=tram-prev`` wraps SGD rather than the rules' default; any other base on a base optimizer is
+    a mistake."""
+    if base != name:
+        raise ConfigError(
+            f"optimizer.base={base!r} applies to update rules, and optimizer.name={name!r} is a base optimizer: "
+            f"drop optimizer.base, or set it to {name!r} (the base a rule named later wraps)"
+        )
+
+
 def base_optimizer_name(section) -> str:
     """The registry name of the torch optimizer to build from a resolved optimizer section."""
     return getattr(section, "base", None) or section.name
@@ -215,6 +226,8 @@ def resolve(raw: dict) -> Config:
                 f"{section}.name is missing; choose one of: {', '.join(SECTION_REGISTRIES[section].names())}"
             )
         base = rule_base(name, values) if section == "optimizer" and name in OPTIMIZERS else None
+        if section == "optimizer" and base is None and "base" in values:
+            drop_own_base(name, values.pop("base"))
         sections[section] = build_dataclass(section_class(section, name, base), values, section)
         check_section(sections[section], SECTION_REGISTRIES[section].get(name).config, base)
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
