@@ -86,10 +86,9 @@ def main() -> dict:
             for _ in range(args.steps):
                 position["step"] += 1
                 (idx,) = sampler.step_indices(position["step"] - 1)
-                pixels = torch.stack(
-                    [to_tensor(task.train_set[i][0], task.image_size, task.mean, task.std) for i in idx]
-                )
-                labels = torch.tensor([task.train_set[i][1] for i in idx])
+                examples = [task.train_set[i] for i in idx]  # each image decoded once, as the trainer does
+                pixels = torch.stack([to_tensor(image, task.image_size, task.mean, task.std) for image, _ in examples])
+                labels = torch.tensor([label for _, label in examples])
                 torch.nn.functional.cross_entropy(model(pixels), labels).backward()
                 bare_optimizer.step()
                 bare_optimizer.zero_grad(set_to_none=True)
