@@ -5,6 +5,7 @@ FSDP2 equivalence of a Llama runs in tests/test_distributed.py (one launch for e
 
 import pytest
 import torch
+from conftest import saved_elements_per_token
 
 from fabric_tram.bench.common import loss_fn
 from fabric_tram.bench.step_cost import RULES
@@ -229,15 +230,6 @@ def test_the_activation_estimate_counts_what_a_block_saves_for_its_backward():
     model = Llama(LlamaConfig(n_embd=64, n_head=4, n_kv_head=2, intermediate_size=160, vocab_size=97))
     B, T = 2, 16
     cos, sin = rotary_cos_sin(T, 16, 10000.0, "cpu", torch.float32)
-    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), cos, sin]}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip and storage.nbytes() // t.element_size() >= B * T * 16:
-            saved[storage.data_ptr()] = storage.nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model.layers[0](torch.randn(B, T, 64, requires_grad=True), cos, sin)
-    assert sum(saved.values()) / (B * T) == model.activation_elements_per_token() == 8 * 64 + 2 * 32 + 4 * 160
+    x = torch.randn(B, T, 64, requires_grad=True)
+    saved = saved_elements_per_token(lambda: model.model.layers[0](x, cos, sin), [*model.parameters(), cos, sin], B * T)
+    assert saved == model.activation_elements_per_token() == 8 * 64 + 2 * 32 + 4 * 160

@@ -5,6 +5,7 @@ stepping on it, a new head for another label count, and clear errors for checkpo
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_elements_per_token
 
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.loss import LossOutput
@@ -87,3 +88,26 @@ def test_every_update_rule_steps_on_a_vit():
         stats = loop.step(batch)
         assert torch.isfinite(torch.tensor(stats["loss"])), name
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), name
+
+
+def test_estimate_counts_patches_and_the_tensors_a_block_saves():
+    """`fabric-tram estimate` of the CIFAR-100 recipe: 197 tokens per 224-px image (the [CLS] and 14 × 14
+    patches), and a ViT block's per-token activation count equal to what autograd keeps (saved-tensor hooks;
+    parameters and per-token statistics left out)."""
+    from pathlib import Path
+
+    from fabric_tram.analysis.estimate import estimate
+    from fabric_tram.config import load_config
+
+    model = ViT(ViTConfig(preset="tiny", n_embd=64, n_head=4, intermediate_size=160))
+    B, T = 2, 16
+    x = torch.randn(B, T, 64, requires_grad=True)
+    saved = saved_elements_per_token(lambda: model.vit.layers[0](x), list(model.parameters()), B * T)
+    assert saved == model.activation_elements_per_token() == 8 * 64 + 2 * 160
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "vit_cifar100.py"
+    e = estimate(load_config(recipe, ["optimizer.name=tram-x"]), devices=1)
+    assert e["tokens_per_step_per_device"] == 128 * 197
+    full = ViT(ViTConfig(preset="vit-b16", num_labels=100))
+    per_block = 128 * 197 * full.activation_elements_per_token() * 2  # bf16 activations
+    assert e["activations_without_checkpointing"] > 12 * per_block  # 12 blocks, and the logits on top

@@ -81,7 +81,9 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B = t.micro_batch_size
-    T = getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)  # tokens per sequence
+    # tokens per sequence: the model's own count (a ViT's patches) or the task's sequence length
+    T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None
+    T = T or getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)
     # output rows: one distribution per token over the vocabulary (LM), or per sequence over the labels (classifier)
     labels = getattr(model.config, "num_labels", None)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)

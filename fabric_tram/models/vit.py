@@ -161,6 +161,16 @@ class ViT(nn.Module):
         """The patch projection whose output input noise is added to (before [CLS] and positions)."""
         return self.vit.embeddings.patch_embeddings.projection
 
+    def tokens_per_example(self) -> int:
+        """The sequence the blocks see: [CLS] + one token per patch (197 for ViT-B/16 at 224 px)."""
+        return 1 + (self.sizes["image_size"] // self.sizes["patch_size"]) ** 2
+
+    def activation_elements_per_token(self) -> float:
+        """Values one block keeps for its backward, per token (counted with saved-tensor hooks in the tests): both
+        LayerNorms' inputs and outputs (4·C), q, k, v and the attention output (4·C), the MLP's GELU input and
+        output (2·I). Fused attention stores no scores; dropout (none in ViT fine-tuning) would add its masks."""
+        return 8.0 * self.sizes["n_embd"] + 2.0 * self.sizes["intermediate_size"]
+
     def forward_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token (patch or [CLS]): 2 per block weight + bidirectional attention."""
         s = self.sizes
