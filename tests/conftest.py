@@ -126,16 +126,28 @@ def measure_run(run_dir, pretrained) -> dict:
     }
 
 
-def xnli_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
-    """The XNLI recipe's smoke setting (tiny encoder, bundled pairs) as an equivalence run: float64, no dropout
-    (ranks would draw other masks than one process), tram-prev calibrated within the 4 steps."""
+def recipe_smoke_config(recipe, run_dir, strategy="auto", micro=2, accumulate=1, rule=("tram-prev",)):
+    """A recipe's smoke setting as an equivalence run: float64, no dropout (ranks would draw other masks than one
+    process), the rule's TRAM scale calibrated within the run."""
     from fabric_tram.config import load_config
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "xlmr_xnli.py"
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
     overrides = [f"trainer.run_dir={run_dir}", f"trainer.strategy={strategy}", "trainer.precision=64-true",
                  f"trainer.micro_batch_size={micro}", f"trainer.accumulate={accumulate}", "model.dropout=0.0",
-                 "optimizer.name=tram-prev", "optimizer.calibration_steps=2"]  # fmt: skip
-    return load_config(recipe, overrides, smoke=True)
+                 f"optimizer.name={rule[0]}", "optimizer.calibration_steps=2", *rule[1:]]  # fmt: skip
+    return load_config(path, overrides, smoke=True)
+
+
+def xnli_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
+    """The XNLI recipe's smoke (tiny encoder, bundled pairs) with tram-prev."""
+    return recipe_smoke_config("xlmr_xnli", run_dir, strategy, micro, accumulate)
+
+
+def vit_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
+    """The CIFAR-100 recipe's smoke (tiny ViT, bundled images, augmented) for one epoch with tram-x, the paper's
+    best vision variant: its noise on the patch embeddings is a function of the example, not of the rank."""
+    rule = ("tram-x", "trainer.max_epochs=1", "trainer.eval_batches=0")  # every test image, however many ranks
+    return recipe_smoke_config("vit_cifar100", run_dir, strategy, micro, accumulate, rule)
 
 
 # the Llama family's equivalence run (FSDP2): grouped-query attention, SwiGLU, tied embeddings
@@ -353,3 +365,20 @@ def page_faults_per_step(setup: str) -> tuple[str, float]:
     assert out.returncode == 0, out.stderr[-3000:]
     *printed, faults = out.stdout.split()
     return " ".join(printed), float(faults)
+
+
+def saved_elements_per_token(run_block, keep_out, tokens: int) -> float:
+    """Elements of the tensors autograd saves while ``run_block()`` runs, per token: what `fabric-tram estimate`
+    counts for activations (``keep_out``: parameters and tables; per-token statistics, < 16 per token, left out)."""
+    skip = {t.untyped_storage().data_ptr() for t in keep_out}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and storage.nbytes() // t.element_size() >= tokens * 16:
+            saved[storage.data_ptr()] = storage.nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_block()
+    return sum(saved.values()) / tokens

@@ -21,6 +21,7 @@ from conftest import (  # noqa: E402
     small_config,
     small_pretrained,
     trajectory,
+    vit_smoke_config,
     xnli_smoke_config,
 )
 
@@ -97,6 +98,9 @@ if strategy == "fsdp":  # the Llama family sharded: GQA projections and tied emb
     # the encoder family through the XNLI recipe's smoke setting: sentence pairs, accuracy per language
     run = train(xnli_smoke_config(out / "xnli", strategy=strategy, micro=2, accumulate=1))
     results["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
+    # the ViT through the CIFAR-100 recipe's smoke: patch embeddings, augmented images, tram-x's noise, accuracy
+    run = train(vit_smoke_config(out / "vit", strategy=strategy, micro=2, accumulate=1))
+    results["vit"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
 
 if strategy == "fsdp":  # the analysis commands on a sharded checkpoint, 2 processes
     if torch.distributed.get_rank() == 0:

@@ -18,6 +18,7 @@ from conftest import (
     small_config,
     small_pretrained,
     trajectory,
+    vit_smoke_config,
     write_corpus,
     xnli_smoke_config,
 )
@@ -53,6 +54,8 @@ def reference(tmp_path_factory):
     ref["measure"] = measure_run(root / "ref-adam", small_pretrained(corpus, root / "pretrained"))
     run = train(xnli_smoke_config(root / "ref-xnli", micro=2, accumulate=2))
     ref["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
+    run = train(vit_smoke_config(root / "ref-vit", micro=2, accumulate=2))
+    ref["vit"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
     return root, corpus, ref
 
 
@@ -99,6 +102,14 @@ def test_two_processes_match_one(reference, strategy):
                 theirs = got["xnli"]["results"][split][language]
                 assert metrics["loss"] == pytest.approx(theirs["loss"], rel=EXACT_REL)
                 assert metrics["accuracy"] == theirs["accuracy"]
+        # the vision recipe's smoke on 2 FSDP2 processes: ViT steps with tram-x, weights, test accuracy
+        assert "radius_scale" in ref["vit"]["history"][1] and len(ref["vit"]["history"]) == 6
+        assert_histories_match(ref["vit"]["history"], got["vit"]["history"], RULE_KEYS, label="vit")
+        assert max_param_diff(ref["vit"]["params"], got["vit"]["params"]) < EXACT_ABS
+        for split, datasets in ref["vit"]["results"].items():
+            for dataset, metrics in datasets.items():
+                assert metrics["loss"] == pytest.approx(got["vit"]["results"][split][dataset]["loss"], rel=EXACT_REL)
+                assert metrics["accuracy"] == got["vit"]["results"][split][dataset]["accuracy"]
     if strategy == "fsdp":  # negative control: without the all-reduce of the sums of squares, e is wrong
         wrong = got["asam_per_shard_norm"]
         assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)

@@ -89,3 +89,49 @@ def test_select_best_evaluates_the_lowest_validation_loss_checkpoint(corpus, tmp
     assert summary["results"]["validation"]["alpha"]["loss"] == pytest.approx(losses[best], rel=1e-6)
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "best")]
     assert names == [f"step-{best:08d}", "step-00000005"]  # keep_last=1 never prunes the best
+
+
+VISION = {"vit_cifar100": ("uoft-cs/cifar100", 100), "vit_cars": ("Multimodal-Fatima/StanfordCars_train", 196),
+          "vit_flowers": ("nelorth/oxford-flowers", 102)}  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(VISION))
+def test_vision_recipe_settings_and_smoke(recipe, tmp_path):
+    full = load_config(ROOT / "recipes" / f"{recipe}.py")
+    dataset, labels = VISION[recipe]
+    assert (full.model.name, full.model.pretrained, full.model.num_labels) == (
+        "vit",
+        "google/vit-base-patch16-224",
+        labels,
+    )
+    assert (
+        full.model.new_head and full.task.data_dir == f"hf://{dataset}" and full.task.processor == full.model.pretrained
+    )
+    # the paper's setting (B.3): SGD at 5e-4, cosine decay without warm-up, 200 epochs, the final checkpoint
+    assert (full.optimizer.name, full.optimizer.lr, full.schedule.name, full.schedule.warmup_steps) == (
+        "sgd",
+        5e-4,
+        "cosine",
+        0,
+    )
+    assert (full.trainer.max_epochs, full.trainer.select_best, full.trainer.eval_splits) == (200, False, ["test"])
+    # an update rule named on the command line wraps the recipe's SGD with its learning rate, not Adam
+    rule = load_config(ROOT / "recipes" / f"{recipe}.py", ["optimizer.name=tram-x"])
+    assert (rule.optimizer.base, rule.optimizer.lr, rule.optimizer.momentum) == ("sgd", 5e-4, 0.0)
+    config = load_config(
+        ROOT / "recipes" / f"{recipe}.py", [f"trainer.run_dir={tmp_path / recipe}", "optimizer.name=tram-x"], smoke=True
+    )
+    run = train_job(config)  # 2 epochs of the 24 bundled training images, 4 per step
+    assert len(run.history) == 12 and run.config.optimizer.base == "sgd"
+    assert all(s["radius"] > 0 for s in run.history if "radius" in s)
+    table = (tmp_path / recipe / "results_table.md").read_text()
+    assert "| tram-x |" in table and "image-sample" in table
+    summary = json.loads((tmp_path / recipe / "results.json").read_text())
+    assert summary["metric"] == "accuracy" and summary["evaluated_step"] == 12
+
+
+def test_a_base_optimizer_named_with_another_base_is_refused():
+    from fabric_tram.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer.base='sgd' applies to update rules.*'adam' is a base optimizer"):
+        load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adam", "optimizer.base=sgd"])
