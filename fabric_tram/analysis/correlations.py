@@ -31,6 +31,13 @@ def domain_correlations(rows: list[dict[str, float]], train_domains: list[str]) 
     return {c: pearson(x, [row[c] for row in rows]) for c in columns if all(c in row for row in rows)}
 
 
+PEARSON = "Pearson r (mean [min, max] over ZS domains)"
+
+
+def mean_and_range(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
 def read_measure(run_dir: Path, kind: str, split: str) -> dict | None:
     """``RUN/analysis/{kind}-{split}.json``'s per-domain results, or None when the run was not measured."""
     path = Path(run_dir) / "analysis" / f"{kind}-{split}.json"
@@ -40,7 +47,8 @@ def read_measure(run_dir: Path, kind: str, split: str) -> dict | None:
 def measure_tables(runs: list[tuple[Path, str, list[str]]], split: str, out_dir: Path) -> str:
     """Table 6 from the runs that were measured: per rule, ε-sharpness and CKA on the training domain and the
     zero-shot average (mean ± std [95% CI] over runs), and the Pearson r between the training domain's sharpness
-    and each zero-shot domain's across the rule's runs (mean ± std over domains). Empty when nothing was measured."""
+    and each zero-shot domain's across the rule's runs (their mean and range over the domains: a t-interval would
+    leave [-1, 1]). Empty when nothing was measured."""
     text = ""
     for kind, key in (("sharpness", "sharpness"), ("cka", "cka")):
         groups: dict[str, list[dict[str, float]]] = {}
@@ -63,11 +71,11 @@ def measure_tables(runs: list[tuple[Path, str, list[str]]], split: str, out_dir:
             if kind == "sharpness":
                 per_domain = domain_correlations([dict(r["_domains"]) for r in rows], rows[0]["_train"])
                 finite = [v for v in per_domain.values() if math.isfinite(v)]
-                entry["Pearson r"] = mean_std_ci(finite) if finite else "n/a (fewer than 3 runs)"
+                entry[PEARSON] = mean_and_range(finite) if finite else "n/a (fewer than 3 runs)"
             table[f"{rule} (n={len(rows)})"] = entry
         if kind == "sharpness":
             plot_sharpness(groups, Path(out_dir) / "sharpness.png")
-        columns = ["in-domain", ZS_AVG] + (["Pearson r"] if kind == "sharpness" else [])
+        columns = ["in-domain", ZS_AVG] + ([PEARSON] if kind == "sharpness" else [])
         label = "ε-sharpness" if kind == "sharpness" else "CKA with the pre-trained model"
         text += f"\n{split} {label} (mean ± std [95% CI] over runs):\n"
         text += write_table(table, columns, Path(out_dir) / kind)
