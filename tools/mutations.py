@@ -1,0 +1,390 @@
+"""The bugs tools/mutation_check.py plants, one at a time: each an exact edit (its original text must occur once
+in the code) and the tests that must then fail. Add one with every test that guards something new."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    why: str  # the bug it plants
+    edits: tuple[tuple[str, str, str], ...]  # (file, original text, planted text)
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+CLOSED_FORM = "tests/test_rules_closed_form.py"
+MUTATIONS = (  # fmt: skip
+    Mutation(
+        "mesa-ema-decay",
+        "MESA's EMA update with 1 - decay in place of decay",
+        (("fabric_tram/optim/weights.py", "keep, take = decay, 1.0 - decay", "keep, take = 1.0 - decay, decay"),),
+        (CLOSED_FORM + "::test_regularisers_three_steps",),
+    ),
+    Mutation(
+        "no-clipping",
+        "gradient clipping never applied",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "                torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))",
+                "                pass",
+            ),
+        ),
+        (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
+    ),
+    Mutation(
+        "clip-the-ascent-gradient",
+        "clipping applied at another point of the step: to the ascent gradient, not the final one",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        if self.geometry is not None:\n            radius = self.radius(ctx, d)",
+                "        if self.geometry is not None:\n            ctx.clip_gradients()\n"
+                "            radius = self.radius(ctx, d)",
+            ),
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        stats.update(ctx.clip_and_step(ascent.loss))",
+                "        ctx.grad_clip = 0.0 if self.geometry is not None else ctx.grad_clip\n"
+                "        stats.update(ctx.clip_and_step(ascent.loss))",
+            ),
+        ),
+        (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
+    ),
+    Mutation(
+        "asam-original-inverted",
+        "asam_like_original: T on the parameters not named 'weight'",
+        (
+            (
+                "fabric_tram/optim/geometry.py",
+                '[not original or "weight" in name for name in names]',
+                '[not original or "weight" not in name for name in names]',
+            ),
+        ),
+        (CLOSED_FORM + "::test_asam_like_original_scales_only_the_parameters_named_weight",),
+    ),
+    Mutation(
+        "r3f-not-detached",
+        "R3F's noised branch not detached from the clean embedding lookup",
+        (
+            (
+                "fabric_tram/optim/objectives.py",
+                "noise.applied(ctx.step, batch, detach=True)",
+                "noise.applied(ctx.step, batch, detach=False)",
+            ),
+        ),
+        (CLOSED_FORM + "::test_r3f_noised_branch_starts_from_the_detached_lookup",),
+    ),
+    Mutation(
+        "noise-follows-padding",
+        "input noise that depends on the batch's padded length",
+        (
+            (
+                "fabric_tram/optim/noise.py",
+                "bits = splitmix64(keys + (counter + 1) * _int64(_GOLDEN))",
+                "bits = splitmix64(keys + (counter + length) * _int64(_GOLDEN))",
+            ),
+        ),
+        ("tests/test_noise.py",),
+    ),
+    Mutation(
+        "noise-ignores-step",
+        "input noise that does not depend on the step",
+        (
+            (
+                "fabric_tram/optim/noise.py",
+                "splitmix64(_int64(self.seed * _GOLDEN + step * _MIX1)",
+                "splitmix64(_int64(self.seed * _GOLDEN + 0 * _MIX1)",
+            ),
+        ),
+        ("tests/test_noise.py",),
+    ),
+    Mutation(
+        "m-sharpness-global-normalisation",
+        "m-sharpness's per-rank normalisation replaced by the global one",
+        (("fabric_tram/optim/step.py", "        if per_rank:  # no averaging", "        if False:  # no averaging"),),
+        ("tests/test_step_contract.py",),
+    ),
+    Mutation(
+        "forget-world-size",
+        "the backward scale without the factor W (DDP/FSDP average gradients: g / W)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "return self.world_size / self.n_global.clamp(min=1)",
+                "return 1.0 / self.n_global.clamp(min=1)",
+            ),
+        ),
+        ("tests/test_step_contract.py",),
+    ),
+    Mutation(
+        "e-without-gradient",
+        "the published code's e = d T² / ‖T g‖, without the gradient factor",
+        (
+            (
+                "fabric_tram/optim/geometry.py",
+                "    def finish(self, weights, grads, index):\n        self._times_t(weights, grads, index)  # T² g",
+                "    def finish(self, weights, grads, index):\n"
+                "        torch._foreach_copy_(grads, torch._foreach_add(torch._foreach_abs(weights), self.eta))  # T\n"
+                "        self._times_t(weights, grads, index)  # T², no g",
+            ),
+        ),
+        (CLOSED_FORM,),
+    ),
+    Mutation(
+        "no-restore",
+        "the perturbation is never undone",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "    finally:\n        restore_weights(params, backup)",
+                "    finally:\n        pass",
+            ),
+        ),
+        (CLOSED_FORM + "::test_restore_is_bit_exact",),
+    ),
+    Mutation(
+        "previous-iterate-frozen",
+        "trpo's previous iterate never advances (stays θ_0)",
+        (
+            (
+                "fabric_tram/optim/targets.py",
+                "        if not self.is_restore_point:\n            store_weights",
+                "        if False:\n            store_weights",
+            ),
+        ),
+        (CLOSED_FORM + "::test_regularisers_three_steps",),
+    ),
+    Mutation(
+        "rule-state-not-loaded",
+        "a checkpoint's rule state is not copied into the buffers",
+        (("fabric_tram/optim/weights.py", "            b.copy_(s)", "            pass"),),
+        (CLOSED_FORM + "::test_loading_a_rules_state_replaces_its_buffers",),
+    ),
+    Mutation(
+        "dropout-not-replayed",
+        "the target forward draws its own dropout masks instead of the ascent pass's",
+        (
+            (
+                "fabric_tram/optim/targets.py",
+                'return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], '
+                "device_type=device.type)",
+                "return contextlib.nullcontext()",
+            ),
+        ),
+        ("tests/test_rules_engine.py::test_target_forward_replays_the_dropout_masks",),
+    ),
+    Mutation(
+        "per-micro-batch-mean",
+        "each micro-batch normalised by its own count (the classic accumulation mistake)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "self.fabric.backward(total * self._scale(per_rank).to(total.dtype))",
+                "self.fabric.backward(total / out_count / len(self.micro_batches))",
+            ),
+            (
+                "fabric_tram/optim/step.py",
+                "                self._count_targets(out, k)\n",
+                "                self._count_targets(out, k)\n                out_count = float(out.count)\n",
+            ),
+        ),
+        ("tests/test_accumulation.py::test_accumulation_matches_one_big_batch",),
+    ),
+    Mutation(
+        "logs-not-flushed-at-checkpoints",
+        "the CSV log is not flushed with a checkpoint (a kill -9 then loses the steps before it)",
+        (
+            (
+                "fabric_tram/engine/trainer.py",
+                "        run.last_saved = step\n        flush_logs(run)\n",
+                "        run.last_saved = step\n",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_a_run_killed_after_its_first_checkpoint_keeps_every_logged_step_once",),
+    ),
+    Mutation(
+        "no-fallback-past-a-damaged-checkpoint",
+        "resume=auto gives up on a damaged newest checkpoint instead of using the one before",
+        (
+            (
+                "fabric_tram/engine/setup.py",
+                "for candidate in [path, *(older if fallback else [])]:",
+                "for candidate in [path]:",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_resume_auto_falls_back_past_a_damaged_checkpoint_and_continues_exactly",),
+    ),
+    Mutation(
+        "non-finite-gradient-applied",
+        "a non-finite gradient reaches the weights",
+        (("fabric_tram/optim/step.py", "if finite or self.scaler is not None:", "if True:"),),
+        ("tests/test_bad_input.py::test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights",),
+    ),
+    Mutation(
+        "host-sync-per-micro-batch",
+        "the backward's scale read on the host (a device-to-host wait per micro-batch)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "return self.world_size / self.n_global.clamp(min=1)",
+                "return torch.tensor(self.world_size / float(self.n_global.clamp(min=1)))",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_a_step_waits_on_the_device_only_for_its_skip_decisions",),
+    ),
+    Mutation(
+        "per-parameter-copies",
+        "weight copies as a Python loop over parameters (a kernel per tensor on a GPU)",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "        torch._foreach_copy_(t, s)",
+                "        [x.copy_(y) for x, y in zip(t, s, strict=True)]",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_per_parameter_work_launches_as_many_kernels_for_10_or_100_tensors",),
+    ),
+    Mutation(
+        "radius-mean-not-median",
+        "TRAM's calibration divides by the mean of d instead of its median (an outlier then sets the scale)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "median = torch.nanmedian(self.samples)",
+                "median = torch.nanmean(self.samples)",
+            ),
+        ),
+        (
+            "tests/test_radius.py::test_calibration_climbs_the_target_then_fixes_the_scale_from_the_median_of_positive_d",
+        ),
+    ),
+    Mutation(
+        "radius-state-not-restored",
+        "a resumed TRAM run forgets its calibrated scale and the radius it was reusing",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                'self.samples, self.scale, self.last = (on_device(state[k]) for k in ("samples", "scale", "last"))',
+                "pass",
+            ),
+        ),
+        ("tests/test_radius.py::test_resume_mid_and_after_calibration_continues_exactly",),
+    ),
+    Mutation(
+        "radius-every-schedule-shifted",
+        "radius_every measures d one step late after calibration (the first calibrated step reuses a stale radius)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "(step - self.calibration_steps - 1) % self.every == 0",
+                "(step - self.calibration_steps) % self.every == 0",
+            ),
+        ),
+        ("tests/test_radius.py::test_measurement_schedule_of_radius_every",),
+    ),
+    Mutation(
+        "llama3-frequencies-unscaled",
+        "Llama 3's rope_scaling read but its frequency stretch never applied",
+        (("fabric_tram/models/llama.py", "        inv_freq = llama3_frequencies(inv_freq, scaling)", "        pass"),),
+        ("tests/test_llama.py::test_llama3_rope_scaling_matches_transformers_past_the_original_context",),
+    ),
+    Mutation(
+        "gguf-rows-left-permuted",
+        "GGUF query/key rows kept in llama.cpp's interleaved order",
+        (
+            (
+                "fabric_tram/models/gguf.py",
+                "            weights = unpermute_rotary_rows(weights, heads[kind])",
+                "            pass",
+            ),
+        ),
+        ("tests/test_gguf.py::test_a_gguf_llama_converts_to_a_folder_both_loaders_read_identically",),
+    ),
+    Mutation(
+        "roberta-positions-ignore-padding",
+        "RoBERTa positions counted over every slot, padding included (left padding shifts them)",
+        (
+            (
+                "fabric_tram/models/encoder.py",
+                '        return torch.cumsum(keep, dim=1) * keep + self.sizes["pad_token_id"]',
+                '        return torch.arange(1, keep.shape[1] + 1).expand_as(keep) + self.sizes["pad_token_id"]',
+            ),
+        ),
+        ("tests/test_encoder.py::test_hidden_states_and_logits_match_transformers",),
+    ),
+    Mutation(
+        "cka-uncentred",
+        "CKA's cross products left uncentred (an offset in the representations changes the similarity)",
+        (("fabric_tram/analysis/cka.py", "cxy = self.xy - torch.outer(self.sx, self.sy) / n", "cxy = self.xy"),),
+        ("tests/test_analysis_tools.py::test_streamed_cka_equals_the_direct_formula_batch_by_batch",),
+    ),
+    Mutation(
+        "sharpness-leaves-the-box",
+        "ε-sharpness ascent never projected back onto the ε-box",
+        (
+            (
+                "fabric_tram/analysis/sharpness.py",
+                "            _clamp_to_box(params, origin, epsilon)",
+                "            pass",
+            ),
+        ),
+        ("tests/test_analysis_tools.py::test_epsilon_sharpness_finds_the_closed_form_maximum_of_a_quadratic",),
+    ),
+    Mutation(
+        "augmentation-ignores-the-step",
+        "every epoch crops and flips an image the same way (the augmentation drawn from the image alone)",
+        (("fabric_tram/data/images.py", "manual_seed(step * 1_000_003 + index)", "manual_seed(index)"),),
+        ("tests/test_images.py::test_training_augmentation_is_drawn_per_step_and_image_evaluation_is_not_augmented",),
+    ),
+    Mutation(
+        "workers-see-other-steps",
+        "background batch workers build the steps shifted by one",
+        (("fabric_tram/engine/batches.py", "sampler=range(first - 1, last)", "sampler=range(first, last + 1)"),),
+        ("tests/test_images.py::test_epochs_workers_and_mid_epoch_resume_change_nothing",),
+    ),
+    Mutation(
+        "accuracy-counts-padding-examples",
+        "evaluation counts the zero-weight padding examples of a rank that ran out as correct or wrong",
+        (
+            (
+                "fabric_tram/tasks/classification.py",
+                '    return {"correct": ((out.logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()}',
+                '    return {"correct": (out.logits.argmax(-1) == labels.clamp(min=0)).sum()}',
+            ),
+        ),
+        ("tests/test_encoder.py::test_accuracy_leaves_out_padding_examples",),
+    ),
+    Mutation(
+        "processor-by-hub-id-ignored",
+        "task.processor=OWNER/NAME is not fetched from the hub (its size, mean and std never read)",
+        (("fabric_tram/data/images.py", "    if is_hub_id(source):", "    if False:"),),
+        ("tests/test_images.py::test_processor_settings_come_from_a_hub_id_and_a_missing_source_is_refused",),
+    ),
+    Mutation(
+        "vision-rules-wrap-adam",
+        "the vision recipes leave optimizer.base out: a rule named on the command line wraps Adam, not SGD",
+        (
+            (
+                "recipes/_vit.py",
+                '"optimizer": {"name": "sgd", "base": "sgd", "lr": 5e-4}',
+                '"optimizer": {"name": "sgd", "lr": 5e-4}',
+            ),
+        ),
+        ("tests/test_recipes.py::test_vision_recipe_settings_and_smoke",),
+    ),
+    Mutation(
+        "estimate-one-token-per-image",
+        "fabric-tram estimate counts one token per image instead of the [CLS] and the patches",
+        (
+            (
+                "fabric_tram/analysis/estimate.py",
+                'T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None',
+                "T = None",
+            ),
+        ),
+        ("tests/test_vit.py::test_estimate_counts_patches_and_the_tensors_a_block_saves",),
+    ),
+)
