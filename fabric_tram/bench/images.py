@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fabric_tram.bench.common import table, write_json
+from fabric_tram.bench.common import synchronize, table, write_json
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.data.images import to_tensor
@@ -70,6 +70,7 @@ def main() -> dict:
         sampler = StepSampler(len(task.train_set), args.batch, 1, 1, 0)
         model = getattr(run.model, "module", run.model)
         bare_optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        device = str(next(model.parameters()).device)
         position = {"step": 0}
         # one stream of steps per trainer candidate, as fit() has one: its worker processes start once
         streams = {w: step_batches(task, sampler, 1, 10**9, w) for w in (0, args.workers)}
@@ -79,6 +80,7 @@ def main() -> dict:
             for _ in range(args.steps):
                 step, batches = next(streams[workers])
                 training_step(run, batches, step)
+            synchronize(device)
             return time.perf_counter() - start
 
         def bare() -> float:
@@ -89,9 +91,11 @@ def main() -> dict:
                 examples = [task.train_set[i] for i in idx]  # each image decoded once, as the trainer does
                 pixels = torch.stack([to_tensor(image, task.image_size, task.mean, task.std) for image, _ in examples])
                 labels = torch.tensor([label for _, label in examples])
+                pixels, labels = pixels.to(device), labels.to(device)  # the trainer's device (a GPU where there is one)
                 torch.nn.functional.cross_entropy(model(pixels), labels).backward()
                 bare_optimizer.step()
                 bare_optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
             return time.perf_counter() - start
 
         candidates = {"bare loop": bare, "trainer, in-line": lambda: trainer(0),
@@ -105,9 +109,12 @@ def main() -> dict:
     images = {name: args.steps * args.batch / float(np.median(t)) for name, t in times.items()}
     bare_rate = images["bare loop"]
     threads = torch.get_num_threads()
-    print(f"{args.images} JPEGs of {args.side}px → {args.image_size}px, batch {args.batch}, {threads} threads")
+    print(
+        f"{args.images} JPEGs of {args.side}px → {args.image_size}px, batch {args.batch}, model on {device}, "
+        f"{threads} CPU threads"
+    )
     print(table(["", "images/s", "vs bare loop"], [[n, r, r / bare_rate] for n, r in images.items()]))
-    payload = {"settings": vars(args), "images_per_s": images}
+    payload = {"settings": vars(args), "device": device, "images_per_s": images}
     print(f"written: {write_json(args.out, 'images', payload)}")
     return payload
 
