@@ -3,8 +3,10 @@ fine-tuned on one image dataset, and the smoke setting.
 
 The paper follows Kim et al. (2022, Fisher SAM, section 5.1): SGD as the base optimizer with an initial learning
 rate of 5e-4, cosine decay with no warm-up or restarts, 200 epochs, the final checkpoint scored (no early
-stopping), 5 runs averaged with a 95% confidence interval. The batch size and momentum are given by neither the
-paper nor our reading of it: 128 images per step and plain SGD (momentum 0) are this recipe's choices; set
+stopping), 5 runs averaged with a 95% confidence interval. The learning rate is the one docs/algorithms.md
+records for the paper's vision runs (the paper's text extraction lost the number). The batch size and momentum
+are given by neither the paper nor our reading of it: 128 images per step and plain SGD (momentum 0) are this
+recipe's choices; set
 ``trainer.micro_batch_size``/``trainer.accumulate`` and ``optimizer.momentum`` to change them. Gradients are
 clipped at norm 1 (the engine's default, as in the language experiments).
 
