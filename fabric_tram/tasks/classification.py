@@ -4,9 +4,8 @@ accumulation and data parallelism see one big batch), accuracy from the argmax, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets
+from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
 
 
 def correct_predictions(out: LossOutput, batch: dict) -> dict[str, torch.Tensor]:
@@ -28,10 +27,9 @@ class ClassificationTask:
         raise NotImplementedError  # a subclass feeds its batch's inputs to the model
 
     def loss(self, model, batch: dict, **forward_kwargs) -> LossOutput:
-        logits = self.logits(model, batch, **forward_kwargs)
-        labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return LossOutput(loss_sum, count_targets(labels), logits, labels != IGNORE_INDEX)
+        # the shared loss: float32 at least, float64 for a float64 model (a `.float()` here made 64-true runs'
+        # gradients float32-rounded), and its log-probabilities handed on to the divergences
+        return cross_entropy_sum(self.logits(model, batch, **forward_kwargs), batch["labels"])
 
     @staticmethod
     def count_targets(batch: dict) -> torch.Tensor:
