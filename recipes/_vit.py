@@ -6,9 +6,8 @@ rate of 5e-4, cosine decay with no warm-up or restarts, 200 epochs, the final ch
 stopping), 5 runs averaged with a 95% confidence interval. The learning rate is the one docs/algorithms.md
 records for the paper's vision runs (the paper's text extraction lost the number). The batch size and momentum
 are given by neither the paper nor our reading of it: 128 images per step and plain SGD (momentum 0) are this
-recipe's choices; set
-``trainer.micro_batch_size``/``trainer.accumulate`` and ``optimizer.momentum`` to change them. Gradients are
-clipped at norm 1 (the engine's default, as in the language experiments).
+recipe's choices; set ``trainer.micro_batch_size``/``trainer.accumulate`` and ``optimizer.momentum`` to change
+them. Gradients are clipped at norm 1 (the engine's default, as in the language experiments).
 
 None of the three datasets has a validation split: periodic evaluation (a curve, never a selection) reads the
 test split, and the final weights are scored on it.
@@ -34,7 +33,7 @@ def vit_recipe(name: str, dataset: str, num_labels: int, train_images: int, **ta
             "validation_split": "test",
             "test_split": "test",
             **task,
-        },  # fmt: skip
+        },
         "optimizer": {"name": "sgd", "base": "sgd", "lr": 5e-4},
         "schedule": {"name": "cosine", "warmup_steps": 0},
         "trainer": {
@@ -66,7 +65,7 @@ def vit_smoke(name: str) -> dict:
             "label_key": None,
             "validation_split": "validation",
             "dataset_name": "image-sample",
-        },  # fmt: skip
+        },
         "optimizer": {"lr": 0.05},
         "trainer": {
             "run_dir": run_dir(f"smoke/{name}"),

@@ -126,15 +126,15 @@ def measure_run(run_dir, pretrained) -> dict:
     }
 
 
-def recipe_smoke_config(recipe, run_dir, strategy="auto", micro=2, accumulate=1, rule=("tram-prev",)):
+def recipe_smoke_config(recipe, run_dir, strategy="auto", micro=2, accumulate=1, rule="tram-prev", extra=()):
     """A recipe's smoke setting as an equivalence run: float64, no dropout (ranks would draw other masks than one
-    process), the rule's TRAM scale calibrated within the run."""
+    process), the rule's TRAM scale calibrated within the run; ``extra`` overrides last."""
     from fabric_tram.config import load_config
 
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
     overrides = [f"trainer.run_dir={run_dir}", f"trainer.strategy={strategy}", "trainer.precision=64-true",
                  f"trainer.micro_batch_size={micro}", f"trainer.accumulate={accumulate}", "model.dropout=0.0",
-                 f"optimizer.name={rule[0]}", "optimizer.calibration_steps=2", *rule[1:]]  # fmt: skip
+                 f"optimizer.name={rule}", "optimizer.calibration_steps=2", *extra]  # fmt: skip
     return load_config(path, overrides, smoke=True)
 
 
@@ -146,8 +146,8 @@ def xnli_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
 def vit_smoke_config(run_dir, strategy="auto", micro=2, accumulate=1):
     """The CIFAR-100 recipe's smoke (tiny ViT, bundled images, augmented) for one epoch with tram-x, the paper's
     best vision variant: its noise on the patch embeddings is a function of the example, not of the rank."""
-    rule = ("tram-x", "trainer.max_epochs=1", "trainer.eval_batches=0")  # every test image, however many ranks
-    return recipe_smoke_config("vit_cifar100", run_dir, strategy, micro, accumulate, rule)
+    extra = ("trainer.max_epochs=1", "trainer.eval_batches=0")  # every test image, however many ranks
+    return recipe_smoke_config("vit_cifar100", run_dir, strategy, micro, accumulate, "tram-x", extra)
 
 
 # the Llama family's equivalence run (FSDP2): grouped-query attention, SwiGLU, tied embeddings
