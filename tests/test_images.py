@@ -82,7 +82,7 @@ def image_config(run_dir, *extra):
                               f"trainer.run_dir={run_dir}", *extra])  # fmt: skip
 
 
-def test_epochs_workers_and_mid_epoch_resume_change_nothing(tmp_path):
+def test_epochs_workers_accumulation_and_mid_epoch_resume_change_nothing(tmp_path):
     inline = train(image_config(tmp_path / "inline", "trainer.save_every=2"))
     assert inline.config.trainer.max_steps == 6 and len(inline.history) == 6  # 24 images / 4 per step
     workers = train(image_config(tmp_path / "workers", "trainer.data_workers=2"))
@@ -90,6 +90,10 @@ def test_epochs_workers_and_mid_epoch_resume_change_nothing(tmp_path):
     checkpoint = tmp_path / "inline" / "checkpoints" / "step-00000002"  # mid-epoch
     resumed = train(image_config(tmp_path / "resumed", f"trainer.resume={checkpoint}"))
     assert [s["loss"] for s in resumed.history] == [s["loss"] for s in inline.history[2:]]
+    # k = 1 vs 4 (float64): one image per micro-batch gives the same steps to rounding of float64, not float32
+    one_by_one = train(image_config(tmp_path / "k4", "trainer.micro_batch_size=1", "trainer.accumulate=4"))
+    for ours, theirs in zip(one_by_one.history, inline.history, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-12, abs=0)
     summary = json.loads((tmp_path / "inline" / "results.json").read_text())
     assert summary["metric"] == "accuracy" and set(summary["results"]["test"]) == {"image-sample"}
     assert 0.0 <= summary["results"]["test"]["image-sample"]["accuracy"] <= 100.0

@@ -343,7 +343,7 @@ MUTATIONS = (  # fmt: skip
         "workers-see-other-steps",
         "background batch workers build the steps shifted by one",
         (("fabric_tram/engine/batches.py", "sampler=range(first - 1, last)", "sampler=range(first, last + 1)"),),
-        ("tests/test_images.py::test_epochs_workers_and_mid_epoch_resume_change_nothing",),
+        ("tests/test_images.py::test_epochs_workers_accumulation_and_mid_epoch_resume_change_nothing",),
     ),
     Mutation(
         "accuracy-counts-padding-examples",
@@ -386,5 +386,17 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         ("tests/test_vit.py::test_estimate_counts_patches_and_the_tensors_a_block_saves",),
+    ),
+    Mutation(
+        "classification-loss-in-float32",
+        "the classifiers' loss rounds float64 logits to float32 (64-true runs then train on float32-rounded losses)",
+        (
+            (
+                "fabric_tram/tasks/classification.py",
+                'return cross_entropy_sum(self.logits(model, batch, **forward_kwargs), batch["labels"])',
+                'return cross_entropy_sum(self.logits(model, batch, **forward_kwargs).float(), batch["labels"])',
+            ),
+        ),
+        ("tests/test_images.py::test_epochs_workers_accumulation_and_mid_epoch_resume_change_nothing",),
     ),
 )
