@@ -283,7 +283,16 @@ def run_points(source, points, configs, out: Path, parallel: int, plugins) -> No
         raise ChildProcessError("sweep runs failed: " + "; ".join(failed) + ". Rerun the sweep to retry them")
 
 
-BENCHMARKS = ("step_cost", "radius_every", "memory", "engine_overhead", "divergence", "gpu_suite", "images")
+BENCHMARKS = (
+    "step_cost",
+    "radius_every",
+    "memory",
+    "engine_overhead",
+    "divergence",
+    "gpu_suite",
+    "images",
+    "profile_step",
+)
 
 
 class _HelpToBenchmark(click.Command):

@@ -98,6 +98,16 @@ def test_gpu_suite_path_on_cpu(tmp_path):
     assert result["xl"]["adam"]["estimated_bytes"] > 0 and result["xl"]["tram_over_adam"] > 1
 
 
+def test_profile_step_places_each_rules_time_by_kind(tmp_path):
+    args = ["--device", "cpu", "--size", "tiny", "--rules", "adam,tram-prev", "--precision", "32-true"]
+    text, result = bench(tmp_path, "profile_step", *args)
+    assert set(result) == {"adam", "tram-prev"} and "| tram-prev |" in text
+    for r in result.values():
+        assert 0 < r["busy"] and sum(r["by_kind"].values()) == pytest.approx(r["busy"])
+        assert r["by_kind"]["matmul"] > 0 and r["by_kind"]["softmax"] > 0  # the kinds recognise CPU operators
+    assert result["tram-prev"]["kernels"] > result["adam"]["kernels"]  # the target forward's operators
+
+
 def test_bench_command_passes_help_to_the_benchmark():
     from click.testing import CliRunner
 

@@ -399,4 +399,10 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_images.py::test_epochs_workers_accumulation_and_mid_epoch_resume_change_nothing",),
     ),
+    Mutation(
+        "head-pad-in-front",
+        "the GPU head's zero rows placed before the vocabulary, so the kept logits are shifted by the pad",
+        (("fabric_tram/models/head.py", "F.pad(weight, (0, 0, 0, pad))", "F.pad(weight, (0, 0, pad, 0))"),),
+        ("tests/test_head.py::test_the_padded_head_gives_the_unpadded_logits_and_gradients",),
+    ),
 )

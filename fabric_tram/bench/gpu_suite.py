@@ -50,6 +50,14 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
+_START = time.perf_counter()
+
+
+def progress(what: str, seconds: float) -> None:
+    """One line per measurement as it is made, flushed: a run stopped at a time limit still shows its figures."""
+    print(f"[{time.perf_counter() - _START:6.0f} s] {what}: {seconds * 1e3:.2f} ms/step", flush=True)
+
+
 def timed_steps(step, steps: int, device: str, warmup: int = 3) -> float:
     """Seconds per step over ``steps`` steps (after ``warmup``), the device synchronised once at each end."""
     for _ in range(warmup):
@@ -134,6 +142,7 @@ def main() -> dict:
     for compiled in compile_modes:
         name = "compiled" if compiled else "eager"
         bare = bare_loop(args, batch, compiled)
+        progress(f"bare loop, {name}", bare)
         results[f"bare_{name}"] = {
             "seconds": bare,
             "tokens_per_s": tokens / bare,
@@ -142,6 +151,7 @@ def main() -> dict:
         rows.append([f"bare loop, {name}", tokens / bare, results[f"bare_{name}"]["mfu"] or float("nan"), 1.0])
         for strategy in ("auto", "fsdp"):
             seconds, run = through_trainer(trainer_config(args, args.size, "adam", strategy, compiled), args)
+            progress(f"trainer adam, {strategy}, {name}", seconds)
             results[f"trainer_{strategy}_{name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                                                      "over_bare": bare / seconds}  # fmt: skip
             rows.append(
@@ -165,6 +175,7 @@ def main() -> dict:
             name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss, grad_clip=1.0
         )
         steps[name] = timed_steps(lambda lp=loop: lp.rule.step(context(lp, batch)), args.steps, args.device)
+        progress(f"rule {name}", steps[name])
     rule_rows = []
     for name in RULES:
         passes: Passes = rule_class(name).passes
@@ -201,6 +212,7 @@ def main() -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds, run = through_trainer(config, args)
+        progress(f"GPT2-XL {name}", seconds)
         xl_tokens = config.trainer.micro_batch_size * config.task.block_size
         xl[name] = {"seconds": seconds, "tokens_per_s": xl_tokens / seconds,
                     "mfu": mfu(run, seconds, xl_tokens, config.task.block_size, peak),

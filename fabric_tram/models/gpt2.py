@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained
 from fabric_tram.registry import register_model
 
@@ -168,7 +169,7 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, input_noise))
+        return lm_logits(self.hidden_states(input_ids, input_noise), self.lm_head.weight)
 
     def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the last LayerNorm. ``input_noise``: a function mapping the token

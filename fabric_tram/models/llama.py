@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
 from fabric_tram.registry import register_model
 
@@ -264,7 +265,7 @@ class Llama(nn.Module):
         return 8.0 * C + 2.0 * kv + 4.0 * s["intermediate_size"]
 
     def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, input_noise))
+        return lm_logits(self.hidden_states(input_ids, input_noise), self.lm_head.weight)
 
     def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the last RMSNorm. ``input_noise``: a function mapping the token
