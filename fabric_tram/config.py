@@ -228,6 +228,9 @@ def resolve(raw: dict) -> Config:
     sections["trainer"] = build_dataclass(TrainerConfig, dict(raw.get("trainer") or {}), "trainer")
     config = Config(**sections)
     validate(config)
+    for section in sections.values():  # a section whose values depend on another's (TRAM's calibration start)
+        if hasattr(section, "resolve_with"):
+            section.resolve_with(config)
     config.trainer.run_dir = expand_run_dir(config)
     return config
 

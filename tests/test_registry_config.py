@@ -117,5 +117,5 @@ def test_optional_fields_are_coerced_like_the_others():
                                        "model.n_layer=3"])  # fmt: skip
     assert config.optimizer.max_radius == 1e-3 and config.optimizer.eta == 1e-2 and config.trainer.peak_flops == 1e12
     assert config.model.n_layer == 3
-    with pytest.raises(ConfigError, match="optimizer.max_radius' expects float, got 'big'"):
-        load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=tram-prev", "optimizer.max_radius=big"])
+    with pytest.raises(ConfigError, match="optimizer.eta' expects float, got 'big'"):
+        load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=tram-prev", "optimizer.eta=big"])

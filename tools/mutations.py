@@ -279,8 +279,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "(step - self.calibration_steps - 1) % self.every == 0",
-                "(step - self.calibration_steps) % self.every == 0",
+                "(step - self.calibrated_after - 1) % self.every == 0",
+                "(step - self.calibrated_after) % self.every == 0",
             ),
         ),
         ("tests/test_radius.py::test_measurement_schedule_of_radius_every",),
@@ -404,5 +404,38 @@ MUTATIONS = (  # fmt: skip
         "the GPU head's zero rows placed before the vocabulary, so the kept logits are shifted by the pad",
         (("fabric_tram/models/head.py", "F.pad(weight, (0, 0, 0, pad))", "F.pad(weight, (0, 0, pad, 0))"),),
         ("tests/test_head.py::test_the_padded_head_gives_the_unpadded_logits_and_gradients",),
+    ),
+    Mutation(
+        "tram-cap-ignored-after-calibration",
+        "TRAM's radius leaves the cap (max_radius, radius_target by default) once calibration has ended",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "return self.last if self.max_radius is None else torch.clamp(self.last, max=self.max_radius)",
+                "return self.last",
+            ),
+        ),
+        (
+            "tests/test_radius.py::test_the_default_cap_is_radius_target_under_auto_and_holds_on_every_step_after_calibration",
+            "tests/test_radius.py::test_tram_init_drifting_stays_inside_the_cap_and_the_run_says_it_behaved_as_asam",
+        ),
+    ),
+    Mutation(
+        "tram-cap-ignored-while-calibrating",
+        "a max_radius below radius_target ignored on the calibration steps",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "return self.target if self.max_radius is None else min(self.target, self.max_radius)",
+                "return self.target",
+            ),
+        ),
+        ("tests/test_radius.py::test_a_cap_below_radius_target_holds_while_calibrating_too",),
+    ),
+    Mutation(
+        "tram-window-from-step-one",
+        "the calibration window opens at step 1 whatever the warm-up (calibration_start ignored)",
+        (("fabric_tram/optim/radius.py", "index = step - self.start - 1", "index = step - 1"),),
+        ("tests/test_radius.py::test_the_window_opens_after_calibration_start_and_ignores_d_before_it",),
     ),
 )

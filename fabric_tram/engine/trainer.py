@@ -251,9 +251,12 @@ def write_results(run: Run) -> None:
             "train_domains": list(getattr(run.task, "train_domains", [])),
             "metric": getattr(run.task, "headline_metric", "ppl"),  # what result tables report
             "results": run.results,
+            "rule": run.rule.summary(),  # TRAM: its radius against the cap after calibration
         }
         write_json(run.run_dir / "results.json", summary)  # a diverged metric is null, not a bare NaN
         fabric.print(format_results(run.results))
+        if run.rule.describe():
+            fabric.print(run.rule.describe())
     for logger in fabric.loggers:
         logger.finalize("success")
     fabric.barrier()

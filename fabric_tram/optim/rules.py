@@ -30,7 +30,7 @@ class Wrapped:
 
     def check(self) -> None:
         """Refuse bad values of any rule's fields at config time (run again by the rule itself, for the API)."""
-        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_target", "max_radius")
+        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_target")
         check_radius_fields(self)
         if getattr(self, "divergence", None) is not None and self.divergence not in DIVERGENCES:
             raise ConfigError(f"optimizer.divergence: {DIVERGENCES.describe_unknown(self.divergence)}")
@@ -61,10 +61,17 @@ class TrustRegionFields:
     radius_scale: float | str = "auto"  # r = scale · t(d); auto: calibrated (optim/radius.py, docs/algorithms.md)
     radius_target: float = 0.5  # auto: the radius climbed while calibrating, and the median radius after (ASAM's ρ)
     calibration_steps: int = 20  # auto: optimizer steps that calibrate the scale
+    calibration_start: int | str = "warmup"  # auto: steps before the calibration window; warmup: the lr warm-up's
     radius_transform: str = "linear"  # t(d): linear (d) or sqrt (√(2d), a distance like ρ)
     radius_every: int = 1  # take d (the target forward) every N optimizer steps, reuse the radius in between
-    max_radius: float | None = None  # optional clamp of the radius (the paper's d <= ρ bound)
+    max_radius: float | str | None = "auto"  # cap; auto: radius_target under radius_scale=auto (the paper's r <= ρ)
     target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
+
+    def resolve_with(self, config) -> None:
+        """``calibration_start=warmup`` becomes the schedule's warm-up steps (the window then opens where d stops
+        growing with the learning rate; docs/algorithms.md, "TRAM's radius")."""
+        if self.calibration_start == "warmup":
+            self.calibration_start = int(getattr(config.schedule, "warmup_steps", 0))
 
 
 @dataclass
@@ -220,6 +227,13 @@ class TRAM(ASAM):
 
     def logged(self):
         return self.trust_radius.logged()
+
+    def summary(self):
+        return {"radius": self.trust_radius.summary()}
+
+    def describe(self):
+        # the engine's resolved section has the rule's registry name; a user-loop config has only the class's
+        return self.trust_radius.describe(getattr(self.config, "name", type(self).__name__))
 
     def ascent_objective(self, ctx):
         return measuring(ctx, self.target, self.meter) if self.measures_d(ctx) else ctx.forward

@@ -89,6 +89,14 @@ class UpdateRule:
         """Values of the rule's own state to log with each step (TRAM's calibrated scale)."""
         return {}
 
+    def summary(self) -> dict:
+        """How the rule behaved over the run, for ``results.json`` (TRAM: its radius against the cap); {} if
+        there is nothing to say. ``describe()`` says it in words, or returns ''."""
+        return {}
+
+    def describe(self) -> str:
+        return ""
+
     @classmethod
     def mean_passes(cls, config) -> tuple[float, float, float]:
         """Passes per step on average over a run with ``config`` (``passes`` unless some steps skip some)."""
