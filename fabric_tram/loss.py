@@ -103,9 +103,16 @@ def as_loss_output(result: Any) -> LossOutput:
 
 
 def token_weighted_loss(metrics: dict[str, dict], domains: list[str]) -> float:
-    """The loss over ``domains`` of an evaluation's per-domain ``metrics`` ({domain: {"loss", "tokens"}}), weighted
-    by their token counts; every domain when none of ``domains`` was evaluated. The in-domain validation loss that
-    chooses the best checkpoint (engine) and a sweep's setting (analysis)."""
+    """The loss over ``domains`` of an evaluation's per-domain ``metrics``, each domain weighted by its number of
+    targets (``tokens`` for language modelling, ``examples`` for classification): the loss of all their targets
+    together, never a mean of per-domain means. Every domain when none of ``domains`` was evaluated. The in-domain
+    validation loss that chooses the best checkpoint (engine) and a sweep's setting (analysis)."""
     names = [d for d in domains if d in metrics] or list(metrics)
-    tokens = sum(metrics[d].get("tokens", 1.0) for d in names)
-    return sum(metrics[d]["loss"] * metrics[d].get("tokens", 1.0) for d in names) / max(tokens, 1e-12)
+    counts = {}
+    for d in names:
+        count = metrics[d].get("tokens", metrics[d].get("examples"))
+        if count is None:
+            raise ValueError(f"the metrics of domain {d!r} have no target count (tokens or examples) to weight by")
+        counts[d] = count
+    total = sum(counts.values())
+    return sum(metrics[d]["loss"] * counts[d] for d in names) / max(total, 1e-12)

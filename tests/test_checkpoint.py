@@ -150,6 +150,17 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint_and_continues_exactly(
     assert [int(r["step"]) for r in metrics_rows(run_dir) if r["loss"]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_auto_falls_back_to_the_newest_undamaged_of_several_checkpoints(corpus, tmp_path, capsys):
+    run_dir = tmp_path / "stopped"
+    extra = ["trainer.save_every=1", "trainer.keep_last=5", "model.dropout=0.1"]
+    train(small_config(corpus, run_dir, "sgd", steps=4, extra=extra))
+    assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(run_dir)] == [1, 2, 3, 4]
+    (run_dir / "checkpoints" / "step-00000004" / "rank-0.pt").write_bytes(b"")
+    resumed = train(small_config(corpus, run_dir, "sgd", steps=5, extra=extra + ["trainer.resume=auto"]))
+    assert resumed.start_step == 3  # the newest complete one before the damaged, not an older one
+    assert "resumed from" in capsys.readouterr().out and [s["step"] for s in resumed.history] == [4, 5]
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [

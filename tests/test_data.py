@@ -102,6 +102,18 @@ def test_step_sampler_splits_the_same_examples_whatever_the_layout():
     assert sorted(stream[:37]) == list(range(37))  # one epoch visits every example once
 
 
+def test_each_epoch_is_a_new_order_of_every_example_and_the_seed_fixes_it():
+    def epochs(seed, n=3):
+        sampler = StepSampler(20, 4, 1, 1, 0, seed=seed)  # 5 steps per epoch
+        stream = [i for step in range(5 * n) for i in sampler.step_indices(step)[0]]
+        return [stream[k * 20 : (k + 1) * 20] for k in range(n)]
+
+    orders = epochs(seed=3)
+    assert all(sorted(order) == list(range(20)) for order in orders)  # each epoch visits every example once
+    assert len({tuple(order) for order in orders}) == 3  # in an order of its own (200 vision epochs)
+    assert epochs(seed=3) == orders and epochs(seed=4)[0] != orders[0]  # resumable: a function of seed and epoch
+
+
 def test_eval_batches_equal_count_per_rank_and_cover_everything():
     per_rank = [eval_batches(11, 2, 3, r) for r in range(3)]
     assert len({len(b) for b in per_rank}) == 1  # FSDP: every rank joins every forward

@@ -134,3 +134,25 @@ def test_a_sweep_trains_selects_and_resumes_without_retraining_finished_runs(tmp
     assert second.exit_code == 0, second.output
     assert "4 runs, 3 finished, 1 to train" in second.output and "(selected)" in second.output
     assert "continuing" in second.output or "resumed from" in second.output  # from its newest checkpoint
+
+
+UNEQUAL = {  # two training domains of unequal size and a zero-shot one
+    "a": {"loss": 1.0, "tokens": 100.0},
+    "b": {"loss": 3.0, "tokens": 300.0},
+    "zero-shot": {"loss": 10.0, "tokens": 50.0},
+}
+
+
+def test_the_in_domain_loss_that_picks_checkpoints_and_settings_is_per_target_not_per_domain():
+    from types import SimpleNamespace
+
+    from fabric_tram.analysis.sweep import validation_loss
+    from fabric_tram.engine.evaluation import in_domain_loss
+
+    expected = (1.0 * 100 + 3.0 * 300) / 400  # 2.5, where the mean of the two domains' losses is 2.0
+    assert in_domain_loss(SimpleNamespace(train_domains=["a", "b"]), UNEQUAL) == pytest.approx(expected)
+    assert validation_loss({"validation": UNEQUAL}, ["a", "b"]) == pytest.approx(expected)
+    classification = {k: {"loss": v["loss"], "examples": v["tokens"]} for k, v in UNEQUAL.items()}
+    assert in_domain_loss(SimpleNamespace(train_domains=["a", "b"]), classification) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no target count"):
+        validation_loss({"validation": {"a": {"loss": 1.0}}}, ["a"])

@@ -438,4 +438,81 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/optim/radius.py", "index = step - self.start - 1", "index = step - 1"),),
         ("tests/test_radius.py::test_the_window_opens_after_calibration_start_and_ignores_d_before_it",),
     ),
+    Mutation(
+        "group-boundary-tensor-dropped",
+        "the last tensor of each multi-tensor group left out of every multi-tensor operation",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "            yield tuple(lst[start:i] for lst in lists)",
+                "            yield tuple(lst[start : i - 1] for lst in lists)",
+            ),
+        ),
+        (
+            "tests/test_ascent.py::test_groups_cover_every_tensor_once_in_order_within_the_byte_limit",
+            "tests/test_ascent.py::test_every_rule_steps_the_same_in_one_multi_tensor_group_and_in_many",
+        ),
+    ),
+    Mutation(
+        "asam-original-t-by-position",
+        "asam_like_original's T chosen by a tensor's position in its group instead of its parameter index",
+        (
+            (
+                "fabric_tram/optim/geometry.py",
+                "on = [j for j, i in enumerate(index) if self.scaled[i]]",
+                "on = [j for j, i in enumerate(index) if self.scaled[j]]",
+            ),
+        ),
+        ("tests/test_ascent.py::test_asams_perturbation_is_t_squared_g_by_parameter_whatever_the_groups",),
+    ),
+    Mutation(
+        "ascent-gradients-still-scaled",
+        "under an fp16 loss scaler, e formed from the ascent gradients before they are unscaled",
+        (("fabric_tram/optim/geometry.py", "        torch._foreach_div_(grads, loss_scale)", "        pass"),),
+        ("tests/test_ascent.py::test_an_fp16_loss_scale_changes_nothing_in_e_or_the_logged_norms",),
+    ),
+    Mutation(
+        "adamw-coupled",
+        "optimizer.name=adamw builds Adam with coupled L2 weight decay",
+        (("fabric_tram/optim/base.py", "    return torch.optim.AdamW(", "    return torch.optim.Adam("),),
+        ("tests/test_base_optimizers.py",),
+    ),
+    Mutation(
+        "same-shuffle-every-epoch",
+        "the training data shuffled in the same order every epoch",
+        (
+            (
+                "fabric_tram/data/batching.py",
+                "generator=torch.Generator().manual_seed(self.seed + epoch)",
+                "generator=torch.Generator().manual_seed(self.seed)",
+            ),
+        ),
+        ("tests/test_data.py::test_each_epoch_is_a_new_order_of_every_example_and_the_seed_fixes_it",),
+    ),
+    Mutation(
+        "resume-falls-back-to-the-oldest",
+        "resume=auto falls back to the oldest complete checkpoint instead of the newest before the damaged one",
+        (
+            (
+                "fabric_tram/engine/setup.py",
+                "older = [c for c in reversed(ckpt.list_checkpoints(run.run_dir))",
+                "older = [c for c in ckpt.list_checkpoints(run.run_dir)",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_resume_auto_falls_back_to_the_newest_undamaged_of_several_checkpoints",),
+    ),
+    Mutation(
+        "in-domain-loss-per-domain",
+        "the in-domain validation loss (best checkpoint, sweep) a mean over domains instead of over targets",
+        (
+            (
+                "fabric_tram/loss.py",
+                'return sum(metrics[d]["loss"] * counts[d] for d in names) / max(total, 1e-12)',
+                'return sum(metrics[d]["loss"] for d in names) / len(names)',
+            ),
+        ),
+        (
+            "tests/test_sweep.py::test_the_in_domain_loss_that_picks_checkpoints_and_settings_is_per_target_not_per_domain",
+        ),
+    ),
 )
