@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from fabric_tram.config import load_config, merge, parse_overrides, resolve
+from fabric_tram.config import load_config, merge, parse_overrides, refuse_another_run, resolve
 from fabric_tram.registry import REGISTRIES, load_plugins
 
 plugin_option = click.option(
@@ -248,6 +248,9 @@ def point_overrides(point, out: Path) -> list[str]:
 def run_points(source, points, configs, out: Path, parallel: int, plugins) -> None:
     """Train the points without results yet: in this process one after another, or ``parallel`` at a time in
     processes of their own (threads shared out among them); progress says how many remain."""
+    finished = [(p, c) for p, c in zip(points, configs, strict=True) if (p.run_dir(out) / "results.json").is_file()]
+    for point, config in finished:  # a finished run is reused only if it is this point's run
+        refuse_another_run(point.run_dir(out), config)
     todo = [(p, c) for p, c in zip(points, configs, strict=True) if not (p.run_dir(out) / "results.json").is_file()]
     click.echo(f"sweep: {len(points)} runs, {len(points) - len(todo)} finished, {len(todo)} to train -> {out}")
     if parallel == 1:

@@ -9,7 +9,7 @@ training curves (loss, d, radius, ‖e‖) into runs/demo/report/.
 
     python recipes/demo.py                                   # everything, into runs/demo/ (~13 min on 2 cores)
     python recipes/demo.py --seeds 1 --rules adam,tram-prev trainer.max_steps=50
-    python recipes/demo.py --smoke                           # a cut-down setting (the tests run it)
+    python recipes/demo.py --smoke                           # a cut-down setting, into runs/demo-smoke/ (tests)
     python recipes/demo.py --analyse                         # + ε-sharpness and CKA of every run (Table 6)
 
 The sweep that chose SELECTED (20 runs, ~19 min on 2 cores; its tables and figure land in runs/demo-sweep/sweep/):
@@ -18,9 +18,10 @@ The sweep that chose SELECTED (20 runs, ~19 min on 2 cores; its tables and figur
         tram-prev:optimizer.radius_target=0.1,0.5,2.0 tram-prev:optimizer.radius_transform=linear,sqrt \
         trainer.seed=0,1 --out runs/demo-sweep
 
-Run folders that already hold results are reused, and an interrupted run continues from its newest checkpoint
-(checkpoints every 60 steps), so a rerun of an interrupted demo continues where it stopped. The first row of the
-table is the pre-trained model itself, evaluated like the runs, before any fine-tuning.
+Run folders that already hold results are reused when they hold the same run (their config.yaml equals what
+this command would train; otherwise it stops and says what differs), and an interrupted run continues from its
+newest checkpoint (checkpoints every 60 steps), so a rerun of an interrupted demo continues where it stopped.
+The first row of the table is the pre-trained model itself, evaluated like the runs, before any fine-tuning.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import sys
 from pathlib import Path
 
 from fabric_tram.analysis.results import report
-from fabric_tram.cli import train_job
-from fabric_tram.config import merge, parse_overrides, resolve
+from fabric_tram.cli import reported_errors, train_job
+from fabric_tram.config import dump_yaml, merge, parse_overrides, refuse_another_run, resolve
 from fabric_tram.engine.evaluation import evaluate
 from fabric_tram.engine.setup import setup
 from fabric_tram.jsonfile import write_json
@@ -67,8 +68,9 @@ def parse(argv: list[str], defaults: dict) -> tuple[dict, list[str]]:
         arg = argv[i]
         if arg == "--analyse":
             options["analyse"] = True
-        elif arg == "--smoke":
+        elif arg == "--smoke":  # a folder of its own: a smoke never stands in for the real runs
             options["smoke"], options["seeds"] = True, 1
+            options["out"] = options["out"] if "--out" in argv else f"{defaults['out']}-smoke"
         elif arg in ("--seeds", "--rules", "--out"):
             value = argv[i + 1]
             options[arg[2:]] = int(value) if arg == "--seeds" else value.split(",") if arg == "--rules" else value
@@ -83,14 +85,16 @@ def pretrained_row(base: dict, out: Path) -> Path:
     """The bundled pre-trained model, evaluated before any fine-tuning on every split the runs report (the
     forgetting that fine-tuning causes shows against it): a run-like folder the report puts first."""
     folder = out / "pretrained"
-    if (folder / "results.json").is_file():
-        return folder
     config = resolve(merge(base, {"trainer": {"run_dir": str(folder)}}))
+    if (folder / "results.json").is_file():
+        refuse_another_run(folder, config)  # scored with these evaluation settings, not a smoke's 2 batches
+        return folder
     run = setup(config, training=False)
     results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
     folder.mkdir(parents=True, exist_ok=True)
     summary = {"optimizer": "pre-trained", "seed": 0, "train_domains": list(run.task.train_domains), "results": results,
                "metric": getattr(run.task, "headline_metric", "ppl")}  # fmt: skip
+    dump_yaml(config, folder / "config.yaml")
     write_json(folder / "results.json", summary)
     return folder
 
@@ -121,7 +125,11 @@ def main(
     """Every rule × seed from ``recipe`` (each rule with its ``selected`` settings), the pre-trained row, the
     table and figures. ``defaults``: seeds, rules and output folder unless --seeds/--rules/--out say otherwise."""
     defaults = {"seeds": 5, "rules": RULES, "out": "runs/demo", **(defaults or {})}
-    options, overrides = parse(list(sys.argv[1:] if argv is None else argv), defaults)
+    with reported_errors():  # bad input: one line naming the problem and the fix
+        return run_all(*parse(list(sys.argv[1:] if argv is None else argv), defaults), recipe, smoke, selected)
+
+
+def run_all(options: dict, overrides: list[str], recipe: dict, smoke: dict, selected: dict) -> str:
     base = merge(recipe, smoke) if options["smoke"] else recipe
     base = merge(base, parse_overrides(overrides))
     out = Path(options["out"])
@@ -130,11 +138,12 @@ def main(
         for rule in options["rules"]:
             run_dir = out / f"{rule}-seed{seed}"
             run_dirs.append(run_dir)
-            if (run_dir / "results.json").is_file():
-                print(f"reusing {run_dir} (delete it to train again)")
-                continue
             optimizer = {"name": rule, **selected.get(rule, {})}
             settings = {"optimizer": optimizer, "trainer": {"seed": seed, "run_dir": str(run_dir)}}
+            if (run_dir / "results.json").is_file():
+                refuse_another_run(run_dir, resolve(merge(base, settings)))  # the same run, or a clear stop
+                print(f"reusing {run_dir} (delete it to train again)")
+                continue
             if (run_dir / "config.yaml").is_file():  # interrupted: continue from its newest checkpoint
                 settings["trainer"]["resume"] = "auto"
                 print(f"== {rule}, seed {seed}: continuing the interrupted run in {run_dir}")

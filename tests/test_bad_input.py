@@ -82,6 +82,21 @@ def test_errors_inside_training_end_in_one_line_from_both_launch_forms(corpus, t
     assert_one_line_error(run_cli(command, ROOT), "does not exist; set task.data_dir")
 
 
+def test_a_recipe_syntax_error_a_file_as_run_dir_and_a_non_gguf_file_are_one_line(corpus, tmp_path):
+    recipe = tmp_path / "broken.py"
+    recipe.write_text('RECIPE = {"model": {"name": "gpt2"},\n  "task" {}}\n')
+    cli = [sys.executable, "-m", "fabric_tram.cli"]
+    assert_one_line_error(run_cli([*cli, "train", str(recipe)], tmp_path), "broken.py:2:")
+    assert "syntax error in the recipe" in run_cli([*cli, "train", str(recipe)], tmp_path).stderr
+    (tmp_path / "a-file").write_text("not a folder")
+    proc = run_cli([sys.executable, str(ROOT / "recipes" / "tiny_sample.py"), f"task.data_dir={corpus}",
+                    f"trainer.run_dir={tmp_path / 'a-file'}", "trainer.max_steps=1"], tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "is an existing file, not a folder; choose another run_dir")
+    assert (tmp_path / "a-file").read_text() == "not a folder"  # untouched
+    proc = run_cli([*cli, "convert-gguf", str(tmp_path / "a-file"), str(tmp_path / "out")], tmp_path)
+    assert_one_line_error(proc, "a-file is not a GGUF file (GGUF magic invalid)")
+
+
 def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path):
     proc = run_cli([sys.executable, "-m", "fabric_tram.cli", "list", "--plugin", "bad.module"], tmp_path)
     assert_one_line_error(proc, "plugin module 'bad.module' could not be imported")

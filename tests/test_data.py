@@ -71,6 +71,17 @@ def test_jsonl_and_corrupt_line_reported_with_file_and_line(tmp_path):
         lm(tmp_path / "d")
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_file_that_is_not_utf8_names_its_line_and_byte(tmp_path, suffix):
+    folder = tmp_path / "d" / "news"
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"text": "a b c " * 50}) if suffix == ".jsonl" else "a b c " * 50] * 3
+    text = ("\n".join(lines) + "\n").encode()
+    (folder / f"train{suffix}").write_bytes(text + "caf\xe9 au lait\n".encode("latin1") * 2)
+    with pytest.raises(DataError, match=rf"train{suffix}:4: byte {len(text) + 3} \(0xe9\) is not UTF-8 .*re-encode"):
+        lm(tmp_path / "d")
+
+
 def test_missing_empty_and_too_small_data(tmp_path, corpus):
     with pytest.raises(DataError, match="does not exist; set task.data_dir"):
         lm(tmp_path / "absent")

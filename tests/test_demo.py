@@ -84,3 +84,17 @@ def test_demo_command_on_a_cut_down_setting_continues_after_an_interruption(tmp_
     assert set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # finished runs are reused
+    other = subprocess.run([*args, "trainer.max_steps=4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert other.returncode != 0 and "Traceback" not in other.stderr  # another setting never reuses them
+    assert "holds a finished run of other settings" in other.stderr and "trainer.max_steps: 3 there, 4 here" in (
+        other.stderr
+    )
+
+
+def test_a_smoke_writes_beside_the_real_runs_not_into_them():
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import demo
+
+    assert demo.parse(["--smoke"], {"out": "runs/demo"})[0]["out"] == "runs/demo-smoke"
+    assert demo.parse(["--smoke", "--out", "x"], {"out": "runs/demo"})[0]["out"] == "x"
+    assert demo.parse([], {"out": "runs/demo"})[0]["out"] == "runs/demo"

@@ -129,6 +129,25 @@ def test_bad_images_and_mismatched_models_are_refused_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_damaged_image_file_stops_the_run_before_step_1_naming_the_file(tmp_path):
+    for split in ("train", "validation", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i, image in enumerate(mixed_images()[:2]):
+                image.save(tmp_path / "data" / split / name / f"{i}.png")
+    good = (tmp_path / "data" / "train" / "dog" / "1.png").read_bytes()
+    (tmp_path / "data" / "train" / "dog" / "1.png").write_bytes(good[:40] + b"\x00" * 20 + good[60:])  # chunk CRC
+    (tmp_path / "data" / "test" / "cat" / "0.png").write_bytes(b"not an image at all")
+    config = image_config(tmp_path / "run", f"task.data_dir={tmp_path / 'data'}", "model.num_labels=2")
+    with pytest.raises(DataError, match=r"1 image file\(s\) cannot be read: .*train/dog/1.png .*replace or remove"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+    (tmp_path / "data" / "train" / "dog" / "1.png").write_bytes(good)
+    with pytest.raises(DataError, match=r"test/cat/0.png \(UnidentifiedImageError"):
+        train(image_config(tmp_path / "run2", f"task.data_dir={tmp_path / 'data'}", "model.num_labels=2"))
+    assert not (tmp_path / "run2" / "checkpoints").exists()  # the test split is read before step 1 too
+
+
 def test_the_accuracy_table_has_confidence_intervals_over_runs(tmp_path):
     """Table 3's shape from fake run folders: top-1 accuracy per dataset, mean ± std [95% CI] over 5 runs."""
     from fabric_tram.analysis.results import report

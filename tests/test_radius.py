@@ -137,6 +137,7 @@ def test_no_positive_d_while_calibrating_is_a_clear_error():
         ("optimizer.radius_scale=big", "radius_scale must be auto or a number >= 0, got 'big'"),
         ("optimizer.radius_scale=-1", "radius_scale must be auto or a number >= 0"),
         ("optimizer.radius_target=-0.5", "radius_target must be >= 0"),
+        ("optimizer.radius_target=0", "radius_target must be > 0, got 0.0: a zero radius never perturbs"),
         ("optimizer.max_radius=big", "max_radius must be auto .* none, or a number >= 0; got 'big'"),
         ("optimizer.max_radius=-1", "max_radius must be auto"),
         ("optimizer.calibration_start=-2", "calibration_start must be warmup .* or an integer >= 0, got -2"),

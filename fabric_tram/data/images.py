@@ -50,13 +50,35 @@ class FolderImages:
     def __len__(self) -> int:
         return len(self.items)
 
+    def verify(self) -> None:
+        """Open every file and check its image structure (PIL's ``verify``: header and chunk checksums, no pixel
+        decoding), so a damaged file stops the run before step 1 with its name, not mid-epoch."""
+        from PIL import Image
+
+        bad = []
+        for path, _ in self.items:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+                bad.append(f"{path} ({type(err).__name__}: {err})")
+        if bad:
+            raise DataError(
+                f"{len(bad)} image file(s) cannot be read: {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
+                "replace or remove them"
+            )
+
     def __getitem__(self, i: int):
         from PIL import Image
 
         path, label = self.items[i]
-        with Image.open(path) as image:
-            image.load()
-            return image, label
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image, label
+        except Exception as err:  # damaged after the check (or truncated pixel data that verify cannot see)
+            what = f"{type(err).__name__}: {err}"
+            raise DataError(f"{path}: cannot be decoded as an image ({what}); replace or remove it") from None
 
 
 def folder_split(root: Path, split: str) -> Path | None:

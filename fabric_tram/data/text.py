@@ -51,16 +51,40 @@ def split_file(domain_dir: Path, split: str, must_exist: bool = True) -> Path | 
     return None
 
 
+def not_utf8(path: Path, err: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8, naming its line and byte (re-read from the file: a decoding
+    error raised while streaming counts from the start of the buffer, not of the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        start = err.start
+    except UnicodeDecodeError as whole:
+        start = whole.start
+    line = data.count(b"\n", 0, start) + 1
+    return DataError(
+        f"{path}:{line}: byte {start} (0x{data[start]:02x}) is not UTF-8 ({err.reason}); re-encode the file as "
+        "UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove those bytes"
+    )
+
+
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file; any other encoding is a DataError naming the file, line and byte."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            yield from fh
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) of each non-blank line; a corrupt line is a DataError naming file and line."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line") from None
+    for lineno, line in enumerate(utf8_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: corrupt JSON line ({err.msg}); fix or remove that line") from None
 
 
 def read_documents(path: Path, text_key: str = "text", doc_format: str = "paragraphs") -> Iterator[str]:
@@ -72,18 +96,16 @@ def read_documents(path: Path, text_key: str = "text", doc_format: str = "paragr
                 raise DataError(f"{path}:{lineno}: expected an object with a string field {text_key!r} (task.text_key)")
             yield record[text_key]
     elif doc_format == "lines":
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield line.rstrip("\n")
+        for line in utf8_lines(path):
+            if line.strip():
+                yield line.rstrip("\n")
     else:
         document: list[str] = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    document.append(line.rstrip("\n"))
-                elif document:
-                    yield "\n".join(document)
-                    document = []
+        for line in utf8_lines(path):
+            if line.strip():
+                document.append(line.rstrip("\n"))
+            elif document:
+                yield "\n".join(document)
+                document = []
         if document:
             yield "\n".join(document)

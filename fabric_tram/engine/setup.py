@@ -62,7 +62,9 @@ def prepare_run_dir(fabric, config: Config) -> Path | None:
     error, resume = None, None
     if fabric.global_rank == 0:
         has_run = (run_dir / "config.yaml").is_file()
-        if t.resume not in (None, "auto"):
+        if run_dir.exists() and not run_dir.is_dir():
+            error = f"trainer.run_dir={str(run_dir)!r} is an existing file, not a folder; choose another run_dir"
+        elif t.resume not in (None, "auto"):
             resume = Path(t.resume)
             if not (resume / "meta.json").is_file():
                 error = f"trainer.resume={t.resume!r} is not a complete checkpoint folder (no meta.json)"

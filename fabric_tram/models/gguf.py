@@ -155,7 +155,10 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    reader = gguf.GGUFReader(str(gguf_file))
+    try:
+        reader = gguf.GGUFReader(str(gguf_file))
+    except ValueError as err:  # the reader's own message ("GGUF magic invalid") names no file
+        raise GGUFError(f"{gguf_file} is not a GGUF file ({err}); pass a .gguf file or a wheel holding one") from None
     meta = _fields(reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:

@@ -170,6 +170,12 @@ class TrustRegionRadius:
 
 
 def check_radius_fields(config) -> None:
+    target = getattr(config, "radius_target", 1.0)
+    if not target > 0:
+        raise ConfigError(
+            f"optimizer.radius_target must be > 0, got {target}: a zero radius never perturbs, so the rule would "
+            "train as its base optimizer at twice its cost; use optimizer.name=adam (or the base) for that"
+        )
     cap = getattr(config, "max_radius", None)
     if not (cap in (None, "auto", "none") or isinstance(cap, (int, float)) and cap >= 0):
         raise ConfigError(

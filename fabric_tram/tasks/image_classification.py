@@ -90,6 +90,8 @@ class ImageClassificationTask(ClassificationTask):
         """A split's (image, label) pairs; every label checked against the head's range when first read."""
         if split not in self._splits or not getattr(self._splits[split], "checked", False):
             data = self._splits.get(split) or self._load(split)
+            if isinstance(data, FolderImages):
+                data.verify()  # every file opened before step 1: a damaged image names itself now, not mid-run
             labels = data.rows[data.label_key] if isinstance(data, HubImages) else [y for _, y in data.items]
             outside = sorted({int(y) for y in labels if not 0 <= int(y) < self.num_labels})
             if outside:
