@@ -53,8 +53,15 @@ def reported_errors():
     """Bad input ends every launch form (``fabric-tram``, ``python recipes/X.py``, ``fabric run``) in the same one
     line on stderr and exit status 1. Under ``fabric run`` the line is also recorded for the launcher, whose
     failure summary, printed last, then shows it."""
+    from fabric_tram.engine.interrupt import TrainingInterrupted
+
     try:
         yield
+    except TrainingInterrupted as stopped:  # a checkpoint was saved: say how to continue, exit as the signal would
+        line = f"stopped: {stopped}"
+        record_for_the_launcher(line)
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.signum)
     except USER_ERRORS as err:
         if os.environ.get("FABRIC_TRAM_DEBUG"):
             raise

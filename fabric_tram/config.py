@@ -318,10 +318,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_differences(run_dir: str | Path, config: Config) -> list[str]:
+def run_differences(run_dir: str | Path, config: Config, only: tuple[str, ...] = ()) -> list[str]:
     """How the run saved in ``run_dir`` (its ``config.yaml``) differs from ``config``, one ``key: saved there,
-    wanted here`` per setting, or ``[]`` when it is the same run (``PRESENTATION_KEYS`` aside). A caller about to
-    reuse a finished run checks this first, so a smoke or another setting never stands in for the run asked for."""
+    wanted here`` per setting, or ``[]`` when it is the same run (``PRESENTATION_KEYS`` aside; with ``only``, just
+    the keys starting with one of those prefixes). A caller about to reuse a finished run checks this first, so a
+    smoke or another setting never stands in for the run asked for."""
     saved_file = Path(run_dir) / "config.yaml"
     if not saved_file.is_file():
         return [f"{saved_file} is missing: the folder holds no fabric_tram run"]
@@ -329,12 +330,14 @@ def run_differences(run_dir: str | Path, config: Config) -> list[str]:
     wanted = _flat(_plain(to_dict(config)))
     return [f"{key}: {saved.get(key, '(unset)')!r} there, {wanted.get(key, '(unset)')!r} here"
             for key in sorted(set(saved) | set(wanted))
-            if key not in PRESENTATION_KEYS and saved.get(key) != wanted.get(key)]  # fmt: skip
+            if key not in PRESENTATION_KEYS and saved.get(key) != wanted.get(key)
+            and (not only or key.startswith(only))]  # fmt: skip
 
 
-def refuse_another_run(run_dir: str | Path, config: Config) -> None:
-    """Raise a ConfigError naming what differs when ``run_dir`` holds another run than ``config`` would train."""
-    differences = run_differences(run_dir, config)
+def refuse_another_run(run_dir: str | Path, config: Config, only: tuple[str, ...] = ()) -> None:
+    """Raise a ConfigError naming what differs when ``run_dir`` holds another run than ``config`` would train
+    (``only``: as :func:`run_differences`)."""
+    differences = run_differences(run_dir, config, only)
     if differences:
         shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
         raise ConfigError(

@@ -49,8 +49,7 @@ def check_split(run: Run, split: str, domains: list[str]) -> dict:
 def batches(run: Run, data, batch_size: int, limit: int):
     """The domain's first ``limit`` batches (0: all) of ``batch_size``, dealt out to the ranks in turn: the same
     examples whatever the number of processes."""
-    world = run.fabric.world_size
-    for idx in eval_batches(len(data), batch_size, world, run.fabric.global_rank, -(-limit // world)):
+    for idx in eval_batches(len(data), batch_size, run.fabric.world_size, run.fabric.global_rank, limit):
         batch = run.task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
         if not idx:  # this rank ran out: a zero-weight batch keeps the ranks' collectives in step
             batch["labels"].fill_(-100)

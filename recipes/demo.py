@@ -59,6 +59,8 @@ RECIPE = {
     },
 }
 SMOKE = {"trainer": {"max_steps": 3, "eval_batches": 2, "save_every": 1}}
+# what the pre-trained row's scores depend on (it trains nothing)
+EVALUATION_KEYS = ("model.", "task.", "trainer.eval_", "trainer.precision", "trainer.micro_batch_size")
 
 
 def parse(argv: list[str], defaults: dict) -> tuple[dict, list[str]]:
@@ -87,7 +89,7 @@ def pretrained_row(base: dict, out: Path) -> Path:
     folder = out / "pretrained"
     config = resolve(merge(base, {"trainer": {"run_dir": str(folder)}}))
     if (folder / "results.json").is_file():
-        refuse_another_run(folder, config)  # scored with these evaluation settings, not a smoke's 2 batches
+        refuse_another_run(folder, config, EVALUATION_KEYS)  # scored as asked, not on a smoke's 2 batches
         return folder
     run = setup(config, training=False)
     results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}

@@ -45,6 +45,8 @@ torch.set_num_threads(1)
 # or more (the negative controls show it).
 EXACT_REL = 1e-10
 EXACT_ABS = 1e-12  # for values that are near zero (parameters, d at step 1)
+D_ABS = 1e-15  # the absolute rounding of a float64 KL between nearly equal distributions (sums of ~1e-16 terms)
+FOLLOWS_D = ("d", "radius", "e_norm")  # after calibration TRAM's radius (and so ‖e‖) is proportional to d
 
 
 def pytest_collection_modifyitems(config, items):
@@ -134,7 +136,10 @@ def recipe_smoke_config(recipe, run_dir, strategy="auto", micro=2, accumulate=1,
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.py"
     overrides = [f"trainer.run_dir={run_dir}", f"trainer.strategy={strategy}", "trainer.precision=64-true",
                  f"trainer.micro_batch_size={micro}", f"trainer.accumulate={accumulate}", "model.dropout=0.0",
-                 f"optimizer.name={rule}", "optimizer.calibration_steps=2", *extra]  # fmt: skip
+                 f"optimizer.name={rule}", "optimizer.calibration_steps=2",
+                 # the window at the start, where d is large enough to compare tightly (after the warm-up, a KL of
+                 # 2e-8 carries float64 rounding of 1e-9 of itself, however exact the algebra)
+                 "optimizer.calibration_start=0", *extra]  # fmt: skip
     return load_config(path, overrides, smoke=True)
 
 
@@ -248,7 +253,11 @@ def assert_histories_match(a: list[dict], b: list[dict], keys, rel=EXACT_REL, ab
         for key in keys:
             assert (key in x) == (key in y), f"{label} step {step}: {key!r} logged by one run only"
             if key in x:
-                assert x[key] == pytest.approx(y[key], rel=rel, abs=abs_), f"{label} step {step}: {key}"
+                tolerance = rel
+                if key in FOLLOWS_D and x.get("d"):  # a KL of nearly equal distributions keeps float64's absolute
+                    tolerance = max(rel, D_ABS / x["d"])  # rounding (~1e-16 per term), so d's relative error grows as
+                    # it shrinks (1e-9 at d = 2e-8), and so does that of what is proportional to it
+                assert x[key] == pytest.approx(y[key], rel=tolerance, abs=abs_), f"{label} step {step}: {key}"
 
 
 # ------------------------------------------------------------------------------------------- processes

@@ -55,7 +55,7 @@ for optimizer in ("sgd", "adam"):
     run = train(small_config(data, out / f"eq-{optimizer}", optimizer, micro=2, accumulate=2, strategy=strategy))
     trainer_module.json = json
     seen = torch.tensor(float((run.run_dir / "results.json").exists()))  # before any collective that would wait
-    results[optimizer] = trajectory(run)
+    results[optimizer] = {**trajectory(run), "results": run.results}  # trainer.eval_batches=1: a global count
     n_local = torch.tensor([s["n_local"] for s in run.history])
     results[optimizer]["n_local_per_rank"] = run.fabric.all_gather(n_local).tolist()
     results["world_size"] = run.fabric.world_size

@@ -190,3 +190,59 @@ def test_resuming_with_another_rule_says_what_differs(corpus, tmp_path):
 def test_resume_auto_without_a_checkpoint_says_it_starts_over(corpus, tmp_path, capsys):
     run = train(small_config(corpus, tmp_path / "new", "sgd", steps=1, extra=["trainer.resume=auto"]))
     assert run.start_step == 0 and "no complete checkpoint" in capsys.readouterr().out
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(corpus, tmp_path):
+    import os
+    import signal
+
+    from fabric_tram.engine.interrupt import TrainingInterrupted
+
+    def preempt(run, stats):  # the scheduler's SIGTERM arrives during step 3
+        if stats["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    extra = ["trainer.save_every=0", "model.dropout=0.1"]
+    config = small_config(
+        corpus, tmp_path / "run", "tram-prev", steps=6, extra=[*extra, "optimizer.calibration_steps=2"]
+    )
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 3 of 6: .*step-00000003 saved"):
+        train(config, callbacks=(preempt,))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
+    assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(tmp_path / "run")] == [3]
+    more = [*extra, "optimizer.calibration_steps=2", "trainer.resume=auto"]
+    resumed = train(small_config(corpus, tmp_path / "run", "tram-prev", steps=6, extra=more))
+    full = train(
+        small_config(corpus, tmp_path / "full", "tram-prev", steps=6, extra=[*extra, "optimizer.calibration_steps=2"])
+    )
+    assert resumed.start_step == 3 and [s["loss"] for s in resumed.history] == [s["loss"] for s in full.history[3:]]
+    assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_saves_and_says_how_to_continue(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_sample.py"
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(recipe), f"task.data_dir={corpus}", f"trainer.run_dir={run_dir}",
+                             "trainer.max_steps=100000", "trainer.progress_bar=false", "trainer.eval_batches=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    csv = run_dir / "logs" / "csv" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (csv.is_file() and csv.read_text().count("\n") > 3):
+        time.sleep(0.2)  # training is under way (logs are flushed at the first checkpoint; this waits for rows)
+        if proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: stopped by SIGINT after step ") and "trainer.resume=auto" in last
+    assert "Traceback" not in err and len(ckpt.list_checkpoints(run_dir)) == 1

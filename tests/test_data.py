@@ -131,6 +131,13 @@ def test_eval_batches_equal_count_per_rank_and_cover_everything():
     assert sorted(i for b in per_rank for mb in b for i in mb) == list(range(11))
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_eval_batches_is_a_global_count_the_same_examples_whatever_the_processes(world):
+    per_rank = [eval_batches(11, 2, world, r, max_batches=3) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1
+    assert sorted(i for b in per_rank for mb in b for i in mb) == list(range(6))  # 3 batches of 2, not 3 per rank
+
+
 @pytest.mark.parametrize("split,content,message", [("validation", None, "has no validation split"),
                                                    ("test", "", "too little text")])  # fmt: skip
 def test_every_split_the_run_will_read_is_checked_before_the_first_step(corpus, tmp_path, split, content, message):

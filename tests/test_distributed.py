@@ -41,10 +41,10 @@ def launch(strategy, corpus, out) -> dict:
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     corpus = write_corpus(root / "data")
-    ref = {
-        opt: trajectory(train(small_config(corpus, root / f"ref-{opt}", opt, micro=8, accumulate=1)))
-        for opt in ("sgd", "adam")
-    }
+    ref = {}
+    for opt in ("sgd", "adam"):
+        run = train(small_config(corpus, root / f"ref-{opt}", opt, micro=2, accumulate=4))  # the ranks' batch size
+        ref[opt] = {**trajectory(run), "results": run.results}
     for rule in RULES:
         run = train(small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=rule_extra(rule)))
         ref[rule] = {"history": run.history, "params": trajectory(run)["params"]}
@@ -72,6 +72,11 @@ def test_two_processes_match_one(reference, strategy):
         # grad_norm: the shard-aware global norm
         assert_histories_match(ref[opt]["steps"], got[opt]["steps"], ("loss", "grad_norm"), label=opt)
         assert max_param_diff(ref[opt]["params"], got[opt]["params"]) < EXACT_ABS
+        for split, domains in ref[opt]["results"].items():  # eval_batches=1 scores the same examples on 2 ranks
+            for domain, metrics in domains.items():
+                theirs = got[opt]["results"][split][domain]
+                assert metrics["tokens"] == theirs["tokens"], (opt, split, domain)
+                assert metrics["loss"] == pytest.approx(theirs["loss"], rel=EXACT_REL), (opt, split, domain)
     # (c) resumed from step 2: steps 3-4 and the final weights equal the uninterrupted run exactly
     assert got["resumed"]["steps"] == got["uninterrupted"]["steps"][2:]
     assert max_param_diff(got["resumed"]["params"], got["uninterrupted"]["params"]) == 0.0

@@ -515,4 +515,40 @@ MUTATIONS = (  # fmt: skip
             "tests/test_sweep.py::test_the_in_domain_loss_that_picks_checkpoints_and_settings_is_per_target_not_per_domain",
         ),
     ),
+    Mutation(
+        "sigterm-ignored",
+        "a SIGTERM during training is recorded but the loop never stops to save a checkpoint",
+        (
+            (
+                "fabric_tram/engine/trainer.py",
+                "signum = stop.agreed(fabric) if stop is not None and synced else 0",
+                "signum = 0",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_resume_continues_exactly",),
+    ),
+    Mutation(
+        "finished-run-reused-unchecked",
+        "the demo reuses a finished run folder without checking that it holds this run (a smoke in the table)",
+        (
+            (
+                "recipes/demo.py",
+                "                refuse_another_run(run_dir, resolve(merge(base, settings)))  # the same run, or a clear stop",
+                "                pass",
+            ),
+        ),
+        ("tests/test_demo.py::test_demo_command_on_a_cut_down_setting_continues_after_an_interruption",),
+    ),
+    Mutation(
+        "eval-batches-per-process",
+        "trainer.eval_batches counted per process: 2 processes score twice the examples of 1",
+        (
+            (
+                "fabric_tram/data/batching.py",
+                "min(num_examples, max_batches * batch_size)",
+                "min(num_examples, max_batches * batch_size * world_size)",
+            ),
+        ),
+        ("tests/test_data.py::test_eval_batches_is_a_global_count_the_same_examples_whatever_the_processes",),
+    ),
 )

@@ -60,15 +60,17 @@ def eval_batches(
 ) -> list[list[int]]:
     """Sequential evaluation batches; every rank gets the same number (FSDP needs all ranks in every forward).
 
-    A rank with no examples left gets an empty list, which the caller turns into a zero-weight batch.
+    ``max_batches`` (``trainer.eval_batches``) counts batches of ``batch_size`` over all ranks together: the same
+    first ``max_batches × batch_size`` examples are scored whatever the number of processes, so a metric (and
+    the best checkpoint or sweep setting it picks) does not depend on it. A rank with no examples left gets an
+    empty list, which the caller turns into a zero-weight batch.
     """
-    rounds = -(-num_examples // (batch_size * world_size))
-    if max_batches:
-        rounds = min(rounds, max_batches)
+    limit = num_examples if not max_batches else min(num_examples, max_batches * batch_size)
+    rounds = -(-limit // (batch_size * world_size))
     out = []
     for i in range(rounds):
-        start = (i * world_size + rank) * batch_size
-        out.append(list(range(start, min(start + batch_size, num_examples))))
+        start = min((i * world_size + rank) * batch_size, limit)
+        out.append(list(range(start, min(start + batch_size, limit))))
     return out
 
 

@@ -9,6 +9,7 @@ checkpoint is written, the weights of the best checkpoint are put back when ``tr
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from fabric_tram.distributed import all_reduce_sum
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.batches import step_batches
 from fabric_tram.engine.evaluation import evaluate, format_results, improves_best, in_domain_loss
+from fabric_tram.engine.interrupt import StopRequest, TrainingInterrupted, stop_on_signals
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
 from fabric_tram.engine.run_log import RunCSVLogger
 from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
@@ -46,19 +48,22 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
     for logger in run.fabric.loggers:  # the CSV log keeps its rows up to the step resumed from, once each
         if isinstance(logger, RunCSVLogger):
             logger.resume_from_step(run.start_step)
-    fit(run, callbacks)
+    with stop_on_signals() as stop:
+        fit(run, callbacks, stop)
     select_final_weights(run)
     run.results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
     write_results(run)
     return run
 
 
-def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
+def fit(run: Run, callbacks: tuple[Callback, ...] = (), stop: StopRequest | None = None) -> None:
     """The step loop from ``run.start_step + 1`` to ``trainer.max_steps``.
 
     A step's values stay on the device; they reach the host together, once per logged step (and on steps that
     save, evaluate or skip), so the host never waits for the device in between. Throughput is measured over the
     steps since the previous such step (a host clock per step would time kernel launches, not the device).
+    A SIGTERM or Ctrl-C recorded in ``stop`` ends the loop after the step: a checkpoint, then
+    :class:`~fabric_tram.engine.interrupt.TrainingInterrupted`.
     """
     fabric, t = run.fabric, run.config.trainer
     sampler = StepSampler(
@@ -84,7 +89,26 @@ def fit(run: Run, callbacks: tuple[Callback, ...] = ()) -> None:
         for callback in callbacks:
             callback(run, stats)
         after_step(run, step, stats, progress)
+        synced = fabric.world_size == 1 or not pending  # several ranks agree where the host waits anyway
+        signum = stop.agreed(fabric) if stop is not None and synced else 0
+        if signum:
+            progress.close()
+            stop_with_checkpoint(run, step, signum)
     progress.close()
+
+
+def stop_with_checkpoint(run: Run, step: int, signum: int) -> None:
+    """Save step ``step`` (every rank) unless it was just saved, flush the logs, and stop."""
+    if run.last_saved != step:
+        save(run, step)
+        run.last_saved = step
+    flush_logs(run)
+    name = signal.Signals(signum).name
+    raise TrainingInterrupted(
+        f"stopped by {name} after step {step} of {run.config.trainer.max_steps}: "
+        f"{ckpt.checkpoint_path(run.run_dir, step)} saved; run the same command with trainer.resume=auto to continue",
+        signum,
+    )
 
 
 def is_logged(t, step: int) -> bool:
