@@ -533,8 +533,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "recipes/demo.py",
-                "                refuse_another_run(run_dir, resolve(merge(base, settings)))  # the same run, or a clear "
-                "stop",
+                "                refuse_another_run(run_dir, resolve(merge(base, settings)))  # the same run, "
+                "or a clear stop",
                 "                pass",
             ),
         ),
