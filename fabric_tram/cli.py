@@ -201,8 +201,8 @@ def convert_gguf(gguf_file, out_dir):
 @plugin_option
 def estimate(source, overrides, devices, num_nodes, plugins):
     """Per-device memory (parameters, gradients, optimizer state, rule buffers, activations) and FLOPs per step."""
-    from fabric_tram.analysis.estimate import estimate as run_estimate
-    from fabric_tram.analysis.estimate import format_estimate
+    from fabric_tram.engine.estimate import estimate as run_estimate
+    from fabric_tram.engine.estimate import format_estimate
 
     with reported_errors():
         load_plugins(plugins)

@@ -45,7 +45,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 0  # 0: the whole evaluation split
+    eval_batches: int = 0  # batches of micro_batch_size per split over all processes; 0: the whole split
     eval_splits: list = field(default_factory=lambda: ["validation"])
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 3
@@ -55,6 +55,7 @@ class TrainerConfig:
     keep_freed_cpu_memory: bool = True  # CPU runs: malloc reuses freed memory instead of page-faulting it back
     peak_flops: float | None = None  # per device, for MFU (default: our table of A100/H100/H200 dense peaks)
     on_nonfinite: str = "stop"  # non-finite loss or gradient: stop (an error naming the step), or skip and count
+    preflight: bool = True  # refuse a run whose estimated memory exceeds the device's free memory, before building it
 
 
 @dataclass

@@ -84,7 +84,7 @@ def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
 @pytest.mark.slow
 def test_gpu_suite_path_on_cpu(tmp_path):
     """The GPU suite's code path on a CPU (the figures mean nothing here): every part runs and is reported."""
-    args = ["--device", "cpu", "--size", "tiny", "--xl", "tiny", "--steps", "1", "--compile-backend", "aot_eager"]
+    args = ["--device", "cpu", "--size", "tiny", "--steps", "1", "--compile-backend", "aot_eager"]  # XL: tiny on CPU
     text, result = bench(tmp_path, "gpu_suite", *args)
     assert "| bare loop, compiled |" in text and "| trainer adam, fsdp, compiled |" in text
     assert set(result["rules"]) == set(RULES)

@@ -5,9 +5,9 @@ import torch
 from click.testing import CliRunner
 from conftest import small_config
 
-from fabric_tram.analysis.estimate import estimate
 from fabric_tram.cli import main
 from fabric_tram.config import load_config
+from fabric_tram.engine.estimate import estimate
 from fabric_tram.engine.trainer import train
 
 

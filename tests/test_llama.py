@@ -139,8 +139,8 @@ def test_presets_have_the_published_parameter_counts(preset, count):
 
 
 def test_estimate_sizes_a_llama_hub_checkpoint_by_its_preset_offline():
-    from fabric_tram.analysis.estimate import estimate
     from fabric_tram.config import load_config
+    from fabric_tram.engine.estimate import estimate
 
     overrides = [
         "model.name=llama",

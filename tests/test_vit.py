@@ -96,8 +96,8 @@ def test_estimate_counts_patches_and_the_tensors_a_block_saves():
     parameters and per-token statistics left out)."""
     from pathlib import Path
 
-    from fabric_tram.analysis.estimate import estimate
     from fabric_tram.config import load_config
+    from fabric_tram.engine.estimate import estimate
 
     model = ViT(ViTConfig(preset="tiny", n_embd=64, n_head=4, intermediate_size=160))
     B, T = 2, 16

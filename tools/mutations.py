@@ -380,7 +380,7 @@ MUTATIONS = (  # fmt: skip
         "fabric-tram estimate counts one token per image instead of the [CLS] and the patches",
         (
             (
-                "fabric_tram/analysis/estimate.py",
+                "fabric_tram/engine/estimate.py",
                 'T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None',
                 "T = None",
             ),
@@ -551,5 +551,11 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         ("tests/test_data.py::test_eval_batches_is_a_global_count_the_same_examples_whatever_the_processes",),
+    ),
+    Mutation(
+        "no-preflight",
+        "the memory preflight never runs: a run too big for the machine starts and is killed minutes later",
+        (("fabric_tram/engine/setup.py", "    if training and t.preflight:", "    if False:"),),
+        ("tests/test_preflight.py::test_a_run_that_fits_starts_and_preflight_false_starts_anyway",),
     ),
 )

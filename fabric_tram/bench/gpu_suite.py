@@ -1,7 +1,7 @@
 """The GPU suite: one command, one table, one JSON (about 6 minutes on one H100/H200).
 
     python benchmarks/gpu_suite.py                                   # on a GPU: GPT-2 124M, 1,024 tokens a row
-    python benchmarks/gpu_suite.py --device cpu --size tiny --xl tiny --steps 2 --compile-backend aot_eager
+    python benchmarks/gpu_suite.py --device cpu --size tiny --steps 2 --compile-backend aot_eager
                                                                      # the same code path on a CPU (the tests)
 
 Side by side, bf16-mixed, our GPT2 module, the bundled demo text (no download), random weights:
@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from fabric_tram.analysis.estimate import estimate
 from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, pass_floors, synchronize, table, write_json
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.engine.batches import StepBatches
+from fabric_tram.engine.estimate import estimate
 from fabric_tram.engine.monitor import available_flops, flops_per_step
 from fabric_tram.engine.setup import compile_blocks, setup
 from fabric_tram.engine.trainer import training_step
@@ -42,12 +42,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="gpt2", choices=sorted(SIZES), help="the model of parts 1-4")
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the size's)")
-    parser.add_argument("--xl", default="gpt2-xl", help="the GPT-2 preset of part 5 (tiny on a CPU)")
+    parser.add_argument(
+        "--xl", default=None, help="the GPT-2 preset of part 5 (default: gpt2-xl on a GPU, tiny on a CPU)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after 3 warm-up)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.xl = args.xl or ("gpt2-xl" if args.device.startswith("cuda") else "tiny")  # XL does not fit a small CPU
+    return args
 
 
 _START = time.perf_counter()

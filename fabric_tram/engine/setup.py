@@ -12,6 +12,7 @@ import torch
 from fabric_tram.config import Config, ConfigError, base_optimizer_name, dump_yaml, to_dict
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
+from fabric_tram.engine.preflight import preflight_error
 from fabric_tram.engine.run_log import build_loggers
 from fabric_tram.models import build_model
 from fabric_tram.optim.update_rule import build_base_optimizer, build_update_rule
@@ -150,6 +151,10 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     if fabric is None:
         fabric = build_fabric(t, loggers=build_loggers(t.run_dir) if training else None)
     launch(fabric)
+    if training and t.preflight:  # before anything is built: a run that cannot fit says so now, with the numbers
+        error = first_error_of_any_rank(fabric, preflight_error(config, fabric.world_size, fabric.device))
+        if error:
+            raise ConfigError(error)
     fabric.seed_everything(t.seed, verbose=False)  # identical initial weights on every rank
     task = build_task(config)
     if training:

@@ -1,0 +1,38 @@
+"""The preflight (engine/preflight.py): a run that cannot fit is refused before any model is built, with the
+numbers and the remedies; one that fits starts; trainer.preflight=false starts anyway."""
+
+import time
+
+import pytest
+from conftest import small_config
+
+import fabric_tram.engine.preflight as preflight
+from fabric_tram.config import ConfigError, load_config
+from fabric_tram.engine.trainer import train
+
+
+def test_gpt2_xl_on_this_cpu_is_refused_in_seconds_with_the_numbers_and_remedies(tmp_path):
+    config = load_config(None, ["model.name=gpt2", "model.preset=gpt2-xl", "task.name=lm", "task.data_dir=demo",
+                                "task.tokenizer=gpt2", "task.block_size=1024", "optimizer.name=tram-prev",
+                                "trainer.micro_batch_size=4", "trainer.precision=32-true", "trainer.progress_bar=false",
+                                f"trainer.run_dir={tmp_path / 'xl'}"])  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        train(config)
+    assert time.perf_counter() - start < 60  # refused before 1.5B parameters are built (that takes minutes)
+    message = str(err.value)
+    assert "this run needs about" in message and "GiB per device" in message and "it would not fit" in message
+    assert "the CPU has" in message and "GiB of memory available" in message
+    for remedy in ("trainer.strategy=fsdp", "trainer.activation_checkpointing=true", "trainer.micro_batch_size",
+                   "trainer.precision=bf16-mixed", "trainer.preflight=false"):  # fmt: skip
+        assert remedy in message
+    assert not (tmp_path / "xl" / "config.yaml").exists()  # nothing written
+
+
+def test_a_run_that_fits_starts_and_preflight_false_starts_anyway(corpus, tmp_path, monkeypatch):
+    assert len(train(small_config(corpus, tmp_path / "fits", "adam", steps=1)).history) == 1
+    monkeypatch.setattr(preflight, "available_bytes", lambda device, n: (1024.0, "the CPU has 0.0 GiB available"))
+    with pytest.raises(ConfigError, match="it would not fit"):
+        train(small_config(corpus, tmp_path / "refused", "adam", steps=1))
+    run = train(small_config(corpus, tmp_path / "forced", "adam", steps=1, extra=["trainer.preflight=false"]))
+    assert len(run.history) == 1
