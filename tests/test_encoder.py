@@ -270,4 +270,4 @@ def test_the_real_cross_lingual_check_runs_its_smoke_setting_and_asks_for_its_in
     table = recipe["main"](["--smoke", "--rules", "tram-x"], recipe["RECIPE"], recipe["SMOKE"], recipe["SELECTED"],
                            defaults)  # fmt: skip
     assert table.startswith("test accuracy (%)") and "| pre-trained |" in table and "| tram-x |" in table
-    assert "calibration_steps: 10" in (tmp_path / "out" / "tram-x-seed0" / "config.yaml").read_text()
+    assert "calibration_steps: 10" in (tmp_path / "out-smoke" / "tram-x-seed0" / "config.yaml").read_text()

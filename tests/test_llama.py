@@ -218,7 +218,7 @@ def test_the_real_weights_demo_runs_its_smoke_setting_and_asks_for_the_weights(t
     argv = ["--smoke", "--rules", "adam,tram-prev"]
     table = recipe["main"](argv, recipe["RECIPE"], recipe["SMOKE"], recipe["SELECTED"], defaults)
     assert "| pre-trained |" in table and "| adam |" in table and "| tram-prev |" in table
-    config = (tmp_path / "out" / "tram-prev-seed0" / "config.yaml").read_text()
+    config = (tmp_path / "out-smoke" / "tram-prev-seed0" / "config.yaml").read_text()  # beside the real runs
     assert "name: llama" in config and "calibration_steps: 5" in config
 
 
