@@ -82,3 +82,15 @@ def test_an_amortised_radius_counts_a_fraction_of_the_target_forward():
     assert every[1]["passes"]["no_grad_forward"] == 1 and every[4]["passes"]["no_grad_forward"] == 0.25
     # FLOPs per step: (2 + 1/N) forwards + 2 backwards at twice a forward's cost
     assert every[4]["flops_per_step_per_device"] / every[1]["flops_per_step_per_device"] == pytest.approx(6.25 / 7)
+
+
+def test_r3fs_backward_through_two_graphs_costs_two_backwards_in_flops():
+    flops = {
+        rule: estimate(load_config("recipes/gpt2_s2orc.py", [f"optimizer.name={rule}"]), 1)["flops_per_step_per_device"]
+        for rule in ("adam", "r3f", "asam+r3f", "sam")
+    }
+    # a forward costs 1, a backward 2: adam 3, r3f 2 + 2·2 = 6, asam+r3f twice that, sam 6
+    assert flops["r3f"] / flops["adam"] == pytest.approx(2.0) and flops["asam+r3f"] / flops["adam"] == pytest.approx(
+        4.0
+    )
+    assert flops["r3f"] == pytest.approx(flops["sam"])

@@ -28,10 +28,10 @@ PASSES = {
     "tram-x": (2, 1, 2),
     "tram-fisher": (2, 0, 2),
     "trpo": (1, 1, 1),
-    "r3f": (2, 0, 1),
+    "r3f": (2, 0, 2),  # one backward through two graphs costs two
     "mesa": (1, 1, 1),
     "asam+trpo": (2, 2, 2),
-    "asam+r3f": (4, 0, 2),
+    "asam+r3f": (4, 0, 4),
     "asam+mesa": (2, 2, 2),
 }
 WITH_D = {"tram-prev", "tram-init", "tram-x", "trpo", "r3f", "mesa", "asam+trpo", "asam+r3f", "asam+mesa"}

@@ -558,4 +558,16 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/setup.py", "    if training and t.preflight:", "    if False:"),),
         ("tests/test_preflight.py::test_a_run_that_fits_starts_and_preflight_false_starts_anyway",),
     ),
+    Mutation(
+        "r3f-backward-counted-once",
+        "a backward through r3f's two graphs counted as one backward (FLOPs, MFU and the estimator a third low)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "            self.counts[\"backward\"] += graphs",
+                "            self.counts[\"backward\"] += 1",
+            ),
+        ),
+        ("tests/test_step_contract.py::test_passes_count_every_forward_over_the_micro_batches",),
+    ),
 )

@@ -64,6 +64,7 @@ def rule_declarations(name: str, section=None) -> dict:
         "state_factor": getattr(target, "state_factor", 0),
         "fp32_state": getattr(target, "fp32_state", 0),
         "divergence_gradients": getattr(target, "divergence_gradients", 0),
+        "graphs_per_pass": getattr(target, "graphs_per_pass", 1),
     }
 
 
@@ -90,7 +91,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     outputs = B * labels if labels else B * T * V
     per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C
     block_full = B * T * per_token * act_bytes
-    graphs = int(fwd // bwd)  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
+    graphs = rule["graphs_per_pass"]  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {
         "without_checkpointing": graphs * L * block_full,
         "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full),

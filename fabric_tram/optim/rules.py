@@ -360,12 +360,13 @@ class MESA(Regularised):
 @register_optimizer(
     "r3f",
     config=R3FConfig,
-    description="R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 1 bwd (two graphs); state 0",
+    description="R3F: L + λ KLsym(p(x+z),p(x)), through both branches; 2 fwd / 2 bwd (one through two graphs); state 0",
 )
 class R3F(Regularised):
     """R3F (Aghajanyan et al. 2021): L + λ D_sym(p(·|x + z), p(·|x)), gradient through both branches."""
 
-    passes, divergence_gradients = Passes(2, 0, 1), 2
+    # one gradient pass whose backward runs through both forwards' graphs: the cost of two backwards
+    passes, divergence_gradients, graphs_per_pass = Passes(2, 0, 2), 2, 2
 
     def __init__(self, config, model, optimizer):
         super().__init__(config, model, optimizer)
@@ -403,9 +404,9 @@ class ASAMMESA(MESA, ASAM):
 @register_optimizer(
     "asam+r3f",
     config=ASAMR3FConfig,
-    description="ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 2 bwd; state 1x",
+    description="ASAM whose loss carries R3F's term in both passes (same z); 4 fwd / 4 bwd (two graphs each); state 1x",
 )
 class ASAMR3F(R3F, ASAM):
     """ASAM on R3F's loss (both passes, the same z)."""
 
-    passes, state_factor, divergence_gradients = Passes(4, 0, 2), 1, 2
+    passes, state_factor, divergence_gradients = Passes(4, 0, 4), 1, 2

@@ -117,7 +117,9 @@ class StepContext:
         for i, batch in enumerate(self.micro_batches):
             skip_sync = self.world_size > 1 and (per_rank or i < k - 1)
             with self.fabric.no_backward_sync(self.model, enabled=skip_sync):
+                forwards_before = self.counts["forward"]
                 out = objective(batch)
+                graphs = max(1, self.counts["forward"] - forwards_before)  # r3f: clean and noised, both in the graph
                 total = out.objective_sum()
                 loss_sum += out.loss_sum.detach().double()
                 if out.regulariser is not None:
@@ -126,7 +128,7 @@ class StepContext:
                 self._count_targets(out, k)
                 del out  # its logits and log-probabilities must be freed as soon as the backward is done with them
                 self.fabric.backward(total * self._scale(per_rank).to(total.dtype))
-            self.counts["backward"] += 1
+            self.counts["backward"] += graphs  # a backward through two graphs costs two backwards
         n = self.n_global.clamp(min=1)
         reg = None if regulariser_sum is None else all_reduce_sum(self.fabric, regulariser_sum) / n
         return PassResult(loss=all_reduce_sum(self.fabric, loss_sum) / n, regulariser=reg)

@@ -39,7 +39,7 @@ class Passes(NamedTuple):
 
     forward: int  # forwards with gradient
     no_grad_forward: int  # target forwards
-    backward: int
+    backward: int  # backward passes, one per graph a backward runs through (r3f's runs through two: 2)
 
 
 class UpdateRule:
@@ -50,6 +50,7 @@ class UpdateRule:
     fp32_state = 0  # at-least-float32 copies of the parameters held between steps (mesa's EMA)
     divergence_gradients = 0  # outputs whose divergence has a gradient in a pass (each holds an output-sized
     # gradient from the divergence's forward to the backward): 1 for trpo/mesa, 2 for r3f (both branches)
+    graphs_per_pass = 1  # forwards whose graphs are alive together in one gradient pass (r3f: clean and noised)
 
     def __init__(self, config, model, optimizer):
         self.config, self.model, self.optimizer = config, model, optimizer
