@@ -96,8 +96,11 @@ def train_job(config):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@plugin_option
+def main(plugins) -> None:
     """Fine-tune pre-trained models with TRAM and its baselines on Lightning Fabric."""
+    with reported_errors():  # `fabric-tram --plugin X list` as well as `fabric-tram list --plugin X`
+        load_plugins(plugins)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -125,25 +128,33 @@ def evaluate(checkpoint, overrides, splits, plugins):
 
     with reported_errors():
         load_plugins(plugins)
-        results = evaluate_checkpoint(checkpoint, overrides, splits)
-    from fabric_tram.engine.evaluation import format_results
-
-    click.echo(format_results(results))
+        evaluate_checkpoint(checkpoint, overrides, splits, print_table=True)  # printed once, by rank 0
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option(
-    "--out", "out_dir", default="report", show_default=True, help="folder for report.{csv,json,md} and figure2.png"
+    "--out", "out_dir", default=None, help="folder for the tables and figures (default: report/ beside the runs)"
 )
 @click.option("--split", default=None, help="split to compare (default: test if evaluated, else the first)")
 def report(run_dirs, out_dir, split):
     """Put several runs side by side (grouped by update rule, mean ± std over seeds) and draw Figure 2."""
     from fabric_tram.analysis.results import report as make_report
 
+    runs = [Path(d) for d in run_dirs]
+    out = Path(out_dir) if out_dir else Path(os.path.commonpath([r.resolve().parent for r in runs])) / "report"
+    started = time.time()
     with reported_errors():
-        click.echo(make_report([Path(d) for d in run_dirs], Path(out_dir), split))
-    click.echo(f"written: {Path(out_dir) / 'report.md'}, {Path(out_dir) / 'figure2.png'}")
+        click.echo(make_report(runs, out, split))
+    click.echo(f"written: {written_since(out, started)}")
+
+
+def written_since(folder: Path, started: float) -> str:
+    """``folder/(a, b, ...)``: every file under ``folder`` written since ``started`` (what a command just made)."""
+    files = sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime >= started - 1
+    )
+    return f"{folder}/({', '.join(files)})"
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -332,16 +343,17 @@ def bench(name, args):
 
 @main.command(name="list")
 @plugin_option
-def list_registries(plugins):
-    """Print every registry (models, tasks, optimizers, divergences, schedules): each entry with its one-line
-    description and its config keys with their defaults."""
+@click.option("--keys", is_flag=True, help="also each entry's config keys with their defaults")
+def list_registries(plugins, keys):
+    """Print every registry (models, tasks, optimizers, divergences, schedules), one line per entry: its name and
+    description (--keys: and, below it, its config keys with their defaults)."""
     with reported_errors():
         load_plugins(plugins)
     for kind, registry in REGISTRIES.items():
         click.echo(f"{kind}:")
         for entry in registry.entries():
             click.echo(f"  {entry.name:<14} {entry.description}")
-            if entry.config is not None:
+            if keys and entry.config is not None:
                 click.echo(f"  {'':<14}   {format_defaults(entry.config)}")
 
 

@@ -30,7 +30,7 @@ from fabric_tram.distributed import (  # noqa: E402
     local,
     reshard_after_no_grad_forward,
 )
-from fabric_tram.engine import trainer as trainer_module  # noqa: E402
+import fabric_tram.jsonfile as jsonfile  # noqa: E402
 from fabric_tram.engine.evaluation import evaluate  # noqa: E402
 from fabric_tram.engine.trainer import train  # noqa: E402
 
@@ -51,9 +51,9 @@ class SlowJson:
 
 
 for optimizer in ("sgd", "adam"):
-    trainer_module.json = SlowJson
+    jsonfile.json = SlowJson  # rank 0's results.json write (fabric_tram.jsonfile) takes a second
     run = train(small_config(data, out / f"eq-{optimizer}", optimizer, micro=2, accumulate=2, strategy=strategy))
-    trainer_module.json = json
+    jsonfile.json = json
     seen = torch.tensor(float((run.run_dir / "results.json").exists()))  # before any collective that would wait
     results[optimizer] = {**trajectory(run), "results": run.results}  # trainer.eval_batches=1: a global count
     n_local = torch.tensor([s["n_local"] for s in run.history])

@@ -152,6 +152,20 @@ def test_report_adds_domain_correlations_and_the_sharpness_and_cka_tables(tmp_pa
         tmp_path / "report" / "sharpness.png"
     ).is_file()
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0) and math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    # the command: by default beside the runs (not the current folder), and its last line names every file written
+    from click.testing import CliRunner
+
+    from fabric_tram.cli import main
+
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "elsewhere")
+        out = CliRunner().invoke(main, ["report", *map(str, folders)]).output
+    assert not list((tmp_path / "elsewhere").iterdir())  # nothing in the current folder
+    written = out.strip().splitlines()[-1]
+    assert written.startswith(f"written: {tmp_path / 'report'}/(")
+    for name in ("report.md", "report.csv", "figure2.png", "domain_correlations.png", "sharpness.json", "cka.md"):
+        assert name in written and (tmp_path / "report" / name).is_file(), name
 
 
 def test_the_demo_analyses_its_runs_and_reports_table_6(tmp_path):

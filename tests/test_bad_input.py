@@ -102,13 +102,28 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path):
     assert_one_line_error(proc, "plugin module 'bad.module' could not be imported")
 
 
-def test_list_shows_each_entrys_config_defaults():
+def test_list_is_one_line_per_entry_and_keys_adds_each_entrys_defaults():
     from click.testing import CliRunner
 
     from fabric_tram.cli import main
+    from fabric_tram.registry import REGISTRIES
 
-    out = CliRunner().invoke(main, ["list"]).output
+    lines = CliRunner().invoke(main, ["list"]).output.strip().splitlines()
+    assert len(lines) == sum(1 + len(list(r.entries())) for r in REGISTRIES.values())  # a header per registry
+    assert any(line.split()[0] == "tram-prev" for line in lines)
+    out = CliRunner().invoke(main, ["list", "--keys"]).output
     assert "rho=0.5" in out and "radius_scale=auto" in out and "betas=[0.9, 0.99]" in out and "warmup_steps=0" in out
+
+
+def test_plugin_may_come_before_the_subcommand(tmp_path):
+    (tmp_path / "my_rule.py").write_text(
+        "from fabric_tram.registry import register_schedule\n"
+        "@register_schedule('flat-out', description='a plugin schedule')\n"
+        "def flat(step, max_steps, config):\n    return 1.0\n"
+    )
+    for args in (["--plugin", "my_rule", "list"], ["list", "--plugin", "my_rule"]):
+        proc = run_cli([sys.executable, "-m", "fabric_tram.cli", *args], tmp_path, PYTHONPATH=str(tmp_path))
+        assert proc.returncode == 0 and "flat-out" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

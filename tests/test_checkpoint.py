@@ -246,3 +246,13 @@ def test_ctrl_c_on_the_command_line_saves_and_says_how_to_continue(corpus, tmp_p
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped: stopped by SIGINT after step ") and "trainer.resume=auto" in last
     assert "Traceback" not in err and len(ckpt.list_checkpoints(run_dir)) == 1
+
+
+def test_resume_auto_on_a_finished_run_does_nothing_again(corpus, tmp_path, capsys):
+    done = train(small_config(corpus, tmp_path / "run", "sgd", steps=2))
+    csv_file = tmp_path / "run" / "logs" / "csv" / "metrics.csv"
+    rows, results = csv_file.read_text(), (tmp_path / "run" / "results.json").read_text()
+    again = train(small_config(corpus, tmp_path / "run", "sgd", steps=2, extra=["trainer.resume=auto"]))
+    assert "finished at step 2 already" in capsys.readouterr().out
+    assert again.history == [] and again.results == done.results
+    assert csv_file.read_text() == rows and (tmp_path / "run" / "results.json").read_text() == results

@@ -84,13 +84,17 @@ def find_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def evaluate_checkpoint(path: str | Path, overrides=(), splits=()) -> dict:
-    """Rebuild the run's model (config.yaml of its run folder + overrides), load the weights, evaluate."""
+def evaluate_checkpoint(path: str | Path, overrides=(), splits=(), print_table: bool = False) -> dict:
+    """Rebuild the run's model (config.yaml of its run folder + overrides), load the weights, evaluate;
+    ``print_table``: print the results once (rank 0), as the ``evaluate`` command does."""
     checkpoint = find_checkpoint(path)
     run_dir = checkpoint.parent.parent
     config = load_config(run_dir / "config.yaml", ["trainer.progress_bar=false", *overrides])
     run = setup(config, training=False)
     ckpt.load_checkpoint(run.fabric, checkpoint, run.model, None, None, to_dict(config)["model"])
-    return {
+    results = {
         split: evaluate(run, split, config.trainer.eval_batches) for split in (splits or config.trainer.eval_splits)
     }
+    if print_table:
+        run.fabric.print(format_results(results))
+    return results

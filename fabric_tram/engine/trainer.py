@@ -9,6 +9,7 @@ checkpoint is written, the weights of the best checkpoint are put back when ``tr
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -41,8 +42,13 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
     resume_from = prepare_run_dir(run.fabric, config)
     if resume_from is not None:
         used = resume(run, resume_from, fallback=config.trainer.resume == "auto")
-        run.fabric.print(f"resumed from {used} at step {run.start_step}")
         run.last_saved = run.start_step
+        finished = run.run_dir / "results.json"
+        if run.start_step >= config.trainer.max_steps and finished.is_file():  # nothing left: no second evaluation
+            run.results = json.loads(finished.read_text())["results"]
+            run.fabric.print(f"{run.run_dir} finished at step {run.start_step} already ({finished}); nothing to do")
+            return run
+        run.fabric.print(f"resumed from {used} at step {run.start_step}")
     elif config.trainer.resume == "auto":
         run.fabric.print(f"trainer.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0")
     for logger in run.fabric.loggers:  # the CSV log keeps its rows up to the step resumed from, once each
