@@ -25,12 +25,12 @@ from conftest import (  # noqa: E402
     xnli_smoke_config,
 )
 
+import fabric_tram.jsonfile as jsonfile  # noqa: E402
 from fabric_tram.distributed import (  # noqa: E402
     is_dtensor,
     local,
     reshard_after_no_grad_forward,
 )
-import fabric_tram.jsonfile as jsonfile  # noqa: E402
 from fabric_tram.engine.evaluation import evaluate  # noqa: E402
 from fabric_tram.engine.trainer import train  # noqa: E402
 

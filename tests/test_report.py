@@ -78,3 +78,51 @@ def test_recipe_runs_are_named_by_rule_and_seed():
     dirs = {load_config("recipes/gpt2_wiki.py", o, smoke=True).trainer.run_dir for o in settings}
     assert dirs == {"runs/smoke/gpt2_wiki-adam-seed0", "runs/smoke/gpt2_wiki-tram-prev-seed0",
                     "runs/smoke/gpt2_wiki-tram-prev-seed1"}  # fmt: skip
+
+
+def drawn_figures(monkeypatch) -> dict:
+    """Every figure a report saves, by file name, captured as it is saved (its axes can then be read)."""
+    from matplotlib.figure import Figure
+
+    saved, real = {}, Figure.savefig
+
+    def capture(fig, path, *args, **kwargs):
+        saved[str(path).rsplit("/", 1)[-1]] = fig
+        return real(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    return saved
+
+
+def test_figures_say_what_they_show_and_empty_ones_are_not_written(tmp_path, monkeypatch):
+    from fabric_tram.analysis.results import report
+
+    figures = drawn_figures(monkeypatch)
+    runs = [fake_run(tmp_path / f"adam{s}", "adam", s, 10.0 + s, 30.0 - s, 20.0) for s in range(3)]
+    for seed, run in enumerate(runs):  # adam logs its loss only
+        (run / "logs" / "csv").mkdir(parents=True)
+        (run / "logs" / "csv" / "metrics.csv").write_text("step,loss\n1,3.0\n2,2.5\n")
+    report(runs, tmp_path / "out")
+    curves = figures["curves.png"].axes
+    assert [ax.get_title() for ax in curves] == ["training loss"]  # no empty d / radius / ‖e‖ panels
+    assert [t.get_text() for t in curves[0].get_legend().get_texts()] == ["adam (mean of 3)"]
+    assert "across the same 3 fine-tuned runs" in figures["domain_correlations.png"].axes[0].get_title()
+    assert "one point per run" in figures["figure2.png"].axes[0].get_title()
+    # one domain only: nothing is zero-shot, so no Figure 2
+    only = tmp_path / "only"
+    only.mkdir()
+    results = {"test": {"math_l1": {"loss": 0.0, "ppl": 10.0, "tokens": 100.0}}}
+    (only / "results.json").write_text(json.dumps({"optimizer": "adam", "seed": 0, "train_domains": ["math_l1"],
+                                                   "results": results}))  # fmt: skip
+    report([only], tmp_path / "out-only")
+    assert not (tmp_path / "out-only" / "figure2.png").exists()
+
+
+def test_the_sweep_figure_explains_its_star_and_bars(tmp_path, monkeypatch):
+    from fabric_tram.analysis.sweep import plot_selection
+
+    figures = drawn_figures(monkeypatch)
+    results = [{"results": {"validation": {"a": {"loss": v, "tokens": 10.0}}}, "train_domains": ["a"]} for v in (1, 2)]
+    plot_selection({"asam": {"rho=0.1": results, "rho=0.5": results[:1]}}, {"asam": "rho=0.1"}, tmp_path / "s.png")
+    labels = [t.get_text() for t in figures["s.png"].axes[0].get_legend().get_texts()]
+    assert set(labels) == {"selected (lowest mean)", "mean over seeds, 95% CI"}

@@ -104,8 +104,8 @@ def plot_sharpness(groups: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_correlations(correlations: dict[str, float], train_domains: list[str], path: Path) -> None:
-    """Appendix C.1 as a bar chart: each zero-shot domain's r with the training domain, across runs."""
+def plot_correlations(correlations: dict[str, float], train_domains: list[str], path: Path, runs: int) -> None:
+    """Appendix C.1 as a bar chart: each zero-shot domain's r with the training domain, across ``runs`` runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +118,7 @@ def plot_correlations(correlations: dict[str, float], train_domains: list[str], 
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel(f"Pearson r with {', '.join(train_domains)}")
+    ax.set_title(f"each bar: r across the same {runs} fine-tuned runs", fontsize=8)
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,17 +54,19 @@ def plot_curves(runs: list[tuple[str, Path]], path: Path) -> bool:
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {rule: colors[i % len(colors)] for i, rule in enumerate(logs)}  # one colour per rule in every panel
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(3.6 * len(CURVES), 3.2))
-    for ax, (key, title) in zip(axes, CURVES, strict=True):
+    # a panel only for what some run logged (an adam-only report has no d, radius or ‖e‖)
+    curves = [(k, t) for k, t in CURVES if any(mean_curve(rule_logs, k)[0] for rule_logs in logs.values())]
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], curves, strict=True):
         for rule, rule_logs in logs.items():
             steps, values = mean_curve(rule_logs, key)
             if steps:
-                ax.plot(steps, values, label=rule, linewidth=1, color=color[rule])
+                ax.plot(steps, values, label=f"{rule} (mean of {len(rule_logs)})", linewidth=1, color=color[rule])
         if key != "loss" and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, title="rule (runs averaged)", title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -113,7 +113,8 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
         table[f"{name} (n={n})" if n > 1 else name] = {c: _mean_spread([r[c] for r in rows if c in r]) for c in columns}
     markdown = write_table(table, columns, Path(out_dir) / "report")
     train_domains = runs[0][1]["train_domains"]
-    plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png", metric)
+    if any(ZS_AVG in row for *_, row in per_run):  # Figure 2 needs a zero-shot domain; no empty figure
+        plot_in_vs_out(per_run, train_domains, Path(out_dir) / "figure2.png", metric)
     plot_curves([(name, d) for d, name, _, _ in per_run], Path(out_dir) / "curves.png")  # loss, d, r, ‖e‖ per step
     note = f"skipped (not finished runs): {', '.join(skipped)}\n" if skipped else ""
     spread = "(mean ± std [95% CI of the mean] over seeds where n > 1)"
@@ -133,7 +134,7 @@ def analysis_tables(per_run, runs, train_domains: list[str], split: str, metric:
         correlations = domain_correlations(tuned, train_domains)
         label = f"r with {', '.join(_abbrev(d) for d in train_domains)}"
         table = write_table({label: correlations}, list(correlations), out_dir / "domain_correlations")
-        plot_correlations(correlations, train_domains, out_dir / "domain_correlations.png")
+        plot_correlations(correlations, train_domains, out_dir / "domain_correlations.png", runs=len(tuned))
         text += f"\nPearson r across runs between each domain's {split} {metric_name(metric)} and the training "
         text += f"domain's (appendix C.1):\n{table}"
     measured = [(d, r["optimizer"], r["train_domains"]) for d, r in runs]
@@ -189,6 +190,7 @@ def plot_in_vs_out(per_run, train_domains: list[str], path: Path, metric: str = 
         )
     ax.set_xlabel(f"in-domain {metric_name(metric)} ({', '.join(_abbrev(d) for d in train_domains)})")
     ax.set_ylabel(f"zero-shot average {metric_name(metric)}")
+    ax.set_title("one point per run; trend: least squares over the non-TRAM runs", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

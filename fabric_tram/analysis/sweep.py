@@ -206,12 +206,14 @@ def plot_selection(found: dict, chosen: dict[str, str], path: Path) -> None:
         names = list(settings)
         stats = [mean_ci([validation_loss(r["results"], r["train_domains"]) for r in settings[s]]) for s in names]
         xs = range(len(names))
-        ax.errorbar(xs, [m for m, *_ in stats], yerr=[0 if math.isnan(h) else h for *_, h in stats], fmt="o")
+        ax.errorbar(xs, [m for m, *_ in stats], yerr=[0 if math.isnan(h) else h for *_, h in stats], fmt="o",
+                    label="mean over seeds, 95% CI")  # fmt: skip
         best = names.index(chosen[rule])
-        ax.plot([best], [stats[best][0]], "r*", markersize=14)
+        ax.plot([best], [stats[best][0]], "r*", markersize=14, label="selected (lowest mean)")
         ax.set_xticks(list(xs), [s.replace("optimizer.", "") for s in names], rotation=45, ha="right", fontsize=7)
         ax.set_title(rule, fontsize=9)
     axes[0][0].set_ylabel("in-domain validation loss")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
