@@ -99,7 +99,7 @@ def test_figures_say_what_they_show_and_empty_ones_are_not_written(tmp_path, mon
 
     figures = drawn_figures(monkeypatch)
     runs = [fake_run(tmp_path / f"adam{s}", "adam", s, 10.0 + s, 30.0 - s, 20.0) for s in range(3)]
-    for seed, run in enumerate(runs):  # adam logs its loss only
+    for run in runs:  # adam logs its loss only
         (run / "logs" / "csv").mkdir(parents=True)
         (run / "logs" / "csv" / "metrics.csv").write_text("step,loss\n1,3.0\n2,2.5\n")
     report(runs, tmp_path / "out")
