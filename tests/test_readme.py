@@ -1,5 +1,6 @@
-"""The README's example runs verbatim, as a script and as a plugin (--plugin and entry points); .ci/run runs
-exactly the README's install and test commands."""
+"""The documentation's examples run verbatim (README and the docs/ pages it links: the plugin example of
+docs/extending.md as a script and as a plugin, --plugin and entry points; the user loop of docs/rules.md);
+.ci/run runs exactly the README's install and test commands."""
 
 import os
 import re
@@ -12,10 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def python_block(containing: str) -> str:
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if containing in b]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", DOCS, flags=re.S) if containing in b]
     return block
 
 
