@@ -17,22 +17,21 @@ import torch
 
 from fabric_tram.analysis.cka import StreamedLinearCKA
 from fabric_tram.analysis.sharpness import epsilon_sharpness
-from fabric_tram.config import load_config, to_dict
+from fabric_tram.config import load_config
 from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
-from fabric_tram.engine.evaluation import find_checkpoint
 from fabric_tram.engine.setup import Run, setup
 from fabric_tram.jsonfile import write_json
 
 
 def load_run(checkpoint: str | Path, overrides=(), with_weights: bool = True) -> tuple[Run, Path]:
     """The run of a checkpoint folder (or a run folder's newest checkpoint), its weights loaded; evaluation mode."""
-    path = find_checkpoint(checkpoint)
+    path = ckpt.find_checkpoint(checkpoint)
     config = load_config(path.parent.parent / "config.yaml", ["trainer.progress_bar=false", *overrides])
     run = setup(config, training=False)
     if with_weights:
-        ckpt.load_checkpoint(run.fabric, path, run.model, None, None, to_dict(config)["model"])
+        ckpt.load_weights(run, path)
     run.model.eval()
     return run, path
 

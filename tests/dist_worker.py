@@ -163,6 +163,19 @@ if strategy == "ddp":  # negative control: forgetting the factor W leaves g / W,
     )
     StepContext.world_size = original
 
+if strategy == "fsdp":  # checkpoints that reshard: 2 processes write one (step 2 of 4), and resume 1 process's
+    reshard = ["trainer.save_every=0", *rule_extra("tram-prev")]
+    train(small_config(data, out / "reshard-2", "tram-prev", micro=2, accumulate=2, steps=2, strategy=strategy,
+                       extra=reshard))  # fmt: skip
+    if torch.distributed.get_rank() == 0:  # the reference fixture's 1-process checkpoint, copied to resume here
+        import shutil
+
+        shutil.copytree(out.parent / "reshard-1", out / "reshard-from-1")
+    torch.distributed.barrier()
+    run = train(small_config(data, out / "reshard-from-1", "tram-prev", micro=2, accumulate=2, steps=4,
+                             strategy=strategy, extra=[*reshard, "trainer.resume=auto"]))  # fmt: skip
+    results["reshard_from_1"] = {"start": run.start_step, "history": run.history, "params": trajectory(run)["params"]}
+
 # checkpoint round trip: 4 uninterrupted steps saving at 2, then a fresh run resumed from step 2
 extra = ["model.dropout=0.1", "trainer.save_every=2"]
 a = train(small_config(data, out / "ckpt-a", "adam", micro=2, accumulate=2, steps=4, strategy=strategy, extra=extra))

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import max_param_diff, small_config, trajectory
+from conftest import EXACT_ABS, assert_histories_match, max_param_diff, small_config, trajectory
 
 from fabric_tram.config import ConfigError
 from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine import checkpoint_files as ckpt_files
 from fabric_tram.engine.evaluation import evaluate_checkpoint
 from fabric_tram.engine.trainer import train
 
@@ -165,8 +166,12 @@ def test_resume_auto_falls_back_to_the_newest_undamaged_of_several_checkpoints(c
     "damage,message",
     [
         (lambda c: (c / "rank-0.pt").write_bytes(b""), r"rank-0.pt cannot be read"),
-        (lambda c: (c / "state").write_bytes(b""), r"state is missing or empty"),
-        (lambda c: (c / "state").write_bytes((c / "state").read_bytes()[:5000]), r"state is truncated or corrupt"),
+        (lambda c: (c / "state" / ".metadata").write_bytes(b""), r"state/.metadata is missing or empty"),
+        (
+            lambda c: [f.write_bytes(f.read_bytes()[:500]) for f in (c / "state").glob("*.distcp")],
+            r"distcp is truncated or missing \(500 of \d+ bytes\)",
+        ),
+        (lambda c: (c / "global.pt").write_bytes(b"oops"), r"global.pt cannot be read"),
         (lambda c: (c / "meta.json").write_text("{not json"), r"meta.json is corrupt"),
     ],
 )
@@ -256,3 +261,50 @@ def test_resume_auto_on_a_finished_run_does_nothing_again(corpus, tmp_path, caps
     assert "finished at step 2 already" in capsys.readouterr().out
     assert again.history == [] and again.results == done.results
     assert csv_file.read_text() == rows and (tmp_path / "run" / "results.json").read_text() == results
+
+
+def write_format_1(run, folder):
+    """A checkpoint in the first layout (before resharding), as fabric_tram wrote it: ``fabric.save`` of the model
+    and optimizer, the rule's state and RNG in the rank file, meta.json without a format."""
+    import json
+
+    folder.mkdir(parents=True)
+    run.fabric.save(folder / "state", {"model": run.model, "optimizer": run.optimizer, "step": 2})
+    torch.save({"rng": ckpt_files.rng_state(), "rule": run.rule.state_dict(), "scaler": None}, folder / "rank-0.pt")
+    meta = json.loads((ckpt.checkpoint_path(run.run_dir, 2) / "meta.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("format", "global_batch", "micro_batch_size", "accumulate")}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_of_the_first_format_still_resumes(corpus, tmp_path):
+    extra = ["optimizer.calibration_steps=2", "model.dropout=0.1"]
+    first = train(small_config(corpus, tmp_path / "a", "tram-prev", steps=2, extra=extra))
+    old = tmp_path / "old" / "checkpoints" / "step-00000002"
+    # the RNG as the step-2 save saw it (training ended there; the evaluation after it draws nothing in eval mode)
+    ckpt_files.set_rng_state(torch.load(ckpt.checkpoint_path(first.run_dir, 2) / "rank-0.pt")["rng"])
+    write_format_1(first, old)
+    new = ckpt.checkpoint_path(first.run_dir, 2)
+    from_old = train(
+        small_config(corpus, tmp_path / "b", "tram-prev", steps=4, extra=[*extra, f"trainer.resume={old}"])
+    )
+    from_new = train(
+        small_config(corpus, tmp_path / "c", "tram-prev", steps=4, extra=[*extra, f"trainer.resume={new}"])
+    )
+    assert from_old.start_step == from_new.start_step == 2
+    assert [s["loss"] for s in from_old.history] == [s["loss"] for s in from_new.history]
+    assert max_param_diff(trajectory(from_old)["params"], trajectory(from_new)["params"]) == 0.0
+
+
+def test_resume_with_another_split_of_the_same_global_batch_and_refuse_another_global_batch(corpus, tmp_path):
+    """The data position is step × examples per step: 2 × 2 resumed as 1 × 4 continues exactly (float64); 2 × 1
+    is refused with the arithmetic, before anything is loaded."""
+    extra = ["optimizer.calibration_steps=2"]
+    train(small_config(corpus, tmp_path / "run", "tram-prev", micro=2, accumulate=2, steps=2, extra=extra))
+    full = train(small_config(corpus, tmp_path / "full", "tram-prev", micro=2, accumulate=2, steps=4, extra=extra))
+    resumed = train(small_config(corpus, tmp_path / "run", "tram-prev", micro=1, accumulate=4, steps=4,
+                                 extra=[*extra, "trainer.resume=auto"]))  # fmt: skip
+    assert_histories_match(full.history[2:], resumed.history, ("loss", "d", "radius", "e_norm", "radius_scale"))
+    assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) < EXACT_ABS
+    with pytest.raises(ckpt.CheckpointError, match=r"Keep micro_batch_size × accumulate × processes = 4"):
+        train(small_config(corpus, tmp_path / "run", "tram-prev", micro=2, accumulate=1, steps=6,
+                           extra=[*extra, "trainer.resume=auto"]))  # fmt: skip

@@ -23,6 +23,7 @@ from conftest import (
     xnli_smoke_config,
 )
 
+from fabric_tram.engine.checkpoint import CheckpointError
 from fabric_tram.engine.trainer import train
 
 pytestmark = pytest.mark.distributed
@@ -56,6 +57,11 @@ def reference(tmp_path_factory):
     ref["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
     run = train(vit_smoke_config(root / "ref-vit", micro=1, accumulate=4))  # other micro-batches than the ranks
     ref["vit"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
+    # resharding checkpoints: an uninterrupted tram-prev run, and step 2 of it saved by 1 process
+    reshard = ["trainer.save_every=0", *rule_extra("tram-prev")]
+    run = train(small_config(corpus, root / "reshard-full", "tram-prev", micro=2, accumulate=4, steps=4, extra=reshard))
+    ref["reshard"] = {"history": run.history, "params": trajectory(run)["params"], "extra": reshard}
+    train(small_config(corpus, root / "reshard-1", "tram-prev", micro=2, accumulate=4, steps=2, extra=reshard))
     return root, corpus, ref
 
 
@@ -115,6 +121,20 @@ def test_two_processes_match_one(reference, strategy):
             for dataset, metrics in datasets.items():
                 assert metrics["loss"] == pytest.approx(got["vit"]["results"][split][dataset]["loss"], rel=EXACT_REL)
                 assert metrics["accuracy"] == got["vit"]["results"][split][dataset]["accuracy"]
+    if strategy == "fsdp":  # a checkpoint of 2 FSDP2 processes resumed on 1 (accumulate 4), and of 1 on 2
+        full, extra = ref["reshard"]["history"], [*ref["reshard"]["extra"], "trainer.resume=auto"]
+        one = train(small_config(corpus, root / strategy / "reshard-2", "tram-prev", micro=2, accumulate=4, steps=4,
+                                 extra=extra))  # fmt: skip
+        two = got["reshard_from_1"]
+        assert one.start_step == two["start"] == 2 and "radius_scale" in full[2]  # calibrated before the save
+        for label, resumed in (("2 -> 1", one.history), ("1 -> 2", two["history"])):
+            assert_histories_match(full[2:], resumed, RULE_KEYS, label=label)
+        assert max_param_diff(trajectory(one)["params"], ref["reshard"]["params"]) < EXACT_ABS
+        assert max_param_diff(two["params"], ref["reshard"]["params"]) < EXACT_ABS
+        refused = r"trained with 8 examples per optimizer step \(2 × 4 × 1 process\(es\)\); this run takes 4 \(2 × 2"
+        with pytest.raises(CheckpointError, match=refused):  # the newest checkpoint is now the 1-process one
+            train(small_config(corpus, root / strategy / "reshard-2", "tram-prev", micro=2, accumulate=2, steps=4,
+                               extra=extra))  # fmt: skip
     if strategy == "fsdp":  # negative control: without the all-reduce of the sums of squares, e is wrong
         wrong = got["asam_per_shard_norm"]
         assert wrong["history"][0]["Tg_norm"] != pytest.approx(ref["asam"]["history"][0]["Tg_norm"], rel=1e-3)

@@ -147,7 +147,7 @@ def test_the_in_domain_loss_that_picks_checkpoints_and_settings_is_per_target_no
     from types import SimpleNamespace
 
     from fabric_tram.analysis.sweep import validation_loss
-    from fabric_tram.engine.evaluation import in_domain_loss
+    from fabric_tram.engine.checkpoint import in_domain_loss
 
     expected = (1.0 * 100 + 3.0 * 300) / 400  # 2.5, where the mean of the two domains' losses is 2.0
     assert in_domain_loss(SimpleNamespace(train_domains=["a", "b"]), UNEQUAL) == pytest.approx(expected)

@@ -564,10 +564,36 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/step.py",
-                "            self.counts[\"backward\"] += graphs",
-                "            self.counts[\"backward\"] += 1",
+                '            self.counts["backward"] += graphs',
+                '            self.counts["backward"] += 1',
             ),
         ),
         ("tests/test_step_contract.py::test_passes_count_every_forward_over_the_micro_batches",),
+    ),
+    Mutation(
+        "resume-ignores-the-global-batch",
+        "a checkpoint resumed with another number of examples per step (the data position then shifts)",
+        (("fabric_tram/engine/checkpoint_files.py", "    if saved is None or saved == global_batch:", "    if True:"),),
+        (
+            "tests/test_checkpoint.py::test_resume_with_another_split_of_the_same_global_batch_and_refuse_another_global_batch",
+        ),
+    ),
+    Mutation(
+        "data-position-per-rank",
+        "the data position counted in per-rank examples: 2 processes would read other examples than 1",
+        (
+            (
+                "fabric_tram/data/batching.py",
+                "start = step * self.global_batch_size + self.rank * per_rank",
+                "start = step * per_rank + self.rank * per_rank",
+            ),
+        ),
+        ("tests/test_data.py::test_step_sampler_splits_the_same_examples_whatever_the_layout",),
+    ),
+    Mutation(
+        "checkpoint-shards-unchecked",
+        "a truncated shard of a distributed checkpoint passes the checks (resume=auto cannot fall back past it)",
+        (("fabric_tram/engine/checkpoint_files.py", "    if state.is_dir():\n        check_shard_files(state)", ""),),
+        ("tests/test_checkpoint.py::test_a_damaged_checkpoint_named_for_resume_is_a_clear_error",),
     ),
 )

@@ -3,18 +3,15 @@ in-domain validation loss that selects the best checkpoint, and ``fabric-tram ev
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
 
-from fabric_tram.config import load_config, to_dict
+from fabric_tram.config import load_config
 from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.setup import Run, setup
-from fabric_tram.loss import token_weighted_loss
 
 
 @torch.no_grad()
@@ -61,37 +58,14 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def in_domain_loss(task, metrics: dict) -> float:
-    """Token-weighted validation loss over the training domains (every domain when the task has none)."""
-    return token_weighted_loss(metrics, list(getattr(task, "train_domains", [])))
-
-
-def improves_best(run: Run, metrics: dict) -> bool:
-    """Whether ``metrics`` beat the best in-domain validation loss recorded so far (rank 0 decides for all)."""
-    previous = run.run_dir / ckpt.CHECKPOINT_DIR / "best.json"
-    current = in_domain_loss(run.task, metrics)
-    best = json.loads(previous.read_text())["validation_loss"] if previous.is_file() else math.inf
-    return bool(run.fabric.broadcast(current < best, src=0)) if run.fabric.world_size > 1 else current < best
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints/")
-    return latest
-
-
 def evaluate_checkpoint(path: str | Path, overrides=(), splits=(), print_table: bool = False) -> dict:
     """Rebuild the run's model (config.yaml of its run folder + overrides), load the weights, evaluate;
     ``print_table``: print the results once (rank 0), as the ``evaluate`` command does."""
-    checkpoint = find_checkpoint(path)
+    checkpoint = ckpt.find_checkpoint(path)
     run_dir = checkpoint.parent.parent
     config = load_config(run_dir / "config.yaml", ["trainer.progress_bar=false", *overrides])
     run = setup(config, training=False)
-    ckpt.load_checkpoint(run.fabric, checkpoint, run.model, None, None, to_dict(config)["model"])
+    ckpt.load_weights(run, checkpoint)
     results = {
         split: evaluate(run, split, config.trainer.eval_batches) for split in (splits or config.trainer.eval_splits)
     }

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from fabric_tram.config import Config, ConfigError, base_optimizer_name, dump_yaml, to_dict
+from fabric_tram.config import Config, ConfigError, dump_yaml
 from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
 from fabric_tram.engine.preflight import preflight_error
 from fabric_tram.engine.run_log import build_loggers
@@ -190,52 +191,3 @@ def compile_blocks(model: torch.nn.Module, backend: str) -> None:
     blocks = [m for m in model.modules() if block_class is not None and isinstance(m, block_class)]
     for module in blocks or [model]:
         module.compile(backend=backend)
-
-
-def resume(run: Run, path: Path, fallback: bool = False) -> Path:
-    """Continue from checkpoint ``path``; with ``fallback`` (``trainer.resume=auto``), from the newest complete
-    checkpoint at or before it that is not damaged, saying which were skipped. Returns the one used."""
-    sections = to_dict(run.config)
-    model_section = sections["model"]
-    optimizer_section = {"name": run.config.optimizer.name, "base": base_optimizer_name(run.config.optimizer)}
-    older = [c for c in reversed(ckpt.list_checkpoints(run.run_dir)) if ckpt.step_of(c) < ckpt.step_of(path)]
-    for candidate in [path, *(older if fallback else [])]:
-        error, checked = None, None
-        try:
-            checked = ckpt.check_checkpoint(run.fabric, candidate, model_section, optimizer_section)
-        except ckpt.DamagedCheckpoint as err:
-            error = str(err)
-        error = first_error_of_any_rank(run.fabric, error)
-        if error is None:
-            run.start_step = ckpt.load_checkpoint(run.fabric, candidate, run.model, run.optimizer, run.rule,
-                                                  model_section, optimizer_section, checked)  # fmt: skip
-            return candidate
-        if not fallback:
-            raise ckpt.DamagedCheckpoint(error)
-        run.fabric.print(
-            f"trainer.resume=auto: checkpoint {candidate.name} is damaged ({error}); trying the one before"
-        )
-    raise ckpt.CheckpointError(
-        f"trainer.resume=auto: no checkpoint in {run.run_dir / ckpt.CHECKPOINT_DIR} can be resumed from (the "
-        "last one tried is damaged, see above); remove the damaged folders, or start another trainer.run_dir"
-    )
-
-
-def first_error_of_any_rank(fabric, error: str | None) -> str | None:
-    """Every rank learns whether any rank failed (before a collective load that would hang on the others)."""
-    if fabric.world_size == 1:
-        return error
-    failed = fabric.all_reduce(torch.tensor(0.0 if error is None else 1.0, device=fabric.device), reduce_op="sum")
-    return error or (f"{int(failed)} other rank(s) could not read their part of the checkpoint" if failed > 0 else None)
-
-
-def save(run: Run, step: int) -> Path:
-    meta = {
-        "model": to_dict(run.config)["model"],
-        "optimizer": run.config.optimizer.name,
-        "optimizer_base": base_optimizer_name(run.config.optimizer),
-        "rule_state": sorted(run.rule.state_dict()),
-    }
-    return ckpt.save_checkpoint(
-        run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, run.config.trainer.keep_last
-    )

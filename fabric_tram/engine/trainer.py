@@ -16,16 +16,17 @@ from collections.abc import Callable
 
 import torch
 
-from fabric_tram.config import Config, to_dict
+from fabric_tram.config import Config
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.distributed import all_reduce_sum
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.batches import step_batches
-from fabric_tram.engine.evaluation import evaluate, format_results, improves_best, in_domain_loss
+from fabric_tram.engine.checkpoint import improves_best, record_best, resume, save
+from fabric_tram.engine.evaluation import evaluate, format_results
 from fabric_tram.engine.interrupt import StopRequest, TrainingInterrupted, stop_on_signals
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
 from fabric_tram.engine.run_log import RunCSVLogger
-from fabric_tram.engine.setup import Run, prepare_run_dir, resume, save, setup
+from fabric_tram.engine.setup import Run, prepare_run_dir, setup
 from fabric_tram.jsonfile import write_json
 from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext, to_host
@@ -234,12 +235,6 @@ def flush_logs(run: Run) -> None:
         logger.save()
 
 
-def record_best(run: Run, step: int, metrics: dict) -> None:
-    if run.fabric.is_global_zero:
-        ckpt.record_best(run.run_dir, step, in_domain_loss(run.task, metrics))
-    run.fabric.barrier()
-
-
 def select_final_weights(run: Run) -> None:
     """Write the final checkpoint; with ``trainer.select_best``, put back the weights of the checkpoint with the
     lowest in-domain validation loss (the paper's model selection) unless the final weights are the best."""
@@ -254,14 +249,7 @@ def select_final_weights(run: Run) -> None:
         record_best(run, t.max_steps, final_validation)
     else:
         run.evaluated_step = ckpt.best_step(run.run_dir)
-        ckpt.load_checkpoint(
-            run.fabric,
-            ckpt.checkpoint_path(run.run_dir, run.evaluated_step),
-            run.model,
-            None,
-            None,
-            to_dict(run.config)["model"],
-        )
+        ckpt.load_weights(run, ckpt.checkpoint_path(run.run_dir, run.evaluated_step))
 
 
 def write_results(run: Run) -> None:

@@ -238,18 +238,18 @@ class TRAM(ASAM):
     def ascent_objective(self, ctx):
         return measuring(ctx, self.target, self.meter) if self.measures_d(ctx) else ctx.forward
 
-    def state_dict(self):
-        return {**super().state_dict(), "radius": self.trust_radius.state_dict()}
+    global_keys = ("radius",)
 
-    def load_state_dict(self, state):
-        state = dict(state)
+    def global_state(self):
+        return {"radius": self.trust_radius.state_dict()}
+
+    def load_global_state(self, state):
         if "radius" not in state:
             raise ValueError(
                 "the checkpoint holds no TRAM radius state (calibrated scale, last radius): it was written by "
                 "another optimizer.name or an older fabric_tram; start a new trainer.run_dir"
             )
-        self.trust_radius.load_state_dict(state.pop("radius"), self.params[0].device)
-        super().load_state_dict(state)
+        self.trust_radius.load_state_dict(state["radius"], self.params[0].device)
 
 
 @register_optimizer(

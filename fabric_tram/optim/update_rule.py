@@ -14,8 +14,8 @@ A rule says what differs by overriding a few methods (``optim/rules.py``):
 - ``build_target``: the trust-region target (``optim/targets.py``), which owns the rule's persistent state and
   advances it around the base step.
 
-Persistent per-parameter state goes into ``state_dict()`` (saved per rank by checkpoints); transient buffers
-are never saved.
+Persistent per-parameter buffers go into ``parameter_state()`` (checkpoints save them resharded, by parameter
+name), state that is not per parameter into ``global_state()``; transient buffers are never saved.
 """
 
 from __future__ import annotations
@@ -112,11 +112,29 @@ class UpdateRule:
     def build_target(self) -> Target:
         return Target()  # none, and no state
 
-    def state_dict(self) -> dict:
+    def parameter_state(self) -> dict[str, list[torch.Tensor]]:
+        """The rule's persistent per-parameter buffers, ``{key: [one per parameter of self.params]}`` (this
+        rank's shards): checkpoints save them by parameter name, resharded on load (read in place)."""
         return self.target.state_dict()
 
+    def global_state(self) -> dict:
+        """The rule's persistent state that is not per parameter, the same on every rank (TRAM's radius)."""
+        return {}
+
+    def load_global_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"this update rule holds no global state, but the checkpoint has: {sorted(state)}")
+
+    def state_dict(self) -> dict:
+        """Everything persistent, for the user-loop API: the per-parameter buffers and the global state."""
+        return {**self.parameter_state(), **self.global_state()}
+
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.load_global_state({k: state.pop(k) for k in list(state) if k in self.global_keys})
         self.target.load_state_dict(state)
+
+    global_keys: tuple[str, ...] = ()  # the keys of global_state(), told apart from the buffers on load
 
     # ------------------------------------------------------------------------------------------- the step
 

@@ -1,0 +1,340 @@
+"""A checkpoint's files: the folder layout, the atomic write, reading and checking what each file holds.
+
+Layout of ``RUN/checkpoints/step-00000042/`` (format 2):
+
+- ``state/``: one distributed checkpoint (DCP) of the model, the base optimizer and the update rule's
+  per-parameter buffers, by parameter name and global shape (engine/checkpoint_state.py): it reshards, so it
+  loads on another number of processes;
+- ``global.pt``: what is the same on every rank (the step, the rule's global state such as TRAM's calibrated
+  radius, the loss scaler), written by rank 0;
+- ``rank-<r>.pt``: what truly differs per rank: its random number generators;
+- ``meta.json``: format, step, world size, the global batch (micro-batch × accumulate × world size: the data
+  position is step × global batch), the model section and the optimizer (to refuse another one).
+
+Everything is written into ``step-….tmp``, flushed and renamed once complete, so a crash mid-save leaves the
+previous checkpoint loadable. Format 1 (before resharding: ``state`` written by ``fabric.save``, the rule's
+state in the rank files) still loads on the number of processes that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+
+from fabric_tram.engine.checkpoint_state import load_state, load_weights, save_state
+from fabric_tram.jsonfile import write_json
+
+CHECKPOINT_DIR = "checkpoints"
+PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint file is missing, empty, truncated or corrupt (``resume=auto`` falls back to an older one)."""
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (``.tmp`` folders of interrupted saves are ignored)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and (p / "meta.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX) :])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` and the folders themselves to stable storage (before a rename makes
+    them the newest checkpoint: after a power loss a renamed folder must not hold unflushed files)."""
+    for path in [*sorted(folder.rglob("*")), folder]:
+        _fsync(path)
+
+
+FORMAT = 2
+
+
+def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, rule, meta: dict, keep_last: int) -> Path:
+    """Write checkpoint ``step`` (every rank calls it: the state is a collective write) and prune old ones."""
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if fabric.global_rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save: never complete, safe to drop
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    save_state(tmp / "state", model, optimizer, rule)
+    torch.save({"rng": rng_state()}, tmp / f"rank-{fabric.global_rank}.pt")
+    if fabric.global_rank == 0:
+        scaler = getattr(fabric.strategy.precision, "scaler", None)
+        shared = {"step": step, "rule": rule.global_state(), "scaler": scaler.state_dict() if scaler else None}
+        torch.save(shared, tmp / "global.pt")
+    fsync_tree(tmp)  # every rank flushes what it sees (its own shards among them)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        info = {"format": FORMAT, "step": step, "world_size": fabric.world_size, **meta}
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2))
+        fsync_tree(tmp)
+        if final.exists():  # re-saving the same step: move the old copy aside before replacing it
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync(final.parent)  # the rename itself
+        best = best_step(run_dir)
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            if stale.name != f"{PREFIX}{best:08d}":  # never prune the best checkpoint
+                shutil.rmtree(stale)
+    fabric.barrier()
+    return final
+
+
+def best_step(run_dir: str | Path) -> int:
+    path = Path(run_dir) / CHECKPOINT_DIR / "best.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else -1
+
+
+def record_best(run_dir: str | Path, step: int, metric: float) -> None:
+    write_json(Path(run_dir) / CHECKPOINT_DIR / "best.json", {"step": step, "validation_loss": metric})
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"{path} is not a complete fabric_tram checkpoint (no meta.json); pick a folder under RUN/checkpoints/"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpoint(f"{meta_file} is corrupt ({err}); resume from another checkpoint folder") from None
+    if not isinstance(meta, dict) or "step" not in meta or "world_size" not in meta:
+        raise DamagedCheckpoint(f"{meta_file} lacks the step or world size; resume from another checkpoint folder")
+    return meta
+
+
+def check_compatible(meta: dict, model_section: dict, path: Path) -> None:
+    """Refuse a checkpoint of another model or preset, naming the keys that differ."""
+    saved = meta.get("model", {})
+    keys = ("name", "preset", "n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    differ = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_section.get(k)!r}"
+        for k in keys
+        if k in saved and k in model_section and saved.get(k) != model_section.get(k)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} was written for another model ({'; '.join(differ)}); "
+            "use the config it was trained with (its run folder's config.yaml)"
+        )
+
+
+def check_same_optimizer(meta: dict, optimizer: dict, path: Path) -> None:
+    """Refuse to resume another update rule or base optimizer: their state does not fit (say which and what to do)."""
+    differ = [f"optimizer.{k}: checkpoint {meta[f'optimizer{suffix}']!r} vs config {optimizer[k]!r}"
+              for k, suffix in (("name", ""), ("base", "_base"))
+              if f"optimizer{suffix}" in meta and meta[f"optimizer{suffix}"] != optimizer.get(k)]  # fmt: skip
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another optimizer ({'; '.join(differ)}), whose state (base-optimizer "
+            f"moments, the rule's buffers: {', '.join(meta.get('rule_state', [])) or 'none'}) does not fit this run. "
+            "Resume with the checkpoint's optimizer settings, or start a new trainer.run_dir"
+        )
+
+
+def _read(file: Path, what: str, required: set[str]) -> dict:
+    try:
+        state = torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{file} is missing: the checkpoint is incomplete") from None
+    except Exception as err:  # a truncated or empty file: torch raises RuntimeError, EOFError, UnpicklingError...
+        raise DamagedCheckpoint(f"{file} cannot be read ({type(err).__name__}: {err}); the file is damaged") from None
+    if not isinstance(state, dict) or not required <= set(state):
+        raise DamagedCheckpoint(f"{file} is not a fabric_tram {what} file")
+    return state
+
+
+def read_rank_file(path: Path, rank: int, format_: int = FORMAT) -> dict:
+    """This rank's part of a checkpoint (its RNG; in format 1 also the rule state and the loss scaler)."""
+    return _read(path / f"rank-{rank}.pt", "per-rank state", {"rng"} if format_ >= 2 else {"rng", "rule"})
+
+
+def check_state_files(path: Path) -> None:
+    """Cheap checks of the model/optimizer state before the (collective) load: present, not empty, and for a
+    single file a complete zip archive (torch.save's format keeps its directory at the end of the file)."""
+    state = path / "state"
+    file = state / ".metadata" if state.is_dir() else state  # a distributed checkpoint's metadata names its shards
+    if not file.is_file() or file.stat().st_size == 0:
+        raise DamagedCheckpoint(f"{file} is missing or empty: the checkpoint is incomplete")
+    if state.is_file() and not zipfile.is_zipfile(state):
+        raise DamagedCheckpoint(f"{state} is truncated or corrupt (not a complete torch.save archive)")
+    if state.is_dir():
+        check_shard_files(state)
+
+
+def check_shard_files(state: Path) -> None:
+    """Every shard file a distributed checkpoint's metadata names is there and long enough for what it holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(state)).read_metadata().storage_data
+    except Exception as err:  # unreadable metadata: EOFError, UnpicklingError, ...
+        raise DamagedCheckpoint(f"{state / '.metadata'} cannot be read ({type(err).__name__}); it is damaged") from None
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = state / name
+        if not shard.is_file() or shard.stat().st_size < size:
+            have = shard.stat().st_size if shard.is_file() else "missing"
+            raise DamagedCheckpoint(
+                f"{shard} is truncated or missing ({have} of {size} bytes): the checkpoint is damaged"
+            )
+
+
+def check_global_batch(meta: dict, global_batch: int, layout: str, path: Path) -> None:
+    """The data position is step × global batch: another global batch would not continue the same run."""
+    saved = meta.get("global_batch")
+    if saved is None or saved == global_batch:
+        return
+    world = meta["world_size"]
+    was = f"{meta.get('micro_batch_size')} × {meta.get('accumulate')} × {world} process(es)"
+    raise CheckpointError(
+        f"checkpoint {path} was trained with {saved} examples per optimizer step ({was}); this run takes "
+        f"{global_batch} ({layout}): the data position (step × examples per step) and the updates would not "
+        f"continue the same run. Keep micro_batch_size × accumulate × processes = {saved}"
+    )
+
+
+def check_checkpoint(fabric, path: Path, model_section: dict, optimizer_section: dict | None,
+                     global_batch: tuple[int, str] | None = None) -> dict:  # fmt: skip
+    """Everything that can be checked without loading, on this rank; returns what this rank will read from the
+    small files: ``{"meta", "rank" (None when the process count changed), "global"}``."""
+    meta = read_meta(path)
+    check_compatible(meta, model_section, path)
+    format_ = meta.get("format", 1)
+    same_world = meta["world_size"] == fabric.world_size
+    if format_ < 2 and not same_world:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {meta['world_size']} processes in fabric_tram's first checkpoint "
+            f"format, which does not reshard; this run has {fabric.world_size}. Resume it with --devices/"
+            "--num-nodes as it was written (its next checkpoints are then in the resharding format)"
+        )
+    if optimizer_section is not None:
+        check_same_optimizer(meta, optimizer_section, path)
+        if global_batch is not None:
+            check_global_batch(meta, *global_batch, path)
+    check_state_files(path)
+    rank = read_rank_file(path, fabric.global_rank, format_) if same_world else None
+    shared = _read(path / "global.pt", "global state", {"step", "rule"}) if format_ >= 2 else None
+    return {"meta": meta, "rank": rank, "global": shared}
+
+
+def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_section: dict, optimizer_section=None,
+                    checked: dict | None = None) -> int:  # fmt: skip
+    """Restore model, optimizer, rule state, loss scaler and (on the same number of processes) this rank's RNG;
+    return the step to continue from. With ``optimizer`` None only the model's weights are read.
+
+    Every file is checked before anything is loaded (a :class:`CheckpointError` names the file), unless
+    ``checked`` holds what :func:`check_checkpoint` read.
+    """
+    path = Path(path)
+    if optimizer is None:
+        meta = read_meta(path)
+        check_compatible(meta, model_section, path)
+        check_state_files(path)
+        if meta.get("format", 1) >= 2:
+            _loading(path, lambda: load_weights(path / "state", model))
+        else:
+            _loading(path, lambda: fabric.load(path / "state", {"model": model}, strict=False))
+        return int(meta["step"])
+    checked = checked or check_checkpoint(fabric, path, model_section, optimizer_section)
+    if checked["meta"].get("format", 1) < 2:
+        return _load_format_1(fabric, path, model, optimizer, rule, checked["rank"])
+    _loading(path, lambda: load_state(path / "state", model, optimizer, rule))
+    shared = checked["global"]
+    try:
+        rule.load_global_state(shared["rule"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path / 'global.pt'}: {err}") from None
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if scaler is not None and shared.get("scaler"):
+        scaler.load_state_dict(shared["scaler"])
+    if checked["rank"] is not None:
+        set_rng_state(checked["rank"]["rng"])
+    return int(shared["step"])
+
+
+def _loading(path: Path, load) -> None:
+    try:
+        load()
+    except Exception as err:  # a foreign or damaged state: RuntimeError, KeyError, EOFError, ...
+        what = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise CheckpointError(
+            f"{path / 'state'} cannot be loaded into this model/optimizer ({type(err).__name__}: {what})"
+        ) from err
+
+
+def _load_format_1(fabric, path: Path, model, optimizer, rule, per_rank: dict) -> int:
+    """A checkpoint of the first format (same number of processes: checked)."""
+    remainder = {}
+    _loading(path, lambda: remainder.update(fabric.load(path / "state", {"model": model, "optimizer": optimizer})))
+    set_rng_state(per_rank["rng"])
+    try:
+        rule.load_state_dict(per_rank["rule"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path / f'rank-{fabric.global_rank}.pt'}: {err}") from None
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if scaler is not None and per_rank.get("scaler"):
+        scaler.load_state_dict(per_rank["scaler"])
+    return int(remainder.get("step", read_meta(path)["step"]))
