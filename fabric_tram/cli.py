@@ -132,6 +132,42 @@ def evaluate(checkpoint, overrides, splits, plugins):
 
 
 @main.command()
+@click.argument("checkpoint")
+@click.argument("out_dir")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+def export(checkpoint, out_dir, dtype):
+    """Write CHECKPOINT (a checkpoint folder, or a run folder: its newest) as a Hugging Face folder OUT_DIR that
+    transformers loads with its Auto classes: config.json, safetensors weights, tokenizer or image processor, a
+    model card. Works on one process from a checkpoint of any number of processes."""
+    from fabric_tram.engine.export import export as run_export
+
+    with reported_errors():
+        files = run_export(checkpoint, out_dir, dtype)
+    click.echo(f"written: {out_dir}/({', '.join(files)})")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=50, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy")
+@click.option("--top-p", default=1.0, show_default=True, help="sample from the tokens that make up this probability")
+@click.option("--seed", default=0, show_default=True)
+def generate(source, prompt, max_new_tokens, temperature, top_p, seed):
+    """Continue PROMPT with the decoder of SOURCE (a run folder, a checkpoint, or a folder `export` wrote)."""
+    from fabric_tram.data.tokenizer import load_tokenizer
+    from fabric_tram.engine.export import load_decoder
+    from fabric_tram.models.generate import generate as run_generate
+
+    with reported_errors():
+        model, tokenizer_name = load_decoder(source)
+        tokenizer = load_tokenizer(tokenizer_name)
+        ids = run_generate(model, tokenizer.encode(prompt).ids, max_new_tokens, temperature, top_p, seed,
+                           tokenizer.token_to_id("<|endoftext|>"))  # fmt: skip
+    click.echo(prompt + tokenizer.decode(ids))
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option(
     "--out", "out_dir", default=None, help="folder for the tables and figures (default: report/ beside the runs)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fabric_tram.cli import run_recipe
 from fabric_tram.data.tokenizer import end_of_text_id
-from fabric_tram.models.gpt2 import export_hf_checkpoint
+from fabric_tram.models.hf_folder import save_hf_folder
 
 EXPORT = Path(__file__).resolve().parents[1] / "fabric_tram" / "assets" / "models" / "demo-gpt2"
 
@@ -57,5 +57,6 @@ if __name__ == "__main__":
     run = run_recipe(RECIPE, smoke=SMOKE)
     if not smoke:
         module = getattr(run.model, "module", run.model)
-        export_hf_checkpoint(module, EXPORT, eos_token_id=end_of_text_id("demo"))
+        eot = end_of_text_id("demo")
+        save_hf_folder(module, EXPORT, extra_config={"bos_token_id": eot, "eos_token_id": eot})
         print(f"exported to {EXPORT}")

@@ -107,11 +107,12 @@ SMALL_MODEL = [
 def small_pretrained(data_dir, folder) -> Path:
     """A Hugging Face GPT-2 folder of the small config's sizes (seeded weights): the "pre-trained" model the CKA of
     the equivalence runs compares with."""
-    from fabric_tram.models.gpt2 import GPT2, export_hf_checkpoint
+    from fabric_tram.models.gpt2 import GPT2
+    from fabric_tram.models.hf_folder import save_hf_folder
 
     model_config = small_config(data_dir, Path(folder) / "unused").model
     torch.manual_seed(0)
-    export_hf_checkpoint(GPT2(model_config), folder)
+    save_hf_folder(GPT2(model_config), folder)
     return Path(folder)
 
 

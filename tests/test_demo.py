@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer
-from fabric_tram.models.gpt2 import GPT2, GPT2Config, export_hf_checkpoint
+from fabric_tram.models.gpt2 import GPT2, GPT2Config
+from fabric_tram.models.hf_folder import save_hf_folder
 from fabric_tram.tasks.language_modeling import bundled_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     ours = GPT2(GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=32, n_positions=40, vocab_size=97)).eval()
-    export_hf_checkpoint(ours, tmp_path / "export", eos_token_id=0)
+    save_hf_folder(ours, tmp_path / "export", extra_config={"bos_token_id": 0, "eos_token_id": 0})
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():

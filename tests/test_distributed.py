@@ -131,6 +131,15 @@ def test_two_processes_match_one(reference, strategy):
             assert_histories_match(full[2:], resumed, RULE_KEYS, label=label)
         assert max_param_diff(trajectory(one)["params"], ref["reshard"]["params"]) < EXACT_ABS
         assert max_param_diff(two["params"], ref["reshard"]["params"]) < EXACT_ABS
+        # export on 1 process: the 2-process checkpoint gives the 1-process one's weights
+        from safetensors.torch import load_file
+
+        from fabric_tram.engine.export import export
+
+        for name, run_dir in (("two", root / strategy / "reshard-2"), ("one", root / "reshard-1")):
+            export(run_dir / "checkpoints" / "step-00000002", root / f"export-{name}", dtype="float64")
+        two, one = (load_file(root / f"export-{n}" / "model.safetensors") for n in ("two", "one"))
+        assert set(two) == set(one) and max((two[k] - one[k]).abs().max() for k in one) < EXACT_ABS
         refused = r"trained with 8 examples per optimizer step \(2 × 4 × 1 process\(es\)\); this run takes 4 \(2 × 2"
         with pytest.raises(CheckpointError, match=refused):  # the newest checkpoint is now the 1-process one
             train(small_config(corpus, root / strategy / "reshard-2", "tram-prev", micro=2, accumulate=2, steps=4,

@@ -596,4 +596,34 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/checkpoint_files.py", "    if state.is_dir():\n        check_shard_files(state)", ""),),
         ("tests/test_checkpoint.py::test_a_damaged_checkpoint_named_for_resume_is_a_clear_error",),
     ),
+    Mutation(
+        "export-drops-an-untied-head",
+        "a Llama with untied embeddings exported without its lm_head (transformers would start a random one)",
+        (
+            (
+                "fabric_tram/models/llama.py",
+                'if not (c.tie_word_embeddings and k == "lm_head.weight")',
+                'if k != "lm_head.weight"',
+            ),
+        ),
+        ("tests/test_export.py::test_every_family_exports_to_a_folder_transformers_loads_with_our_logits",),
+    ),
+    Mutation(
+        "gpt2-export-conv1d-untransposed",
+        "GPT-2 exported with nn.Linear weights where Hugging Face's Conv1D expects them transposed",
+        (
+            (
+                "fabric_tram/models/gpt2.py",
+                "k: (v.t() if k.endswith(HF_CONV1D) else v).contiguous()",
+                "k: v.contiguous()",
+            ),
+        ),
+        ("tests/test_export.py::test_every_family_exports_to_a_folder_transformers_loads_with_our_logits",),
+    ),
+    Mutation(
+        "kv-cache-positions-restart",
+        "with a KV cache each new token takes position 0 again (GPT-2's learned positions)",
+        (("fabric_tram/models/gpt2.py", "start = 0 if cache is None else cache.length", "start = 0"),),
+        ("tests/test_export.py::test_greedy_generation_through_the_kv_cache_equals_transformers_generate",),
+    ),
 )

@@ -66,6 +66,7 @@ def save(run: Run, step: int) -> Path:
         "global_batch": global_batch(run)[0],
         "micro_batch_size": t.micro_batch_size,
         "accumulate": t.accumulate,
+        "labels": getattr(run.task, "label_names", None),  # a classifier's class names, for an exported model
     }
     return save_checkpoint(run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, t.keep_last)
 

@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fabric_tram.engine.checkpoint_state import load_state, load_weights, save_state
 from fabric_tram.jsonfile import write_json
@@ -318,7 +319,7 @@ def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_sect
 def _loading(path: Path, load) -> None:
     try:
         load()
-    except Exception as err:  # a foreign or damaged state: RuntimeError, KeyError, EOFError, ...
+    except (Exception, CheckpointException) as err:  # a foreign or damaged state (DCP's is a BaseException)
         what = err.args[0] if isinstance(err, KeyError) and err.args else err
         raise CheckpointError(
             f"{path / 'state'} cannot be loaded into this model/optimizer ({type(err).__name__}: {what})"

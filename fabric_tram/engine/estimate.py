@@ -19,29 +19,42 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, base_optimizer_name
+from fabric_tram.data.tokenizer import hub_file, is_hub_id
 from fabric_tram.models import build_model
+from fabric_tram.models.hub import resolve_checkpoint_folder
 from fabric_tram.registry import MODELS, OPTIMIZERS
 
 GIB = 1024**3
 
 
+def sized_section(section):
+    """The model section with ``pretrained`` replaced by the sizes it stands for (a preset name, a hub id of a
+    preset, a ``bundled:`` or local checkpoint folder, a hub id whose config.json is cached): the architecture
+    without reading any weights."""
+    name = getattr(section, "pretrained", None)
+    if not name:
+        return section
+    family = sys.modules[MODELS.get(section.name).target.__module__]  # its PRESETS, HF_IDS, config_from_hf
+    preset = {hub_id: preset for preset, hub_id in family.HF_IDS.items()}.get(name, name)
+    if preset in family.PRESETS:
+        return replace(section, pretrained=None, preset=preset)
+    config_file = None
+    if name.startswith("bundled:") or Path(name).expanduser().is_dir():
+        config_file = resolve_checkpoint_folder(name) / "config.json"
+    elif is_hub_id(name):
+        try:
+            config_file = Path(hub_file(name, "config.json", "model.pretrained"))
+        except FileNotFoundError:
+            config_file = None
+    if config_file is None or not config_file.is_file():
+        raise ValueError(f"cannot size model.pretrained={name!r} offline: use a preset name or a local folder")
+    return family.config_from_hf(replace(section, pretrained=None), json.loads(config_file.read_text()))
+
+
 def meta_model(config: Config) -> torch.nn.Module:
     """The model on the meta device (no weights read): sizes from the preset or the checkpoint's config.json."""
-    section = config.model
-    if getattr(section, "pretrained", None):
-        family = sys.modules[MODELS.get(section.name).target.__module__]  # its PRESETS, HF_IDS, config_from_hf
-        name = section.pretrained
-        preset = {hub_id: preset for preset, hub_id in family.HF_IDS.items()}.get(name, name)
-        if preset in family.PRESETS:
-            section = replace(section, pretrained=None, preset=preset)
-        elif (Path(name) / "config.json").is_file():
-            section = family.config_from_hf(
-                replace(section, pretrained=None), json.loads((Path(name) / "config.json").read_text())
-            )
-        else:
-            raise ValueError(f"cannot size model.pretrained={name!r} offline: use a preset name or a local folder")
     with torch.device("meta"):
-        return build_model(section)
+        return build_model(sized_section(config.model))
 
 
 def optimizer_state_factor(config: Config) -> float:

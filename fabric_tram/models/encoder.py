@@ -264,6 +264,36 @@ class Encoder(nn.Module):
         """Build the model; with ``pretrained`` set, its sizes come from the checkpoint's config.json."""
         return build_pretrained(cls, config, HF_IDS, config_from_hf)
 
+    def to_hf(self, labels: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``config.json`` and the state dict of Hugging Face's ``XLMRobertaForSequenceClassification`` (the
+        ``roberta`` variant) or ``BertForSequenceClassification`` (``bert``), with the label names."""
+        s, bert = self.sizes, self.sizes["variant"] == "bert"
+        prefix = "bert." if bert else "roberta."
+        state = {(prefix + k[len("body.") :] if k.startswith("body.") else k): v for k, v in self.state_dict().items()}
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(self.config.num_labels)]
+        config = {
+            "architectures": ["BertForSequenceClassification" if bert else "XLMRobertaForSequenceClassification"],
+            "model_type": "bert" if bert else "xlm-roberta",
+            "hidden_size": s["n_embd"],
+            "num_hidden_layers": s["n_layer"],
+            "num_attention_heads": s["n_head"],
+            "intermediate_size": s["intermediate_size"],
+            "vocab_size": s["vocab_size"],
+            "max_position_embeddings": s["max_position_embeddings"],
+            "type_vocab_size": s["type_vocab_size"],
+            "pad_token_id": s["pad_token_id"],
+            "layer_norm_eps": s["layer_norm_eps"],
+            "hidden_act": "gelu",
+            "position_embedding_type": "absolute",
+            "hidden_dropout_prob": self.config.dropout,
+            "attention_probs_dropout_prob": self.config.dropout,
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+            "problem_type": "single_label_classification",
+        }
+        return config, state
+
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face encoder state dict into this model (masked-LM heads and position-id buffers left
         out); a checkpoint without a classification head or pooler (or ``new_head``) keeps this model's new ones."""

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained
+from fabric_tram.models.kv_cache import KVCache, LayerCache, cached_attention
 from fabric_tram.registry import register_model
 
 PRESETS = {
@@ -67,11 +68,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = cached_attention(q, k, v, cache, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -94,8 +95,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
         self.mlp = MLP(n_embd, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -168,29 +169,65 @@ class GPT2(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        return lm_logits(self.hidden_states(input_ids, input_noise), self.lm_head.weight)
+    def forward(self, input_ids: torch.Tensor, input_noise=None, cache: KVCache | None = None) -> torch.Tensor:
+        return lm_logits(self.hidden_states(input_ids, input_noise, cache), self.lm_head.weight)
 
-    def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for generation (``forward(ids, cache=...)`` then feeds one new token at a time)."""
+        return KVCache(self.config.sizes()["n_layer"])
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    def hidden_states(self, input_ids: torch.Tensor, input_noise=None, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the last LayerNorm. ``input_noise``: a function mapping the token
         embeddings to their noised version, applied before the position embeddings (the update rules that noise
         the inputs pass one; docs/design.md, "Model")."""
         B, T = input_ids.shape
-        if T > self.n_positions:
-            raise ValueError(f"sequence length {T} exceeds the model's n_positions={self.n_positions}")
+        start = 0 if cache is None else cache.length  # the new tokens' first position
+        if start + T > self.n_positions:
+            raise ValueError(f"sequence length {start + T} exceeds the model's n_positions={self.n_positions}")
         tr = self.transformer
         tok = tr.wte(input_ids)
         if input_noise is not None:
             tok = input_noise(tok)
-        x = tr.drop(tok + tr.wpe(torch.arange(T, device=input_ids.device)))
-        for block in tr.h:
+        x = tr.drop(tok + tr.wpe(torch.arange(start, start + T, device=input_ids.device)))
+        for i, block in enumerate(tr.h):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, None if cache is None else cache.layers[i])
         return tr.ln_f(x)
 
     # --------------------------------------------------------------------------------- checkpoints
+
+    def to_hf(self, labels: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``config.json`` and the state dict of Hugging Face's ``GPT2LMHeadModel`` (Conv1D weights transposed
+        back; the tied head is the embedding). ``labels`` is for classifiers."""
+        s = self.config.sizes()
+        state = {
+            k: (v.t() if k.endswith(HF_CONV1D) else v).contiguous()
+            for k, v in self.state_dict().items()
+            if k != "lm_head.weight"
+        }
+        config = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "n_layer": s["n_layer"],
+            "n_head": s["n_head"],
+            "n_embd": s["n_embd"],
+            "n_positions": s["n_positions"],
+            "n_ctx": s["n_positions"],
+            "vocab_size": self.config.vocab_size,
+            "layer_norm_epsilon": self.config.layer_norm_epsilon,
+            "resid_pdrop": self.config.dropout,
+            "embd_pdrop": self.config.dropout,
+            "attn_pdrop": self.config.dropout,
+            "tie_word_embeddings": True,
+        }
+        return config, state
 
     @classmethod
     def from_config(cls, config: GPT2Config) -> GPT2:
@@ -245,41 +282,3 @@ def config_from_hf(config: GPT2Config, hf: dict) -> GPT2Config:
 
 
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def export_hf_checkpoint(model: GPT2, folder, eos_token_id: int | None = None) -> None:
-    """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout (loadable by transformers)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    s = model.config.sizes()
-    state = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":  # tied to wte
-            continue
-        value = value.detach().cpu()
-        state[key] = (value.t() if key.endswith(HF_CONV1D) else value).contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "activation_function": "gelu_new",
-        "n_layer": s["n_layer"],
-        "n_head": s["n_head"],
-        "n_embd": s["n_embd"],
-        "n_positions": s["n_positions"],
-        "n_ctx": s["n_positions"],
-        "vocab_size": model.config.vocab_size,
-        "layer_norm_epsilon": model.config.layer_norm_epsilon,
-        "resid_pdrop": model.config.dropout,
-        "embd_pdrop": model.config.dropout,
-        "attn_pdrop": model.config.dropout,
-        "tie_word_embeddings": True,
-    }
-    if eos_token_id is not None:
-        config.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))

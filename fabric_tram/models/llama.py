@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
+from fabric_tram.models.kv_cache import KVCache, LayerCache, cached_attention
 from fabric_tram.registry import register_model
 
 PRESETS = {
@@ -170,15 +171,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(n_embd, n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, enable_gqa=True
-        )
+        y = cached_attention(q, k, v, cache, dropout_p=self.dropout if self.training else 0.0, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -201,8 +200,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(s["n_embd"], config.rms_norm_eps)
         self.mlp = SwiGLU(s["n_embd"], s["intermediate_size"])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -264,10 +263,18 @@ class Llama(nn.Module):
         C, kv = s["n_embd"], s["n_kv_head"] * (s["n_embd"] // s["n_head"])
         return 8.0 * C + 2.0 * kv + 4.0 * s["intermediate_size"]
 
-    def forward(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
-        return lm_logits(self.hidden_states(input_ids, input_noise), self.lm_head.weight)
+    def forward(self, input_ids: torch.Tensor, input_noise=None, cache: KVCache | None = None) -> torch.Tensor:
+        return lm_logits(self.hidden_states(input_ids, input_noise, cache), self.lm_head.weight)
 
-    def hidden_states(self, input_ids: torch.Tensor, input_noise=None) -> torch.Tensor:
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for generation (``forward(ids, cache=...)`` then feeds one new token at a time)."""
+        return KVCache(self.sizes["n_layer"])
+
+    @property
+    def max_positions(self) -> int:
+        return self.sizes["max_position_embeddings"]
+
+    def hidden_states(self, input_ids: torch.Tensor, input_noise=None, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the last RMSNorm. ``input_noise``: a function mapping the token
         embeddings to their noised version (the update rules that noise the inputs pass one). Rotary embeddings
         have no table: any length runs."""
@@ -276,12 +283,15 @@ class Llama(nn.Module):
             x = input_noise(x)
         s = self.sizes
         head_dim = s["n_embd"] // s["n_head"]
-        cos, sin = rotary_cos_sin(input_ids.shape[1], head_dim, s["rope_theta"], x.device, x.dtype, s["rope_scaling"])
-        for block in self.model.layers:
+        start = 0 if cache is None else cache.length  # the new tokens' first position
+        end = start + input_ids.shape[1]
+        cos, sin = rotary_cos_sin(end, head_dim, s["rope_theta"], x.device, x.dtype, s["rope_scaling"])
+        cos, sin = cos[start:end], sin[start:end]
+        for i, block in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, None if cache is None else cache.layers[i])
         return self.model.norm(x)
 
     # --------------------------------------------------------------------------------- checkpoints
@@ -290,6 +300,32 @@ class Llama(nn.Module):
     def from_config(cls, config: LlamaConfig) -> Llama:
         """Build the model; with ``pretrained`` set, its sizes come from the checkpoint's config.json."""
         return build_pretrained(cls, config, HF_IDS, config_from_hf)
+
+    def to_hf(self, labels: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``config.json`` and the state dict of Hugging Face's ``LlamaForCausalLM``, or ``Qwen2ForCausalLM`` when
+        q, k and v carry biases (Qwen2's layout; our names are theirs, so the weights go as they are)."""
+        c, s = self.config, self.config.sizes()
+        qwen2 = c.attention_bias
+        state = {k: v for k, v in self.state_dict().items() if not (c.tie_word_embeddings and k == "lm_head.weight")}
+        config = {
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
+            "hidden_size": s["n_embd"],
+            "intermediate_size": s["intermediate_size"],
+            "num_hidden_layers": s["n_layer"],
+            "num_attention_heads": s["n_head"],
+            "num_key_value_heads": s["n_kv_head"],
+            "vocab_size": s["vocab_size"],
+            "max_position_embeddings": s["max_position_embeddings"],
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": s["rope_theta"],
+            "rope_scaling": s.get("rope_scaling"),
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_dropout": c.dropout,
+            **({} if qwen2 else {"attention_bias": False, "mlp_bias": False}),
+        }
+        return config, state
 
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face Llama/Qwen2 state dict into this model, refusing any mismatch (names and shapes)."""

@@ -203,6 +203,32 @@ class ViT(nn.Module):
         """Build the model; with ``pretrained`` set, its sizes come from the checkpoint's config.json."""
         return build_pretrained(cls, config, HF_IDS, config_from_hf)
 
+    def to_hf(self, labels: list[str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``config.json`` and the state dict of Hugging Face's ``ViTForImageClassification`` (transformers ≥ 5
+        names, which are ours), with the label names."""
+        s = self.sizes
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(self.config.num_labels)]
+        config = {
+            "architectures": ["ViTForImageClassification"],
+            "model_type": "vit",
+            "image_size": s["image_size"],
+            "patch_size": s["patch_size"],
+            "num_channels": 3,
+            "hidden_size": s["n_embd"],
+            "num_hidden_layers": s["n_layer"],
+            "num_attention_heads": s["n_head"],
+            "intermediate_size": s["intermediate_size"],
+            "hidden_act": "gelu",
+            "qkv_bias": True,
+            "layer_norm_eps": self.config.layer_norm_eps,
+            "hidden_dropout_prob": self.config.dropout,
+            "attention_probs_dropout_prob": self.config.dropout,
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
+        return config, dict(self.state_dict())
+
     def load_hf_state_dict(self, hf_state: dict) -> None:
         """Copy a Hugging Face ViT state dict (either naming) into this model; a checkpoint without a classifier,
         or ``new_head``, keeps this model's new one; the ImageNet pooler is left out."""

@@ -22,6 +22,7 @@ def accuracy_metrics(loss_sum: float, count: float, correct: float = 0.0) -> dic
 
 class ClassificationTask:
     headline_metric = "accuracy"  # what result tables report (higher is better)
+    label_names: list[str] | None = None  # class names by label index (an exported model's id2label), if known
 
     def logits(self, model, batch: dict, **forward_kwargs) -> torch.Tensor:
         raise NotImplementedError  # a subclass feeds its batch's inputs to the model

@@ -57,9 +57,11 @@ class ImageClassificationTask(ClassificationTask):
         if config.data_dir.startswith("hf://"):
             train = self._load("train")
             self.num_labels = len(train.classes) if train.classes else int(max(train.rows[train.label_key])) + 1
+            self.label_names = list(train.classes) if train.classes else None
         else:
             self.classes = folder_classes(self.root)
             self.num_labels = len(self.classes)
+            self.label_names = list(self.classes)
         self.train_set = self.split("train")
 
     @property

@@ -126,6 +126,10 @@ class PairClassificationTask(ClassificationTask):
     def num_labels(self) -> int:
         return len(self.config.labels)
 
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.config.labels)
+
     def pairs(self, language: str, split: str) -> EncodedPairs:
         key = (language, split)
         if key not in self._cache:
