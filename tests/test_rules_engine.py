@@ -125,12 +125,18 @@ def test_checkpoint_round_trip_restores_persistent_state(corpus, tmp_path, rule)
     resumed = train(small_config(corpus, tmp_path / "stop", rule, steps=4, extra=extra + ["trainer.resume=auto"]))
     assert [s["d"] for s in resumed.history] == [s["d"] for s in full.history[2:]]
     assert max_param_diff(trajectory(resumed)["params"], trajectory(full)["params"]) == 0.0
-    saved = torch.load(tmp_path / "stop" / "checkpoints" / "step-00000002" / "rank-0.pt", weights_only=True)["rule"]
+    checkpoint = tmp_path / "stop" / "checkpoints" / "step-00000002"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint / "state")).read_metadata().state_dict_metadata
+    buffers = {k[len("rule.") :]: m for k, m in metadata.items() if k.startswith("rule.")}  # by parameter name
     expected_key = {"tram-prev": "previous_iterate", "tram-init": "initial_weights", "mesa": "ema"}[rule]
-    assert list(saved) == [expected_key, *(["radius"] if rule.startswith("tram") else [])]
-    assert len(saved[expected_key]) == len(list(full.model.parameters()))
+    assert {k.split("/")[0] for k in buffers} == {expected_key}
+    assert {k.split("/", 1)[1] for k in buffers} == {n for n, _ in full.model.module.named_parameters()}
+    shared = torch.load(checkpoint / "global.pt", weights_only=True)["rule"]
+    assert list(shared) == (["radius"] if rule.startswith("tram") else [])  # TRAM's radius: the same on all ranks
     if rule == "mesa":  # the EMA is accumulated in at least float32: float64 here, as the weights
-        assert all(b.dtype == torch.float64 for b in saved["ema"])
+        assert all(m.properties.dtype == torch.float64 for m in buffers.values())
 
 
 @pytest.mark.parametrize(

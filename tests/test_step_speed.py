@@ -15,7 +15,8 @@ from fabric_tram.optim.step import StepContext
 from fabric_tram.optim.update_rule import rule_class
 
 RULES = ["adam", *STEP_COST_RULES]
-TWO_PASS = {name for name in STEP_COST_RULES if rule_class(name).passes.backward == 2}
+# sharpness-aware rules run two gradient passes (ascent and descent); r3f's one pass runs two graphs
+TWO_PASS = {n for n in STEP_COST_RULES if rule_class(n).passes.forward // rule_class(n).graphs_per_pass == 2}
 PACKAGE = str(Path(__import__("fabric_tram").__file__).parent)
 TRANSFERS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "__format__")
 

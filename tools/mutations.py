@@ -210,7 +210,7 @@ MUTATIONS = (  # fmt: skip
         "resume=auto gives up on a damaged newest checkpoint instead of using the one before",
         (
             (
-                "fabric_tram/engine/setup.py",
+                "fabric_tram/engine/checkpoint.py",
                 "for candidate in [path, *(older if fallback else [])]:",
                 "for candidate in [path]:",
             ),
@@ -494,9 +494,9 @@ MUTATIONS = (  # fmt: skip
         "resume=auto falls back to the oldest complete checkpoint instead of the newest before the damaged one",
         (
             (
-                "fabric_tram/engine/setup.py",
-                "older = [c for c in reversed(ckpt.list_checkpoints(run.run_dir))",
-                "older = [c for c in ckpt.list_checkpoints(run.run_dir)",
+                "fabric_tram/engine/checkpoint.py",
+                "older = [c for c in reversed(list_checkpoints(run.run_dir))",
+                "older = [c for c in list_checkpoints(run.run_dir)",
             ),
         ),
         ("tests/test_checkpoint.py::test_resume_auto_falls_back_to_the_newest_undamaged_of_several_checkpoints",),

@@ -304,13 +304,7 @@ def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_sect
         return _load_format_1(fabric, path, model, optimizer, rule, checked["rank"])
     _loading(path, lambda: load_state(path / "state", model, optimizer, rule))
     shared = checked["global"]
-    try:
-        rule.load_global_state(shared["rule"])
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{path / 'global.pt'}: {err}") from None
-    scaler = getattr(fabric.strategy.precision, "scaler", None)
-    if scaler is not None and shared.get("scaler"):
-        scaler.load_state_dict(shared["scaler"])
+    _restore(fabric, lambda: rule.load_global_state(shared["rule"]), path / "global.pt", shared.get("scaler"))
     if checked["rank"] is not None:
         set_rng_state(checked["rank"]["rng"])
     return int(shared["step"])
@@ -331,11 +325,17 @@ def _load_format_1(fabric, path: Path, model, optimizer, rule, per_rank: dict) -
     remainder = {}
     _loading(path, lambda: remainder.update(fabric.load(path / "state", {"model": model, "optimizer": optimizer})))
     set_rng_state(per_rank["rng"])
-    try:
-        rule.load_state_dict(per_rank["rule"])
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{path / f'rank-{fabric.global_rank}.pt'}: {err}") from None
-    scaler = getattr(fabric.strategy.precision, "scaler", None)
-    if scaler is not None and per_rank.get("scaler"):
-        scaler.load_state_dict(per_rank["scaler"])
+    rank_file = path / f"rank-{fabric.global_rank}.pt"
+    _restore(fabric, lambda: rule.load_state_dict(per_rank["rule"]), rank_file, per_rank.get("scaler"))
     return int(remainder.get("step", read_meta(path)["step"]))
+
+
+def _restore(fabric, load_rule, file: Path, scaler_state: dict | None) -> None:
+    """The rule's state (an error naming ``file`` if it does not fit) and the loss scaler's."""
+    try:
+        load_rule()
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{file}: {err}") from None
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
