@@ -330,7 +330,7 @@ def run_differences(run_dir: str | Path, config: Config, only: tuple[str, ...] =
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
     wanted = _flat(_plain(to_dict(config)))
     return [f"{key}: {saved.get(key, '(unset)')!r} there, {wanted.get(key, '(unset)')!r} here"
-            for key in sorted(set(saved) | set(wanted))
+            for key in sorted(set(saved) & set(wanted))  # a key one side lacks is from another version
             if key not in PRESENTATION_KEYS and saved.get(key) != wanted.get(key)
             and (not only or key.startswith(only))]  # fmt: skip
 
