@@ -140,6 +140,13 @@ def test_two_processes_match_one(reference, strategy):
             export(run_dir / "checkpoints" / "step-00000002", root / f"export-{name}", dtype="float64")
         two, one = (load_file(root / f"export-{n}" / "model.safetensors") for n in ("two", "one"))
         assert set(two) == set(one) and max((two[k] - one[k]).abs().max() for k in one) < EXACT_ABS
+        # and `fabric-tram evaluate` of the 2-process checkpoint on 1 process scores what the 1-process one does
+        from fabric_tram.engine.evaluation import evaluate_checkpoint
+
+        scores = [evaluate_checkpoint(d / "checkpoints" / "step-00000002", ["trainer.eval_batches=2"], ["test"])
+                  for d in (root / strategy / "reshard-2", root / "reshard-1")]  # fmt: skip
+        for domain, metrics in scores[1]["test"].items():
+            assert scores[0]["test"][domain]["loss"] == pytest.approx(metrics["loss"], rel=EXACT_REL)
         refused = r"trained with 8 examples per optimizer step \(2 × 4 × 1 process\(es\)\); this run takes 4 \(2 × 2"
         with pytest.raises(CheckpointError, match=refused):  # the newest checkpoint is now the 1-process one
             train(small_config(corpus, root / strategy / "reshard-2", "tram-prev", micro=2, accumulate=2, steps=4,
