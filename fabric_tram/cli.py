@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from fabric_tram.config import load_config, merge, parse_overrides, refuse_another_run, resolve
+from fabric_tram.config import load_config, merge, parse_overrides, resolve
+from fabric_tram.config_compare import refuse_another_run
 from fabric_tram.registry import REGISTRIES, load_plugins
 
 plugin_option = click.option(

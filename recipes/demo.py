@@ -31,7 +31,8 @@ from pathlib import Path
 
 from fabric_tram.analysis.results import report
 from fabric_tram.cli import reported_errors, train_job
-from fabric_tram.config import dump_yaml, merge, parse_overrides, refuse_another_run, resolve
+from fabric_tram.config import dump_yaml, merge, parse_overrides, resolve
+from fabric_tram.config_compare import refuse_another_run
 from fabric_tram.engine.evaluation import evaluate
 from fabric_tram.engine.setup import setup
 from fabric_tram.jsonfile import write_json
