@@ -136,14 +136,15 @@ def evaluate(checkpoint, overrides, splits, plugins):
 @click.argument("checkpoint")
 @click.argument("out_dir")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-def export(checkpoint, out_dir, dtype):
+@click.option("--adapter", is_flag=True, help="a LoRA run: its adapters alone, in peft's layout (default: merged)")
+def export(checkpoint, out_dir, dtype, adapter):
     """Write CHECKPOINT (a checkpoint folder, or a run folder: its newest) as a Hugging Face folder OUT_DIR that
     transformers loads with its Auto classes: config.json, safetensors weights, tokenizer or image processor, a
     model card. Works on one process from a checkpoint of any number of processes."""
     from fabric_tram.engine.export import export as run_export
 
     with reported_errors():
-        files = run_export(checkpoint, out_dir, dtype)
+        files = run_export(checkpoint, out_dir, dtype, adapter=adapter)
     click.echo(f"written: {out_dir}/({', '.join(files)})")
 
 

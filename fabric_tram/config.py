@@ -67,6 +67,30 @@ class Config:
     trainer: TrainerConfig
 
 
+@dataclass
+class LoraConfig:
+    """``model.lora``: low-rank adapters (LoRA, through peft) on the named linear layers of any model; the rest of
+    the model is frozen and every update rule acts on the trainable parameters only (docs/algorithms.md)."""
+
+    r: int = 8  # rank of each adapter: ΔW = (alpha / r) · B A, A: r × in, B: out × r (B starts at zero)
+    alpha: float = 16.0  # scale numerator (peft's lora_alpha)
+    dropout: float = 0.0  # dropout on the adapter's input (peft's lora_dropout)
+    target_modules: list = field(default_factory=list)  # module names (last dotted part), e.g. [q_proj, v_proj]
+    modules_to_save: list = field(default_factory=list)  # modules trained in full beside the adapters (a new head)
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError(
+                "model.lora.target_modules is empty: name the linear layers to adapt, e.g. "
+                "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] (Llama, hf models of its kind) or "
+                "[c_attn, c_proj, c_fc] (GPT-2); `fabric-tram list` does not know them, the model's module names do"
+            )
+
+
 SECTION_REGISTRIES: dict[str, Registry] = {
     "model": MODELS,
     "task": TASKS,
@@ -184,6 +208,8 @@ def section_class(section: str, name: str, base: str | None) -> type:
     if key not in _section_classes:
         config_cls = entry.config
         fields_: list = [("name", str, field(default=name))]
+        if section == "model":  # adapters apply to any model (engine-level): every model section has the key
+            fields_.append(("lora", LoraConfig | None, field(default=None)))
         hints = dict(typing.get_type_hints(config_cls)) if config_cls else {}
         if base is not None:
             base_cls = section_class(section, base, None)
@@ -194,7 +220,7 @@ def section_class(section: str, name: str, base: str | None) -> type:
         ns = {"__module__": config_cls.__module__ if config_cls else __name__}
         # subclass the entry's config so that its methods (e.g. GPT2Config.sizes) stay available
         cls = dataclasses.make_dataclass(cls_name, fields_, bases=(config_cls,) if config_cls else (), namespace=ns)
-        cls._hints = {**hints, "name": str}
+        cls._hints = {**hints, "name": str, **({"lora": LoraConfig | None} if section == "model" else {})}
         _section_classes[key] = cls
     return _section_classes[key]
 
@@ -231,7 +257,10 @@ def resolve(raw: dict) -> Config:
     validate(config)
     for section in sections.values():  # a section whose values depend on another's (TRAM's calibration start)
         if hasattr(section, "resolve_with"):
-            section.resolve_with(config)
+            try:
+                section.resolve_with(config)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     config.trainer.run_dir = expand_run_dir(config)
     return config
 

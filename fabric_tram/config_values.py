@@ -46,13 +46,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        for arg in candidates:
             try:
                 return coerce(value, arg, key)
             except ConfigError:
-                pass
+                if len(candidates) == 1:  # X | None: X's own message names the problem
+                    raise
         raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str):
@@ -86,6 +86,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
         return str(value)
+    if dataclasses.is_dataclass(tp):  # a nested section (model.lora)
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} expects a mapping of its keys, got {value!r}")
+        built = build_dataclass(tp, value, key)
+        try:
+            getattr(built, "check", lambda: None)()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return built
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")

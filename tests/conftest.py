@@ -167,6 +167,27 @@ LLAMA_MODEL = [
 ]
 
 
+def hf_checkpoints(root: Path, corpus: Path) -> dict:
+    """Hugging Face folders of three architectures written by our families' exporters (GPT-2; a Llama with
+    grouped-query attention; a BERT classifier with a pooler), and how a run loads each:
+    ``{family: (our family's model overrides, model.name=hf overrides, task overrides)}``."""
+    from fabric_tram.models import build_model
+    from fabric_tram.models.hf_folder import save_hf_folder
+
+    lm = ["task.name=lm", f"task.data_dir={corpus}", "task.packing=false", "task.block_size=32"]
+    nli = ["task.name=nli", "task.data_dir=nli-sample", "task.tokenizer=nli-sample", "task.max_length=48"]
+    bert = ["model.name=encoder", "model.variant=bert", "model.type_vocab_size=2", "model.layer_norm_eps=1e-12"]
+    out = {}
+    for family, model, task in (("gpt2", SMALL_MODEL, lm), ("llama", LLAMA_MODEL, lm), ("bert", bert, nli)):
+        config = load_config(None, ["optimizer.name=sgd", *model, *task, "model.dropout=0.0"])
+        torch.manual_seed(0)
+        folder = root / f"hf-{family}"
+        save_hf_folder(build_model(config.model), folder)
+        native = [f"model.name={config.model.name}", f"model.pretrained={folder}", "model.dropout=0.0"]
+        out[family] = (native, ["model.name=hf", f"model.pretrained={folder}"], task)
+    return out
+
+
 # The rules the 1 vs 2 process tests run (docs/design.md), and what they add to the small config: TRAM's scale
 # calibrated within the run (tram-prev) and a radius reused between measurements of d (tram-x).
 DIST_RULES = ("sam", "asam", "fsam", "tram-prev", "tram-x", "tram-fisher", "trpo", "r3f")

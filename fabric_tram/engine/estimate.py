@@ -30,8 +30,10 @@ GIB = 1024**3
 def sized_section(section):
     """The model section with ``pretrained`` replaced by the sizes it stands for (a preset name, a hub id of a
     preset, a ``bundled:`` or local checkpoint folder, a hub id whose config.json is cached): the architecture
-    without reading any weights."""
+    without reading any weights (an ``hf`` model: its ``init=random``, the checkpoint's config.json alone)."""
     name = getattr(section, "pretrained", None)
+    if hasattr(section, "init"):
+        return replace(section, init="random")
     if not name:
         return section
     family = sys.modules[MODELS.get(section.name).target.__module__]  # its PRESETS, HF_IDS, config_from_hf
@@ -87,19 +89,21 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     world = devices * num_nodes
     shards = world if t.strategy == "fsdp" else 1
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # LoRA: the adapters only
     param_bytes = {"bf16-true": 2, "64-true": 8}.get(t.precision, 4)  # mixed precision keeps fp32 weights
     act_bytes = {"32-true": 4, "64-true": 8}.get(t.precision, 2)
     rule = rule_declarations(config.optimizer.name, config.optimizer)
     fwd, nograd, bwd = rule["passes"]
-    rule_bytes = n_params * (param_bytes * rule["state_factor"] + max(4, param_bytes) * rule["fp32_state"])
-    sizes = model.config.sizes() if hasattr(model.config, "sizes") else {}
+    rule_bytes = n_trained * (param_bytes * rule["state_factor"] + max(4, param_bytes) * rule["fp32_state"])
+    sizes = model.sizes if isinstance(getattr(model, "sizes", None), dict) else {}  # hf, encoder, vit: a dict
+    sizes = sizes or (model.config.sizes() if hasattr(model.config, "sizes") else {})
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B = t.micro_batch_size
     # tokens per sequence: the model's own count (a ViT's patches) or the task's sequence length
     T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None
     T = T or getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)
     # output rows: one distribution per token over the vocabulary (LM), or per sequence over the labels (classifier)
-    labels = getattr(model.config, "num_labels", None)
+    labels = getattr(model, "num_labels", None) or getattr(model.config, "num_labels", None)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
     outputs = B * labels if labels else B * T * V
     per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C
@@ -112,8 +116,8 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * outputs * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
-        "gradients": n_params * param_bytes / shards,
-        "optimizer_state": n_params * param_bytes * optimizer_state_factor(config) / shards,  # in the weights' dtype
+        "gradients": n_trained * param_bytes / shards,
+        "optimizer_state": n_trained * param_bytes * optimizer_state_factor(config) / shards,  # the weights' dtype
         "update_rule_buffers": rule_bytes / shards,
         "activations": activations["with_checkpointing" if t.activation_checkpointing else "without_checkpointing"]
         + logits,
@@ -124,6 +128,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
         "world_size": world,
         "sharded_over": shards,
         "n_params": n_params,
+        "n_trained": n_trained,
         "bytes": parts,
         "activations_without_checkpointing": activations["without_checkpointing"] + logits,
         "activations_with_checkpointing": activations["with_checkpointing"] + logits,
@@ -137,7 +142,9 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
 def format_estimate(config: Config, e: dict) -> str:
     b = e["bytes"]
     lines = [
-        f"{config.model.name} ({e['n_params'] / 1e6:,.1f}M parameters), update rule {config.optimizer.name} "
+        f"{config.model.name} ({e['n_params'] / 1e6:,.1f}M parameters"
+        + (f", {e['n_trained'] / 1e6:,.3f}M trained" if e["n_trained"] != e["n_params"] else "")
+        + f"), update rule {config.optimizer.name} "
         f"(base {base_optimizer_name(config.optimizer)}), {config.trainer.strategy}, {config.trainer.precision}, "
         f"{e['world_size']} device(s); per device:"
     ]

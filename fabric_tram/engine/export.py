@@ -26,7 +26,8 @@ from fabric_tram.engine.checkpoint_files import check_compatible, check_state_fi
 from fabric_tram.engine.checkpoint_state import load_weights
 from fabric_tram.engine.estimate import sized_section
 from fabric_tram.models import build_model
-from fabric_tram.models.hf_folder import MAX_SHARD_BYTES, save_hf_folder
+from fabric_tram.models.hf_folder import DTYPES, MAX_SHARD_BYTES, save_hf_folder
+from fabric_tram.models.lora import adapter_config, adapter_state, merge_lora
 
 SPECIAL_TOKENS = {  # tokenizer_config.json's roles, by the names the bundled and hub tokenizers use
     "eos_token": ("<|endoftext|>", "</s>", "[SEP]"),
@@ -64,17 +65,25 @@ def load_checkpoint_model(path: str | Path):
 
 
 def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
-           max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:  # fmt: skip
-    """Write the checkpoint's model as a Hugging Face folder at ``out_dir``; returns the files written."""
+           max_shard_bytes: int = MAX_SHARD_BYTES, adapter: bool = False) -> list[str]:  # fmt: skip
+    """Write the checkpoint's model as a Hugging Face folder at ``out_dir``; returns the files written. A LoRA run's
+    adapters are merged into the weights, or with ``adapter`` written alone in peft's layout."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: choose a new output folder (nothing was written)")
     model, config, checkpoint = load_checkpoint_model(path)
+    if adapter and getattr(config.model, "lora", None) is None:
+        raise ValueError(f"{checkpoint} is not a LoRA run (model.lora is unset): export it without --adapter")
     meta = read_meta(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        files = save_hf_folder(model, tmp, dtype, meta.get("labels"), token_ids(config), max_shard_bytes)
+        if adapter:
+            files = save_adapter_folder(model, config, tmp, dtype)
+        else:
+            if getattr(config.model, "lora", None) is not None:
+                merge_lora(model)  # W + (alpha / r) B A: a plain model of the base architecture
+            files = save_hf_folder(model, tmp, dtype, meta.get("labels"), token_ids(config), max_shard_bytes)
         files += write_preprocessing(config, model, tmp)
         (tmp / "README.md").write_text(model_card(config, checkpoint, meta, dtype))
         files.append("README.md")
@@ -84,6 +93,36 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
+
+
+ADAPTER_TASKS = {"lm": "CAUSAL_LM", "nli": "SEQ_CLS"}  # peft's task types (none for images)
+
+
+def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
+    """The adapters in peft's layout, for ``PeftModel.from_pretrained(base, folder)``: parameter names of the base
+    checkpoint, which our families share with transformers where the layout is the same (GPT-2, Llama, hf)."""
+    from safetensors.torch import save_file
+
+    layout = getattr(model, "adapter_layout", None)
+    if layout is None:
+        raise ValueError(
+            f"model {config.model.name!r} names its modules unlike transformers' checkpoint, so peft could not place "
+            "its adapters: export without --adapter (the adapters merged into the weights)"
+        )
+    if config.model.lora.modules_to_save:
+        raise ValueError(
+            f"model.lora.modules_to_save={config.model.lora.modules_to_save}: modules trained in full are not written "
+            "in peft's adapter layout here; export without --adapter (the adapters merged into the weights)"
+        )
+    tensors = adapter_state(model, strip=layout["strip"])
+    cast = DTYPES.get(dtype)
+    tensors = {k: v.to(cast) if cast is not None and v.is_floating_point() else v for k, v in tensors.items()}
+    settings = adapter_config(config.model.lora, config.model.pretrained, layout["fan_in_fan_out"],
+                              ADAPTER_TASKS.get(config.task.name))  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def token_ids(config) -> dict:

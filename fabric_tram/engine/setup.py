@@ -120,7 +120,7 @@ def check_task_fits_model(task, model, config: Config) -> None:
     assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
     variants). A classifier must have one output per label of the task."""
     labels = getattr(task, "num_labels", None)
-    outputs = getattr(getattr(model, "config", None), "num_labels", None)  # a plugin model may have no config
+    outputs = getattr(model, "num_labels", None) or getattr(getattr(model, "config", None), "num_labels", None)
     if labels is not None and outputs is not None and labels != outputs:
         names = getattr(config.task, "labels", None)
         listed = f" ({', '.join(map(str, names))})" if names else ""
@@ -164,6 +164,11 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     with fabric.init_module(empty_init=False):
         model = build_model(config.model)
     check_task_fits_model(task, model, config)
+    per_block = {"trainer.strategy=fsdp": t.strategy == "fsdp", "trainer.compile": t.compile,
+                 "trainer.activation_checkpointing": t.activation_checkpointing}  # fmt: skip
+    blocks_needed = [what for what, on in per_block.items() if on]
+    if blocks_needed and getattr(model, "no_blocks_reason", None):  # an hf model whose layers we cannot find
+        raise ConfigError(f"{' and '.join(blocks_needed)}: {model.no_blocks_reason}")
     if t.activation_checkpointing:
         if not hasattr(model, "block_class"):
             raise ConfigError(
@@ -176,7 +181,9 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     run = Run(config, fabric, task, model)
     if training:
         # FSDP2: the optimizer must be built from the parameters *after* sharding
-        run.optimizer = fabric.setup_optimizers(build_base_optimizer(config.optimizer, model.parameters()))
+        # only what trains (LoRA: the adapters); every rule then acts on these parameters alone
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        run.optimizer = fabric.setup_optimizers(build_base_optimizer(config.optimizer, trainable))
         run.rule = build_update_rule(config.optimizer, model, run.optimizer)
     torch.manual_seed(t.seed + 1000 * fabric.global_rank)  # per-rank dropout streams
     return run

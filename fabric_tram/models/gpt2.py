@@ -120,6 +120,8 @@ class GPT2(nn.Module):
 
     block_class = Block  # FSDP wraps and activation checkpointing applies per block
     activation_checkpointing = False
+    # LoRA adapters in peft's layout: our names are Hugging Face's; its Conv1D stores weights transposed
+    adapter_layout = {"strip": "", "fan_in_fan_out": True}
 
     def __init__(self, config: GPT2Config):
         super().__init__()

@@ -13,9 +13,10 @@ import torch
 WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
 
-def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) -> Path:
+def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None, extra_patterns: list | None = None
+                              ) -> Path:  # fmt: skip
     """``bundled:NAME`` (shipped with fabric_tram), a local folder as is, or else a hub id fetched (or found in
-    the cache) by huggingface_hub."""
+    the cache) by huggingface_hub (``extra_patterns``: more files than config and weights, e.g. remote code)."""
     if name_or_path.startswith("bundled:"):
         from importlib.resources import files
 
@@ -31,7 +32,8 @@ def resolve_checkpoint_folder(name_or_path: str, revision: str | None = None) ->
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+        patterns = WEIGHT_PATTERNS + list(extra_patterns or [])
+        return Path(snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=patterns))
     except Exception as err:  # offline without a cached copy, unknown repo, ...
         raise FileNotFoundError(
             f"could not get checkpoint {name_or_path!r} from the Hugging Face hub or its cache "

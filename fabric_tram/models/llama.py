@@ -223,6 +223,7 @@ class Llama(nn.Module):
 
     block_class = LlamaBlock  # FSDP wraps and activation checkpointing applies per block
     activation_checkpointing = False
+    adapter_layout = {"strip": "", "fan_in_fan_out": False}  # LoRA in peft's layout: our names are HF's
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

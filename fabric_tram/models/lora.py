@@ -1,0 +1,113 @@
+"""LoRA adapters on any model, through peft: added when the model is built (``model.lora``), merged for export, or
+written in peft's adapter layout (``adapter_config.json`` + ``adapter_model.safetensors``) that ``PeftModel``
+loads onto the base checkpoint.
+
+peft's ``inject_adapter_in_model`` replaces each targeted linear layer by a LoRA layer holding the original as
+``base_layer`` and the adapters as ``lora_A.default`` / ``lora_B.default``; everything else is frozen here, except
+the modules named in ``modules_to_save`` (a new classification head), which train in full.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+ADAPTER = "default"  # peft's adapter name
+
+
+def peft_module():
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("model.lora needs peft: pip install -e '.[lora]'") from err
+    return peft
+
+
+def module_suffixes(model: nn.Module, kind: type | tuple = nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and isinstance(module, kind)}
+
+
+def add_lora(model: nn.Module, lora) -> nn.Module:
+    """Adapters on the linear layers named by ``lora.target_modules``; every other parameter frozen except those of
+    ``lora.modules_to_save``. Unknown names are refused with the model's own linear-layer names."""
+    peft = peft_module()
+    linear = sorted(module_suffixes(model, nn.Linear) | conv1d_suffixes(model))
+    unknown = [name for name in lora.target_modules if name not in linear]
+    if unknown:
+        raise ValueError(
+            f"model.lora.target_modules: {unknown} name no linear layer of this model; its linear layers are "
+            f"named {', '.join(linear)}"
+        )
+    unknown = [name for name in lora.modules_to_save if name not in module_suffixes(model)]
+    if unknown:
+        raise ValueError(f"model.lora.modules_to_save: {unknown} name no module of this model")
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        bias="none",
+    )  # fmt: skip
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    saved = tuple(lora.modules_to_save)
+    for name, param in model.named_parameters():
+        in_saved = any(part in saved for part in name.split(".")[:-1])
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved)
+    return model
+
+
+def conv1d_suffixes(model: nn.Module) -> set[str]:
+    """transformers' GPT-2-style ``Conv1D`` layers (a linear with its weight stored transposed)."""
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and type(m).__name__ == "Conv1D"}
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(".lora_A." in name for name, _ in model.named_parameters())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W + (alpha/r)·B A) and put the base layer back in its place: the
+    model then has its original module and parameter names."""
+    for name, layer in lora_layers(model):
+        layer.merge(safe_merge=True)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], layer.get_base_layer())
+    return model
+
+
+def adapter_state(model: nn.Module, strip: str = "") -> dict[str, torch.Tensor]:
+    """The adapters (and fully trained modules) under peft's saved names, ``base_model.model.<name>.lora_A.weight``,
+    ``strip`` removed from the front of each name (the ``hf.`` of the hf family)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        name = (
+            name.removeprefix(strip)
+            .replace(f".lora_A.{ADAPTER}.", ".lora_A.")
+            .replace(f".lora_B.{ADAPTER}.", ".lora_B.")
+        )
+        state[f"base_model.model.{name}"] = param.detach().cpu().contiguous().clone()
+    return state
+
+
+def adapter_config(lora, base: str, fan_in_fan_out: bool, task_type: str | None) -> dict:
+    """peft's ``adapter_config.json`` for these adapters on the checkpoint ``base``."""
+    peft = peft_module()
+    config = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save) or None, fan_in_fan_out=fan_in_fan_out, bias="none",
+        base_model_name_or_path=base, task_type=task_type,
+    )  # fmt: skip
+    out = config.to_dict()
+    out["target_modules"] = sorted(out["target_modules"])  # a set in peft's object: JSON needs a list
+    if out.get("modules_to_save") is not None:
+        out["modules_to_save"] = list(out["modules_to_save"])
+    out["peft_type"] = str(getattr(out["peft_type"], "value", out["peft_type"]))
+    if out.get("task_type") is not None:
+        out["task_type"] = str(getattr(out["task_type"], "value", out["task_type"]))
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in out.items()}
