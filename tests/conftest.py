@@ -46,7 +46,9 @@ torch.set_num_threads(1)
 EXACT_REL = 1e-10
 EXACT_ABS = 1e-12  # for values that are near zero (parameters, d at step 1)
 D_ABS = 1e-15  # the absolute rounding of a float64 KL between nearly equal distributions (sums of ~1e-16 terms)
-FOLLOWS_D = ("d", "radius", "e_norm")  # after calibration TRAM's radius (and so ‖e‖) is proportional to d
+# after calibration TRAM's radius (and so ‖e‖) is proportional to d; its calibrated scale to 1 / d (LoRA's first
+# steps, whose adapters start at B = 0, give d ~ 1e-8: float64's absolute rounding of the KL is then 1e-7 of it)
+FOLLOWS_D = ("d", "radius", "e_norm", "radius_scale")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -167,7 +169,7 @@ LLAMA_MODEL = [
 ]
 
 
-def hf_checkpoints(root: Path, corpus: Path) -> dict:
+def hf_checkpoints(root: Path, corpus: Path, write: bool = True) -> dict:
     """Hugging Face folders of three architectures written by our families' exporters (GPT-2; a Llama with
     grouped-query attention; a BERT classifier with a pooler), and how a run loads each:
     ``{family: (our family's model overrides, model.name=hf overrides, task overrides)}``."""
@@ -182,10 +184,14 @@ def hf_checkpoints(root: Path, corpus: Path) -> dict:
         config = load_config(None, ["optimizer.name=sgd", *model, *task, "model.dropout=0.0"])
         torch.manual_seed(0)
         folder = root / f"hf-{family}"
-        save_hf_folder(build_model(config.model), folder)
+        if write:  # (a 2-process worker reads the folders its reference fixture wrote)
+            save_hf_folder(build_model(config.model), folder)
         native = [f"model.name={config.model.name}", f"model.pretrained={folder}", "model.dropout=0.0"]
         out[family] = (native, ["model.name=hf", f"model.pretrained={folder}"], task)
     return out
+
+
+LLAMA_LORA = ["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
 # The rules the 1 vs 2 process tests run (docs/design.md), and what they add to the small config: TRAM's scale

@@ -14,7 +14,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import (  # noqa: E402
     DIST_RULES,
+    LLAMA_LORA,
     LLAMA_MODEL,
+    hf_checkpoints,
     measure_run,
     poisoned_forward_backward,
     rule_extra,
@@ -101,6 +103,15 @@ if strategy == "fsdp":  # the Llama family sharded: GQA projections and tied emb
     # the ViT through the CIFAR-100 recipe's smoke: patch embeddings, augmented images, tram-x's noise, accuracy
     run = train(vit_smoke_config(out / "vit", strategy=strategy, micro=2, accumulate=1))
     results["vit"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
+
+if strategy == "fsdp":  # transformers models sharded per _no_split_modules block: GPT-2 with tram-x's noise by the
+    # hook on its embedding; a Llama with LoRA adapters on frozen, sharded base weights under tram-prev
+    hf = hf_checkpoints(out.parent, data, write=False)
+    for name, family, rule, lora in (("hf-gpt2", "gpt2", "tram-x", []), ("hf-llama-lora", "llama", "tram-prev",
+                                                                            LLAMA_LORA)):  # fmt: skip
+        run = train(small_config(data, out / name, rule, micro=2, accumulate=2, strategy=strategy,
+                                 extra=rule_extra(rule), model=[*hf[family][1], *lora]))  # fmt: skip
+        results[name] = {"history": run.history, "params": trajectory(run)["params"]}
 
 if strategy == "fsdp":  # the analysis commands on a sharded checkpoint, 2 processes
     if torch.distributed.get_rank() == 0:

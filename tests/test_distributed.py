@@ -9,8 +9,10 @@ from conftest import (
     DIST_RULES,
     EXACT_ABS,
     EXACT_REL,
+    LLAMA_LORA,
     LLAMA_MODEL,
     assert_histories_match,
+    hf_checkpoints,
     launch_two_processes,
     max_param_diff,
     measure_run,
@@ -53,6 +55,12 @@ def reference(tmp_path_factory):
     run = train(small_config(corpus, root / "ref-llama", "tram-prev", micro=8, extra=extra, model=LLAMA_MODEL))
     ref["llama"] = {"history": run.history, "params": trajectory(run)["params"]}
     ref["measure"] = measure_run(root / "ref-adam", small_pretrained(corpus, root / "pretrained"))
+    hf = hf_checkpoints(root, corpus)  # transformers models (model.name=hf) on 1 process, micro-batches 8 × 1
+    for name, family, rule, lora in (("hf-gpt2", "gpt2", "tram-x", []), ("hf-llama-lora", "llama", "tram-prev",
+                                                                            LLAMA_LORA)):  # fmt: skip
+        run = train(small_config(corpus, root / f"ref-{name}", rule, micro=8, extra=rule_extra(rule),
+                                 model=[*hf[family][1], *lora]))  # fmt: skip
+        ref[name] = {"history": run.history, "params": trajectory(run)["params"]}
     run = train(xnli_smoke_config(root / "ref-xnli", micro=2, accumulate=2))
     ref["xnli"] = {"history": run.history, "params": trajectory(run)["params"], "results": run.results}
     run = train(vit_smoke_config(root / "ref-vit", micro=1, accumulate=4))  # other micro-batches than the ranks
@@ -104,6 +112,15 @@ def test_two_processes_match_one(reference, strategy):
             for domain, value in ref["measure"][kind].items():
                 assert got["measure"][kind][domain][key] == pytest.approx(value[key], rel=1e-9), (kind, domain)
         assert all(v["sharpness"] > 0 for v in ref["measure"]["sharpness"].values())
+        # model.name=hf on 2 FSDP2 processes (per-block shards of a transformers model; noise by its embedding's
+        # hook), and LoRA adapters on its frozen sharded base: the steps and the final weights of 1 process
+        for name in ("hf-gpt2", "hf-llama-lora"):
+            assert "d" in ref[name]["history"][0] and "radius_scale" in ref[name]["history"][2 if "lora" in name else 1]
+            assert_histories_match(ref[name]["history"], got[name]["history"], RULE_KEYS, label=name)
+            assert max_param_diff(ref[name]["params"], got[name]["params"]) < EXACT_ABS, name
+        frozen = [k for k in ref["hf-llama-lora"]["params"] if "lora_" not in k]
+        assert frozen and all(torch.equal(ref["hf-llama-lora"]["params"][k], got["hf-llama-lora"]["params"][k])
+                              for k in frozen)  # fmt: skip
         # the XNLI recipe's smoke on 2 FSDP2 processes: the encoder's steps, weights and per-language evaluation
         assert_histories_match(ref["xnli"]["history"], got["xnli"]["history"], RULE_KEYS, label="xnli")
         assert max_param_diff(ref["xnli"]["params"], got["xnli"]["params"]) < EXACT_ABS

@@ -5,7 +5,7 @@ tests/test_distributed.py."""
 
 import pytest
 import torch
-from conftest import assert_histories_match, small_config, trajectory
+from conftest import LLAMA_LORA, assert_histories_match, small_config, trajectory
 
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import load_config
@@ -19,7 +19,6 @@ from fabric_tram.registry import TASKS
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 GPT2_LORA = ["model.lora.r=4", "model.lora.alpha=8", "model.lora.target_modules=[c_attn,c_fc]"]
-LLAMA_LORA = ["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
 @pytest.fixture(scope="module")

@@ -626,4 +626,58 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/models/gpt2.py", "start = 0 if cache is None else cache.length", "start = 0"),),
         ("tests/test_export.py::test_greedy_generation_through_the_kv_cache_equals_transformers_generate",),
     ),
+    Mutation(
+        "rules-touch-frozen-parameters",
+        "an update rule takes every parameter, frozen ones (LoRA's base weights) included",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]",
+                "named = list(model.named_parameters())",
+            ),
+        ),
+        ("tests/test_lora.py::test_rule_state_and_the_estimate_are_adapter_sized",),
+    ),
+    Mutation(
+        "lora-base-left-trainable",
+        "LoRA adapters added but the base weights left trainable",
+        (
+            (
+                "fabric_tram/models/lora.py",
+                'param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved)',
+                "param.requires_grad_(True)",
+            ),
+        ),
+        ("tests/test_lora.py::test_only_the_adapters_train_and_unknown_module_names_are_refused",),
+    ),
+    Mutation(
+        "hf-noise-hook-on-the-wrong-module",
+        "an hf model's input noise hooked on its output embeddings (the head) instead of its input embeddings",
+        (
+            (
+                "fabric_tram/models/hf.py",
+                "hook = self.input_embedding.register_forward_hook(",
+                "hook = self.hf.get_output_embeddings().register_forward_hook(",
+            ),
+        ),
+        ("tests/test_hf_model.py::test_noise_reaches_the_hf_embeddings_and_is_removed_after_the_forward",),
+    ),
+    Mutation(
+        "lora-export-unmerged",
+        "a LoRA run exported without merging its adapters (transformers would load the base weights alone)",
+        (("fabric_tram/engine/export.py", "                merge_lora(model)  #", "                pass  #"),),
+        ("tests/test_lora.py::test_a_lora_run_exports_merged_and_as_a_peft_adapter",),
+    ),
+    Mutation(
+        "estimate-gradients-of-frozen-weights",
+        "the estimate counts gradients for frozen parameters too",
+        (
+            (
+                "fabric_tram/engine/estimate.py",
+                '"gradients": n_trained * param_bytes / shards,',
+                '"gradients": n_params * param_bytes / shards,',
+            ),
+        ),
+        ("tests/test_lora.py::test_rule_state_and_the_estimate_are_adapter_sized",),
+    ),
 )
