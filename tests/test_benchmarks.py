@@ -126,3 +126,13 @@ def test_images_throughput(tmp_path):
     assert "| trainer, 2 workers |" in text
     assert set(result["images_per_s"]) == {"bare loop", "trainer, in-line", "trainer, 2 workers"}
     assert all(rate > 0 for rate in result["images_per_s"].values())
+
+
+def test_lora_cost_measures_full_and_lora_side_by_side(tmp_path):
+    stdout, result = bench(tmp_path, "lora_cost", "--checkpoint", "none", "--steps", "1", "--rules", "adam")
+    full, lora = result["rows"]
+    assert (full["mode"], lora["mode"]) == ("full", "lora") and full["rule"] == lora["rule"] == "adam"
+    assert full["trained_parameters"] == full["parameters"]  # fine-tuning in full trains everything
+    assert 0 < lora["trained_parameters"] < full["parameters"] / 50 < lora["parameters"]
+    assert all(r["ms_per_step"] > 0 and r["peak_above_start_mib"] > 0 for r in (full, lora))
+    assert "| adam | lora |" in stdout
