@@ -51,7 +51,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return coerce(value, arg, key)
             except ConfigError:
-                if len(candidates) == 1:  # X | None: X's own message names the problem
+                if len(candidates) == 1 and dataclasses.is_dataclass(arg):  # model.lora: its key names the problem
                     raise
         raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple) or tp in (list, tuple):

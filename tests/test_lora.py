@@ -159,3 +159,17 @@ def test_adapter_export_of_a_run_without_lora_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="not a LoRA run .*export it without --adapter"):
         export(tmp_path / "run", tmp_path / "adapter", adapter=True)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_lora_keys_are_checked_when_the_config_is_read():
+    from fabric_tram.config import ConfigError
+
+    base = ["optimizer.name=adam", "task.name=lm", "model.name=gpt2"]
+    with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'. Did you mean 'model.lora.r'"):
+        load_config(None, [*base, "model.lora.rank=4"])
+    with pytest.raises(ConfigError, match="model.lora.target_modules is empty: name the linear layers"):
+        load_config(None, [*base, "model.lora.r=4"])
+    with pytest.raises(ConfigError, match="model.lora.r must be >= 1"):
+        load_config(None, [*base, "model.lora.r=0", "model.lora.target_modules=[c_attn]"])
+    config = load_config(None, [*base, "model.lora.r=4", "model.lora.target_modules=[c_attn]"])
+    assert config.model.lora.r == 4 and config.model.lora.alpha == 16.0
