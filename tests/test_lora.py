@@ -165,7 +165,7 @@ def test_lora_keys_are_checked_when_the_config_is_read():
     from fabric_tram.config import ConfigError
 
     base = ["optimizer.name=adam", "task.name=lm", "model.name=gpt2"]
-    with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'. Did you mean 'model.lora.r'"):
+    with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'. Valid keys of model.lora: r, alpha"):
         load_config(None, [*base, "model.lora.rank=4"])
     with pytest.raises(ConfigError, match="model.lora.target_modules is empty: name the linear layers"):
         load_config(None, [*base, "model.lora.r=4"])
