@@ -23,6 +23,7 @@ from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forwar
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.setup import Run, setup
 from fabric_tram.jsonfile import write_json
+from fabric_tram.loss import IGNORE_INDEX
 
 
 def load_run(checkpoint: str | Path, overrides=(), with_weights: bool = True) -> tuple[Run, Path]:
@@ -51,7 +52,7 @@ def batches(run: Run, data, batch_size: int, limit: int):
     for idx in eval_batches(len(data), batch_size, run.fabric.world_size, run.fabric.global_rank, limit):
         batch = run.task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
         if not idx:  # this rank ran out: a zero-weight batch keeps the ranks' collectives in step
-            batch["labels"].fill_(-100)
+            batch["labels"].fill_(IGNORE_INDEX)
         yield run.fabric.to_device(batch)
 
 
@@ -106,7 +107,7 @@ def representations(model, batch: dict) -> torch.Tensor:
     if "attention_mask" in batch:
         return inner.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[:, 0]
     hidden = inner.hidden_states(batch["input_ids"])
-    keep = (batch["labels"] != -100).unsqueeze(-1).to(hidden.dtype)
+    keep = (batch["labels"] != IGNORE_INDEX).unsqueeze(-1).to(hidden.dtype)
     return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
@@ -138,7 +139,7 @@ def cka(pretrained: str, checkpoint, split: str = "validation", domains=(), batc
     for name, data in sets.items():
         meter = None
         for batch in batches(run, data, batch_size, limit):
-            keep = batch["labels"] != -100
+            keep = batch["labels"] != IGNORE_INDEX
             rows = keep if keep.dim() == 1 else keep.any(-1)  # padding examples out
             x, y = representations(base.model, batch)[rows], representations(run.model, batch)[rows]
             meter = meter or StreamedLinearCKA(x.shape[-1], y.shape[-1], x.device)

@@ -5,7 +5,8 @@ import json
 
 from click.testing import CliRunner
 
-from fabric_tram.analysis.results import run_row, write_run_results
+from fabric_tram.analysis.results import write_run_results
+from fabric_tram.analysis.tables import run_row
 from fabric_tram.cli import main
 
 

@@ -10,8 +10,8 @@ import math
 import statistics
 from pathlib import Path
 
-from fabric_tram.analysis.results import ZS_AVG, write_table
 from fabric_tram.analysis.stats import mean_std_ci
+from fabric_tram.analysis.tables import ZS_AVG, write_table
 
 
 def pearson(xs: list[float], ys: list[float]) -> float:

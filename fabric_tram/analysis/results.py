@@ -5,65 +5,14 @@ the trend line of the non-TRAM runs)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
+from fabric_tram.analysis.correlations import domain_correlations, measure_tables, plot_correlations
 from fabric_tram.analysis.curves import plot_curves
 from fabric_tram.analysis.stats import mean_std_ci
-from fabric_tram.jsonfile import write_json
-
-ZS_AVG = "ZS Avg."
-METRIC_NAMES = {"ppl": "perplexity", "accuracy": "accuracy (%)"}
-
-
-def metric_name(metric: str) -> str:
-    return METRIC_NAMES.get(metric, metric)
-
-
-def _abbrev(domain: str) -> str:
-    from fabric_tram.data.m2d2 import ABBREVIATIONS
-
-    return ABBREVIATIONS.get(domain, domain)
-
-
-def run_row(results: dict, train_domains: list[str], split: str, metric: str = "ppl") -> dict[str, float]:
-    """One run's row: its training domain(s), every other domain, and the zero-shot average."""
-    per_domain = results[split]
-    row = {d: per_domain[d][metric] for d in train_domains if d in per_domain}
-    zero_shot = {d: m[metric] for d, m in per_domain.items() if d not in train_domains}
-    row.update(zero_shot)
-    if zero_shot:
-        row[ZS_AVG] = sum(zero_shot.values()) / len(zero_shot)
-    return row
-
-
-def pick_split(results: dict) -> str:
-    return "test" if "test" in results else next(iter(results))
-
-
-def write_table(rows: dict[str, dict[str, str | float]], columns: list[str], out_stem: Path) -> str:
-    """Write ``rows`` (label -> column -> value) as CSV, JSON and Markdown; return the Markdown."""
-    out_stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_stem.with_suffix(".csv"), "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["run", *columns])
-        for label, row in rows.items():
-            writer.writerow([label, *[row.get(c, "") for c in columns]])
-    write_json(out_stem.with_suffix(".json"), rows)
-    header = ["run", *[_abbrev(c) for c in columns]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in rows.items():
-        cells = [_fmt(row.get(c, "")) for c in columns]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
-    markdown = "\n".join(lines) + "\n"
-    out_stem.with_suffix(".md").write_text(markdown)
-    return markdown
-
-
-def _fmt(value) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+from fabric_tram.analysis.tables import ZS_AVG, abbreviated, metric_name, pick_split, run_row, write_table
 
 
 def write_run_results(run_dir: Path, results: dict, train_domains: list[str], label: str, metric: str = "ppl") -> str:
@@ -125,14 +74,13 @@ def report(run_dirs: list[Path], out_dir: Path, split: str | None = None) -> str
 def analysis_tables(per_run, runs, train_domains: list[str], split: str, metric: str, out_dir: Path) -> str:
     """Appendix C.1 (each domain's correlation with the training domain across runs, 3 or more) and Table 6
     (sharpness and CKA, from the runs that ``fabric-tram sharpness``/``cka`` measured on the validation split)."""
-    from fabric_tram.analysis.correlations import domain_correlations, measure_tables, plot_correlations
 
     text = ""
     same_training = all(r["train_domains"] == train_domains for _, r in runs)
     tuned = [row for _, name, _, row in per_run if name != "pre-trained"]  # fine-tuned runs only, as the paper's
     if len(tuned) >= 3 and same_training:
         correlations = domain_correlations(tuned, train_domains)
-        label = f"r with {', '.join(_abbrev(d) for d in train_domains)}"
+        label = f"r with {', '.join(abbreviated(d) for d in train_domains)}"
         table = write_table({label: correlations}, list(correlations), out_dir / "domain_correlations")
         plot_correlations(correlations, train_domains, out_dir / "domain_correlations.png", runs=len(tuned))
         text += f"\nPearson r across runs between each domain's {split} {metric_name(metric)} and the training "
@@ -188,7 +136,7 @@ def plot_in_vs_out(per_run, train_domains: list[str], path: Path, metric: str = 
         ax.plot(
             [xs[0], xs[-1]], [my + slope * (xs[0] - mx), my + slope * (xs[-1] - mx)], "b:", label="trend (non-TRAM)"
         )
-    ax.set_xlabel(f"in-domain {metric_name(metric)} ({', '.join(_abbrev(d) for d in train_domains)})")
+    ax.set_xlabel(f"in-domain {metric_name(metric)} ({', '.join(abbreviated(d) for d in train_domains)})")
     ax.set_ylabel(f"zero-shot average {metric_name(metric)}")
     ax.set_title("one point per run; trend: least squares over the non-TRAM runs", fontsize=8)
     ax.legend(fontsize=8)

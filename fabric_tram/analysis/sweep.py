@@ -21,8 +21,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fabric_tram.analysis.results import metric_name, run_row, runs_metric, write_table
+from fabric_tram.analysis.results import runs_metric
 from fabric_tram.analysis.stats import mean_ci, mean_std_ci
+from fabric_tram.analysis.tables import metric_name, run_row, write_table
 from fabric_tram.loss import token_weighted_loss
 
 SEED_KEY = "trainer.seed"

@@ -13,6 +13,7 @@ from fabric_tram.data.batching import StepSampler
 from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.setup import setup
 from fabric_tram.engine.trainer import training_step
+from fabric_tram.loss import IGNORE_INDEX
 
 TARGET = 0.97
 
@@ -64,7 +65,9 @@ def main() -> dict:
         ids, labels = b["input_ids"].to(args.device), b["labels"].to(args.device)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(ids)
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+        torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        ).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -32,6 +32,7 @@ from fabric_tram.engine.estimate import estimate
 from fabric_tram.engine.monitor import available_flops, flops_per_step
 from fabric_tram.engine.setup import compile_blocks, setup
 from fabric_tram.engine.trainer import training_step
+from fabric_tram.loss import IGNORE_INDEX
 from fabric_tram.optim.api import UpdateRuleLoop
 from fabric_tram.optim.base import implementation
 from fabric_tram.optim.update_rule import Passes, rule_class
@@ -251,7 +252,7 @@ def context(rule_loop: UpdateRuleLoop, batch: dict):
     from fabric_tram.optim.step import StepContext
 
     rule_loop.step_count += 1
-    n = batch["labels"].ne(-100).sum().double()
+    n = batch["labels"].ne(IGNORE_INDEX).sum().double()
     return StepContext(fabric=rule_loop.fabric, model=rule_loop.model, optimizer=rule_loop.optimizer,
                        loss_fn=rule_loop.loss_fn, micro_batches=[batch], step=rule_loop.step_count, n_global=n,
                        n_local=n, grad_clip=1.0, compute_dtype=torch.bfloat16)  # fmt: skip

@@ -17,7 +17,6 @@ import tarfile
 from pathlib import Path
 
 M2D2_REPO = "machelreid/m2d2"
-M2D2_LICENSE = "CC-BY-NC-4.0"
 
 # S2ORC split: the paper trains on Math (1.1B training tokens) and evaluates the other ten zero-shot
 S2ORC = {

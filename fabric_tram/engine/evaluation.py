@@ -12,6 +12,7 @@ from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.setup import Run, setup
+from fabric_tram.loss import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def evaluate(run: Run, split: str, max_batches: int = 0) -> dict[str, dict[str, 
         ):
             batch = task.collate([data[i] for i in idx] if idx else [data[0]], idx or [0])
             if not idx:  # this rank ran out of examples: a zero-weight batch keeps FSDP's collectives in step
-                batch["labels"].fill_(-100)
+                batch["labels"].fill_(IGNORE_INDEX)
             batch = fabric.to_device(batch)
             out = task.loss(model, batch)
             sums = {"loss_sum": out.loss_sum, "count": torch.as_tensor(out.count, device=out.loss_sum.device)}

@@ -41,12 +41,6 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def example_seed(seed: int, step: int, index: int) -> int:
-    """The 64-bit key of one example's noise at one step (nearby triples do not collide)."""
-    key = torch.tensor(_int64(seed * _GOLDEN + step * _MIX1 + index * _MIX2))
-    return int(splitmix64(key))
-
-
 @dataclass
 class NoiseSource:
     """Draws z: ``normal`` (std σ) or ``uniform`` in [-σ, σ], element by element from its coordinates."""
@@ -79,7 +73,7 @@ class NoiseSource:
         return (z * self.sigma).reshape(like.shape).to(like.dtype)
 
 
-def batch_example_index(batch: dict, offset: int = 0) -> torch.Tensor:
+def batch_example_index(batch: dict) -> torch.Tensor:
     """The global example indices of a batch (``example_index``), or positions within it for user batches."""
     if isinstance(batch, dict):
         if "example_index" in batch:
@@ -89,7 +83,7 @@ def batch_example_index(batch: dict, offset: int = 0) -> torch.Tensor:
         first = batch[0]
     else:
         first = batch
-    return torch.arange(len(first)) + offset
+    return torch.arange(len(first))
 
 
 def accepts_input_noise(model: torch.nn.Module) -> bool:
@@ -172,10 +166,9 @@ class InputNoise:
         kind: str = "normal",
         seed: int = 0,
         embedding_module: str | None = None,
-        sampler: Callable | None = None,
     ):
         self.source = NoiseSource(sigma, kind, seed)
-        self.sampler = sampler or self.source.sample  # (step, example_index, embeddings) -> z
+        self.sampler = self.source.sample  # (step, example_index, embeddings) -> z; the user-loop API may replace it
         self.injector = NoiseInjector(model, embedding_module)
 
     def applied(self, step: int, batch, detach: bool = False):

@@ -27,8 +27,6 @@ from fabric_tram.data.text import DataError
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.classification import ClassificationTask
 
-HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
-
 
 @dataclass
 class ImageConfig:
