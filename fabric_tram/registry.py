@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+from fabric_tram.contracts import check_model_class, check_task_class
+
 PLUGIN_ENTRY_POINT_GROUP = "fabric_tram.plugins"
 
 
@@ -33,10 +35,11 @@ class Registry:
     """Entries of one kind by name. ``builtins``: the module whose import registers our own entries, imported
     on the first lookup (so that ``import fabric_tram.optim.api`` never loads a task or a data module)."""
 
-    def __init__(self, kind: str, builtins: str | None = None):
+    def __init__(self, kind: str, builtins: str | None = None, check: Callable | None = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._builtins = builtins
+        self._check = check  # (name, target) -> None, raising what a registered entry lacks (contracts.py)
 
     def load_builtins(self) -> None:
         if self._builtins is not None:
@@ -52,6 +55,8 @@ class Registry:
                     f"duplicate {self.kind} name {name!r}: already registered by "
                     f"{previous.__module__}.{getattr(previous, '__qualname__', previous)}; choose another name"
                 )
+            if self._check is not None:
+                self._check(name, target)
             doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
             self._entries[name] = Entry(name, target, config, description or (doc[0] if doc else ""))
             return target
@@ -89,8 +94,8 @@ class Registry:
         del self._entries[name]
 
 
-MODELS = Registry("model", "fabric_tram.models")
-TASKS = Registry("task", "fabric_tram.tasks")
+MODELS = Registry("model", "fabric_tram.models", check_model_class)
+TASKS = Registry("task", "fabric_tram.tasks", check_task_class)
 OPTIMIZERS = Registry("optimizer", "fabric_tram.optim")
 DIVERGENCES = Registry("divergence", "fabric_tram.optim.divergences")
 SCHEDULES = Registry("schedule", "fabric_tram.optim.schedules")

@@ -680,4 +680,10 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_lora.py::test_rule_state_and_the_estimate_are_adapter_sized",),
     ),
+    Mutation(
+        "registry-skips-the-contract-check",
+        "a registered model or task is not checked against contracts.py",
+        (("fabric_tram/registry.py", "                self._check(name, target)", "                pass"),),
+        ("tests/test_contracts.py",),
+    ),
 )

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, base_optimizer_name
+from fabric_tram.contracts import model_sizes
 from fabric_tram.data.tokenizer import hub_file, is_hub_id
 from fabric_tram.models import build_model
 from fabric_tram.models.hub import resolve_checkpoint_folder
@@ -95,8 +96,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     rule = rule_declarations(config.optimizer.name, config.optimizer)
     fwd, nograd, bwd = rule["passes"]
     rule_bytes = n_trained * (param_bytes * rule["state_factor"] + max(4, param_bytes) * rule["fp32_state"])
-    sizes = model.sizes if isinstance(getattr(model, "sizes", None), dict) else {}  # hf, encoder, vit: a dict
-    sizes = sizes or (model.config.sizes() if hasattr(model.config, "sizes") else {})
+    sizes = model_sizes(model)
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B = t.micro_batch_size
     # tokens per sequence: the model's own count (a ViT's patches) or the task's sequence length

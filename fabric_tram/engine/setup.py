@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, ConfigError, dump_yaml
+from fabric_tram.contracts import check_task, model_sizes
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
@@ -90,11 +91,7 @@ def prepare_run_dir(fabric, config: Config) -> Path | None:
 
 def build_task(config: Config):
     task = TASKS.build(config.task.name, config.task)
-    if not callable(getattr(task, "count_targets", None)):
-        raise ConfigError(
-            f"task {config.task.name!r} has no count_targets(batch): the engine needs a step's target "
-            "count before its first backward (e.g. fabric_tram.loss.count_targets(batch['labels']))"
-        )
+    check_task(config.task.name, task)  # a task built by a factory function is checked here (contracts.py)
     return task
 
 
@@ -128,9 +125,7 @@ def check_task_fits_model(task, model, config: Config) -> None:
             f"the task has {labels} labels{listed} but model.num_labels={outputs}: set model.num_labels={labels}"
         )
     size = getattr(task, "image_size", None)
-    model_size = (
-        getattr(model, "sizes", {}).get("image_size") if isinstance(getattr(model, "sizes", None), dict) else None
-    )
+    model_size = model_sizes(model).get("image_size")
     if size is not None and model_size is not None and size != model_size:
         raise ConfigError(
             f"the task resizes images to {size}×{size} but the model takes {model_size}×{model_size} (its position "

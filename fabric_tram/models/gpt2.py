@@ -127,6 +127,7 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         s = config.sizes()
+        self.sizes = {**s, "vocab_size": config.vocab_size}  # every family's sizes are a dict (contracts.py)
         self.n_positions = s["n_positions"]
         self.transformer = Transformer(
             config.vocab_size,

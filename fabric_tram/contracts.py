@@ -1,0 +1,109 @@
+"""What the engine asks of a model and of a task: each member, what uses it, and whether it is required.
+
+``register_model`` and ``register_task`` check a class against these when it is registered, so a plugin that lacks
+a required member is refused at import with one message naming each missing member and what it is for, instead of
+an AttributeError deep in a run. Optional members change what the engine can do (FSDP per block, input noise by
+argument, the estimator's sizes, export); the engine reads them through the helpers below, one place each.
+
+A batch is a dict of tensors built by the task's ``collate``; the engine reads ``labels`` (the targets, padding
+``IGNORE_INDEX``) where the task's loss and evaluation need them, and ``example_index`` (each example's global
+index, so input noise is a function of the example) where the task provides it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+# member: what it is for (the engine's caller). Required members must be methods of the class.
+TASK_REQUIRED = {
+    "eval_sets": "eval_sets(split) -> {domain: examples}: evaluation, model selection, the analysis commands",
+    "collate": "collate(examples, indices) -> batch dict: every micro-batch of training and evaluation",
+    "loss": "loss(model, batch, **forward_kwargs) -> LossOutput (loss sum, count, logits, mask): every pass",
+    "count_targets": "count_targets(batch) -> targets in a micro-batch: the step's normaliser before any backward",
+    "metrics": "metrics(loss_sum, count) -> {name: value}: what evaluation reports per domain",
+}
+TASK_INSTANCE = {"train_set": "train_set: the training examples (indexable, with a length): the step sampler"}
+TASK_OPTIONAL = {
+    "train_domains": "the in-domain names (results tables, selection); default: none",
+    "headline_metric": "the metric result tables report (default ppl)",
+    "num_labels": "a classifier's label count, checked against the model's",
+    "label_names": "a classifier's label names, written into checkpoints and exports",
+    "vocab_size": "the tokenizer's size, checked against the model's embedding rows",
+    "image_size": "the side images are resized to, checked against the model's",
+    "eval_sums": "extra per-batch sums evaluation accumulates (accuracy's correct count)",
+}
+MODEL_REQUIRED = {"forward": "forward(*batch inputs, input_noise=None) -> logits: every pass"}
+MODEL_OPTIONAL = {
+    "block_class": "the transformer block class(es): FSDP2 shards, activation checkpointing and compile per block",
+    "input_embedding": "a property: the token-embedding module (input noise, the tokenizer-size check)",
+    "sizes": "a dict of the architecture's sizes (n_layer, n_embd, vocab_size, image_size): estimator, checks",
+    "num_labels": "a classifier's output count (checked against the task's)",
+    "forward_flops_per_token": "forward_flops_per_token(seq_len) -> FLOPs: MFU and the estimator",
+    "activation_elements_per_token": "activation_elements_per_token() -> values a block keeps: the estimator",
+    "tokens_per_example": "tokens_per_example() -> a ViT's patch count: the estimator",
+    "to_hf": "to_hf(labels) -> (config.json, state dict): fabric-tram export",
+    "new_cache": "new_cache() with max_positions and forward(ids, cache=): fabric-tram generate",
+    "adapter_layout": "where LoRA adapters go in transformers' names: export --adapter",
+}
+
+
+class ContractError(TypeError):
+    """A registered model or task lacks a member the engine needs."""
+
+
+def missing_members(cls, required: dict[str, str]) -> list[str]:
+    return [name for name in required if not callable(getattr(cls, name, None))]
+
+
+def refusal(kind: str, name: str, target, missing: list[str], required: dict[str, str]) -> str:
+    where = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+    lines = "; ".join(f"{member} — {required[member]}" for member in missing)
+    return f"{kind} {name!r} ({where}) lacks what the engine needs: {lines} (docs/design.md, 'Contracts')"
+
+
+def check_task_class(name: str, target) -> None:
+    """A task registered as a class must have the required methods (a factory function is checked when built)."""
+    if inspect.isclass(target):
+        missing = missing_members(target, TASK_REQUIRED)
+        if missing:
+            raise ContractError(refusal("task", name, target, missing, TASK_REQUIRED))
+
+
+def check_task(name: str, task) -> None:
+    """A built task: its methods and its training set."""
+    missing = missing_members(type(task), TASK_REQUIRED)
+    required = {**TASK_REQUIRED, **TASK_INSTANCE}
+    missing += [member for member in TASK_INSTANCE if not hasattr(task, member)]
+    if missing:
+        raise ContractError(refusal("task", name, type(task), missing, required))
+
+
+def check_model_class(name: str, target) -> None:
+    """A model registered as a class must be an ``nn.Module`` with its own forward; a ``block_class`` must be a
+    class or a tuple of classes, an ``input_embedding`` a property (the noise reads it from the class)."""
+    if not inspect.isclass(target):
+        return
+    import torch
+
+    problems = []
+    if not issubclass(target, torch.nn.Module):
+        problems.append("be a torch.nn.Module")
+    elif target.forward is torch.nn.Module.forward:
+        problems.append(f"define forward — {MODEL_REQUIRED['forward']}")
+    blocks = inspect.getattr_static(target, "block_class", None)
+    if blocks is not None and not isinstance(blocks, (type, tuple, property)):
+        problems.append(
+            f"have block_class a class or a tuple of classes (got {blocks!r}) — {MODEL_OPTIONAL['block_class']}"
+        )
+    embedding = inspect.getattr_static(target, "input_embedding", None)
+    if embedding is not None and not isinstance(embedding, property):
+        problems.append(f"have input_embedding a property — {MODEL_OPTIONAL['input_embedding']}")
+    if problems:
+        where = f"{target.__module__}.{target.__qualname__}"
+        raise ContractError(f"model {name!r} ({where}) must " + "; ".join(problems) + " (docs/design.md, 'Contracts')")
+
+
+def model_sizes(model) -> dict:
+    """The architecture's sizes (``sizes``, a dict on every family); {} for a model that declares none."""
+    sizes = getattr(model, "sizes", None)
+    return sizes if isinstance(sizes, dict) else {}

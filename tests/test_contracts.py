@@ -1,0 +1,90 @@
+"""What a model and a task must provide (fabric_tram/contracts.py), checked when they are registered: a plugin that
+lacks a member is refused at import with a message naming each missing member and what it is for."""
+
+import pytest
+import torch
+
+from fabric_tram.contracts import TASK_REQUIRED, ContractError, check_task, model_sizes
+from fabric_tram.registry import MODELS, TASKS, register_model, register_task
+
+
+class CompleteTask:
+    train_set = [0, 1]
+
+    def eval_sets(self, split):
+        return {}
+
+    def collate(self, examples, indices):
+        return {}
+
+    def loss(self, model, batch, **forward_kwargs):
+        return None
+
+    def count_targets(self, batch):
+        return 0
+
+    @staticmethod
+    def metrics(loss_sum, count):
+        return {}
+
+
+@pytest.mark.parametrize("member", sorted(TASK_REQUIRED))
+def test_a_task_missing_a_required_method_is_refused_at_registration(member):
+    broken = type("Broken", (), {k: v for k, v in vars(CompleteTask).items() if k != member})
+    with pytest.raises(ContractError, match=rf"task 'broken-{member}' .*lacks what the engine needs: {member} — "):
+        register_task(f"broken-{member}")(broken)
+    assert f"broken-{member}" not in TASKS
+
+
+def test_a_complete_task_registers_and_a_built_task_without_its_training_set_is_refused():
+    register_task("complete-task")(CompleteTask)
+    try:
+        assert "complete-task" in TASKS
+        check_task("complete-task", CompleteTask())
+        no_data = type("NoData", (), {k: v for k, v in vars(CompleteTask).items() if k != "train_set"})
+        with pytest.raises(ContractError, match="lacks what the engine needs: train_set — train_set: the training"):
+            check_task("no-data", no_data())
+    finally:
+        TASKS.unregister("complete-task")
+
+
+def test_a_model_that_is_no_module_or_has_no_forward_or_a_bad_block_class_is_refused():
+    class NotAModule:
+        def forward(self, x):
+            return x
+
+    class NoForward(torch.nn.Module):
+        pass
+
+    class BadBlocks(torch.nn.Module):
+        block_class = "Block"
+
+        def forward(self, x):
+            return x
+
+    class EmbeddingNotAProperty(torch.nn.Module):
+        input_embedding = None
+
+        def forward(self, x):
+            return x
+
+    EmbeddingNotAProperty.input_embedding = torch.nn.Embedding(2, 2)
+    for cls, expected in ((NotAModule, "must be a torch.nn.Module"), (NoForward, r"must define forward — forward\("),
+                          (BadBlocks, "block_class a class or a tuple of classes"),
+                          (EmbeddingNotAProperty, "input_embedding a property")):  # fmt: skip
+        with pytest.raises(ContractError, match=expected):
+            register_model(f"bad-{cls.__name__}")(cls)
+        assert f"bad-{cls.__name__}" not in MODELS
+
+
+def test_every_family_exposes_its_sizes_as_a_dict():
+    from fabric_tram.config import load_config
+    from fabric_tram.models import build_model
+
+    for name in ("gpt2", "llama", "encoder", "vit"):
+        task = {"vit": "image", "encoder": "nli"}.get(name, "lm")
+        config = load_config(None, [f"model.name={name}", f"task.name={task}", "optimizer.name=adam"])
+        with torch.device("meta"):
+            sizes = model_sizes(build_model(config.model))
+        assert sizes["n_layer"] > 0 and sizes["n_embd"] > 0, name
+        assert ("image_size" in sizes) == (name == "vit") and ("vocab_size" in sizes) == (name != "vit"), name
