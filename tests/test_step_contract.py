@@ -65,7 +65,7 @@ def test_the_regulariser_is_differentiated_but_not_logged_as_the_loss():
     model, ctx = context(LocalFabric(torch.device("cpu")), BATCHES[:1])
 
     def objective(batch):
-        out = ctx.forward(batch)
+        out = ctx.forwards.forward(batch)
         return out.with_regulariser(10.0 * model.weight.sum() ** 2)
 
     result = ctx.forward_backward(objective)
@@ -79,9 +79,9 @@ def test_passes_count_every_forward_over_the_micro_batches():
     _, ctx = context(LocalFabric(torch.device("cpu")), BATCHES, n_global=torch.tensor(3.0, dtype=torch.float64))
 
     def objective(batch):  # a target forward and two forwards with gradient per micro-batch (as r3f + a target)
-        ctx.no_grad_forward(batch)
-        out = ctx.forward(batch)
-        return out.with_regulariser(ctx.forward(batch).loss_sum)
+        ctx.forwards.no_grad_forward(batch)
+        out = ctx.forwards.forward(batch)
+        return out.with_regulariser(ctx.forwards.forward(batch).loss_sum)
 
     ctx.forward_backward(objective)
     ctx.forward_backward()

@@ -1,7 +1,7 @@
 """What a gradient pass differentiates: the task loss, wrapped (as fairseq's R3F criterion wraps a loss).
 
 An objective maps one micro-batch to its ``LossOutput``; :meth:`StepContext.forward_backward` runs it over the
-step's micro-batches. The plain objective is ``ctx.forward``. The wrappers:
+step's micro-batches. The plain objective is ``fw.forward`` (optim/forwards.py). The wrappers:
 
     measuring     the loss, with d = D(target ‖ current) accumulated in a meter (no gradient: d is TRAM's radius)
     penalised     L + λ D(target ‖ current), gradient through the current branch (trpo, mesa)
@@ -17,6 +17,7 @@ import torch
 
 from fabric_tram.loss import LossOutput
 from fabric_tram.optim.divergences import check_divergence, divergence_sum
+from fabric_tram.optim.forwards import Forwards
 from fabric_tram.optim.noise import InputNoise
 from fabric_tram.optim.step import Objective, StepContext
 from fabric_tram.optim.targets import Target
@@ -51,12 +52,12 @@ class DivergenceMeter:
         return both[0] / both[1].clamp(min=1)
 
 
-def measuring(ctx: StepContext, target: Target, meter: DivergenceMeter) -> Objective:
+def measuring(fw: Forwards, target: Target, meter: DivergenceMeter) -> Objective:
     """The plain loss; d between the target's output and the current one goes into ``meter``."""
 
     def objective(batch) -> LossOutput:
-        reference = target.output(ctx, batch)
-        out = ctx.forward(batch)
+        reference = target.output(fw, batch)
+        out = fw.forward(batch)
         with torch.no_grad():  # d is a radius, not a loss: no gradient through it
             meter.add(reference, out)
         return out
@@ -64,35 +65,35 @@ def measuring(ctx: StepContext, target: Target, meter: DivergenceMeter) -> Objec
     return objective
 
 
-def penalised(ctx: StepContext, target: Target, meter: DivergenceMeter, lam: float) -> Objective:
+def penalised(fw: Forwards, target: Target, meter: DivergenceMeter, lam: float) -> Objective:
     """L + λ Σ D(target ‖ current): the gradient flows through the current branch only (the target has none)."""
 
     def objective(batch) -> LossOutput:
-        reference = target.output(ctx, batch)
-        out = ctx.forward(batch)
+        reference = target.output(fw, batch)
+        out = fw.forward(batch)
         return out.with_regulariser(lam * meter.add(reference, out))
 
     return objective
 
 
-def noise_penalty(ctx: StepContext, noise: InputNoise, meter: DivergenceMeter, lam: float) -> Objective:
+def noise_penalty(fw: Forwards, noise: InputNoise, meter: DivergenceMeter, lam: float) -> Objective:
     """R3F: L + λ Σ D(p(·|x+z) ‖ p(·|x)) with gradient through both forwards; the noised branch starts from the
     detached embedding lookup (as fairseq), so the lookup's gradient comes from the clean branch alone."""
 
     def objective(batch) -> LossOutput:
-        out = ctx.forward(batch)
-        with noise.applied(ctx.step, batch, detach=True) as kwargs:
-            noised = ctx.forward(batch, **kwargs)
+        out = fw.forward(batch)
+        with noise.applied(fw.step, batch, detach=True) as kwargs:
+            noised = fw.forward(batch, **kwargs)
         return out.with_regulariser(lam * meter.add(noised, out))
 
     return objective
 
 
-def on_noised(ctx: StepContext, noise: InputNoise) -> Objective:
+def on_noised(fw: Forwards, noise: InputNoise) -> Objective:
     """The plain loss on noised inputs x + z (tram-fisher's ascent pass)."""
 
     def objective(batch) -> LossOutput:
-        with noise.applied(ctx.step, batch) as kwargs:
-            return ctx.forward(batch, **kwargs)
+        with noise.applied(fw.step, batch) as kwargs:
+            return fw.forward(batch, **kwargs)
 
     return objective

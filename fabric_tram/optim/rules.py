@@ -236,7 +236,7 @@ class TRAM(ASAM):
         return self.trust_radius.describe(getattr(self.config, "name", type(self).__name__))
 
     def ascent_objective(self, ctx):
-        return measuring(ctx, self.target, self.meter) if self.measures_d(ctx) else ctx.forward
+        return measuring(ctx.forwards, self.target, self.meter) if self.measures_d(ctx) else ctx.forwards.forward
 
     global_keys = ("radius",)
 
@@ -312,7 +312,7 @@ class TRAMFisher(FSAM):
         self.noise = input_noise(model, config)
 
     def ascent_objective(self, ctx):
-        return on_noised(ctx, self.noise)
+        return on_noised(ctx.forwards, self.noise)
 
 
 # ------------------------------------------------------------------------------------------- regularisers
@@ -327,7 +327,7 @@ class Regularised(UpdateRule):
         self.meter = DivergenceMeter(config.divergence)
 
     def ascent_objective(self, ctx):
-        return penalised(ctx, self.target, self.meter, self.config.lam)
+        return penalised(ctx.forwards, self.target, self.meter, self.config.lam)
 
     def descent_objective(self, ctx):
         return self.ascent_objective(ctx)
@@ -373,7 +373,7 @@ class R3F(Regularised):
         self.noise = input_noise(model, config)  # no target and no state: the noised branch is part of the loss
 
     def ascent_objective(self, ctx):
-        return noise_penalty(ctx, self.noise, self.meter, self.config.lam)
+        return noise_penalty(ctx.forwards, self.noise, self.meter, self.config.lam)
 
 
 # ------------------------------------------------------------------------------ ASAM + regulariser (paper C.3)

@@ -3,12 +3,13 @@
 The engine draws a step's micro-batches up front and hands an update rule a :class:`StepContext`. A rule runs
 as many gradient passes as it needs with :meth:`StepContext.forward_backward` (every pass replays the same
 micro-batches, with explicit gradient-sync control and global normalisation), each pass through an *objective*
-(a batch-to-``LossOutput`` function built from :meth:`StepContext.forward`, possibly wrapped by a trust-region
-target or a regulariser: ``optim/objectives.py``), and ends with :meth:`StepContext.clip_and_step`, the only
-place the base optimizer steps (through Fabric, so that a loss scaler unscales and steps exactly once).
+(a batch-to-``LossOutput`` function built from ``ctx.forwards.forward`` (optim/forwards.py), possibly wrapped
+by a trust-region target or a regulariser: ``optim/objectives.py``), and ends with
+:meth:`StepContext.clip_and_step`, the only place the base optimizer steps (through Fabric, so that a loss
+scaler unscales and steps exactly once).
 
-Every forward goes through :meth:`forward` or :meth:`no_grad_forward`, which count them: the passes a step ran
-are those counts divided by the number of micro-batches.
+Every forward goes through ``ctx.forwards`` (its own object: objectives and targets never call back into the
+step), which counts them: the passes a step ran are those counts divided by the number of micro-batches.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
-from fabric_tram.distributed import all_reduce_sum, global_norm, local, reshard_after_no_grad_forward
+from fabric_tram.distributed import all_reduce_sum, global_norm, local
 from fabric_tram.loss import LossOutput
+from fabric_tram.optim.forwards import Forwards, zero_counts
 from fabric_tram.optim.weights import groups
 
 Objective = Callable[[dict], LossOutput]  # one micro-batch -> its LossOutput (forward included)
@@ -56,11 +59,16 @@ class StepContext:
     grad_clip: float = 0.0
     scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler in force (None without one)
     compute_dtype: torch.dtype | None = None  # mixed precision's autocast dtype: what target logits are kept in
-    counts: dict = field(default_factory=lambda: {"forward": 0, "no_grad_forward": 0, "backward": 0})
+    counts: dict = field(default_factory=zero_counts)
 
     def __post_init__(self):
         if self.scaler is not None and not self.scaler.is_enabled():
             self.scaler = None
+
+    @cached_property
+    def forwards(self) -> Forwards:
+        """What objectives and targets call (optim/forwards.py); it counts forwards into the same counts."""
+        return Forwards(self.model, self.loss_fn, self.step, self.device, self.compute_dtype, self.counts)
 
     @property
     def world_size(self) -> int:
@@ -84,21 +92,6 @@ class StepContext:
             "backward": self.counts["backward"] // k,
         }
 
-    # ------------------------------------------------------------------------------------------- forwards
-
-    def forward(self, batch, **forward_kwargs) -> LossOutput:
-        """The task's loss on ``batch`` (with gradient where grad is enabled): the plain objective."""
-        self.counts["forward"] += 1
-        return self.loss_fn(self.model, batch, **forward_kwargs)
-
-    @torch.no_grad()
-    def no_grad_forward(self, batch, **forward_kwargs) -> LossOutput:
-        """A forward without gradient (a rule's target forward); FSDP2 is resharded afterwards (docs/design.md)."""
-        self.counts["no_grad_forward"] += 1
-        out = self.loss_fn(self.model, batch, **forward_kwargs)
-        reshard_after_no_grad_forward(self.model)
-        return out
-
     # ------------------------------------------------------------------------------------------- one pass
 
     def forward_backward(self, objective: Objective | None = None, per_rank: bool = False) -> PassResult:
@@ -110,7 +103,7 @@ class StepContext:
         step. Gradient sync is skipped on all but the last micro-batch. ``per_rank`` ("m-sharpness") skips it on
         every micro-batch and normalises by this rank's own count: a per-rank mean gradient.
         """
-        objective = objective or self.forward
+        objective = objective or self.forwards.forward
         k = len(self.micro_batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         regulariser_sum = None

@@ -1,7 +1,8 @@
 """Trust-region targets: the output distribution a rule compares the current one with (docs/algorithms.md).
 
-A target's ``output(ctx, batch)`` is a no-grad forward of the same micro-batch under the dropout masks that the
-next (current) forward will draw, differing only in what the rule means it to differ in:
+A target's ``output(fw, batch)`` (``fw``: the step's forwards, optim/forwards.py) is a no-grad forward of the
+same micro-batch under the dropout masks that the next (current) forward will draw, differing only in what the
+rule means it to differ in:
 
     PreviousIterate     p(·|x; θ_{s−2})      tram-prev, trpo, asam+trpo
     InitialWeights      p(·|x; θ_0)          tram-init
@@ -46,7 +47,7 @@ def _mode(model, target_mode: str):
 class Target:
     """A target distribution and the state that produces it (none here)."""
 
-    def output(self, ctx, batch) -> LossOutput:
+    def output(self, fw, batch) -> LossOutput:
         raise NotImplementedError
 
     def before_base_step(self) -> None:
@@ -84,13 +85,13 @@ class WeightTarget(Target):
         self.buffers = buffers if buffers is not None else clone_weights(params, dtype)
         self.target_mode = target_mode
 
-    def output(self, ctx, batch) -> LossOutput:
+    def output(self, fw, batch) -> LossOutput:
         with (
-            replayed_rng(ctx.device),
+            replayed_rng(fw.device),
             weights_swapped_in(self.params, self.buffers),
-            _mode(ctx.model, self.target_mode),
+            _mode(fw.model, self.target_mode),
         ):
-            return ctx.no_grad_forward(batch).as_target(ctx.compute_dtype)
+            return fw.target_output(batch)
 
     def state_dict(self) -> dict:
         return {self.state_key: self.buffers}
@@ -146,9 +147,9 @@ class NoisedInputs(Target):
     def __init__(self, noise: InputNoise):
         self.noise = noise
 
-    def output(self, ctx, batch) -> LossOutput:
-        with replayed_rng(ctx.device), self.noise.applied(ctx.step, batch) as kwargs:
-            return ctx.no_grad_forward(batch, **kwargs).as_target(ctx.compute_dtype)
+    def output(self, fw, batch) -> LossOutput:
+        with replayed_rng(fw.device), self.noise.applied(fw.step, batch) as kwargs:
+            return fw.target_output(batch, **kwargs)
 
 
 def _saved(state: dict, key: str):

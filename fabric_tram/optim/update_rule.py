@@ -104,10 +104,10 @@ class UpdateRule:
         return tuple(cls.passes)
 
     def ascent_objective(self, ctx: StepContext) -> Objective:
-        return ctx.forward
+        return ctx.forwards.forward
 
     def descent_objective(self, ctx: StepContext) -> Objective:
-        return ctx.forward
+        return ctx.forwards.forward
 
     def build_target(self) -> Target:
         return Target()  # none, and no state
