@@ -119,3 +119,27 @@ def test_optional_fields_are_coerced_like_the_others():
     assert config.model.n_layer == 3
     with pytest.raises(ConfigError, match="optimizer.eta' expects float, got 'big'"):
         load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=tram-prev", "optimizer.eta=big"])
+
+
+def test_the_docs_tables_and_descriptions_give_each_rule_the_passes_and_state_its_class_declares():
+    """Passes and state are declared once, on the class; `fabric-tram list` derives its text from it, and the
+    tables of docs/algorithms.md must agree (a rule whose cost changes fails here until the docs say so)."""
+    import re
+    from pathlib import Path
+
+    from fabric_tram.optim.update_rule import cost, rule_class
+    from fabric_tram.registry import OPTIMIZERS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "algorithms.md").read_text()
+    rows = {}  # the rule tables: name | perturbation or loss | defaults | passes fwd / no-grad / bwd | state
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.replace("| |", "|  |").strip().strip("|").split(" | ")]  # "|" also in p(·|x)
+        if line.startswith("| `") and len(cells) == 5:
+            names = re.findall(r"`([a-z0-9+-]+)`", cells[0].split("(")[0])
+            rows.update(zip(names, re.findall(r"\d+ / \d+ / \d+", cells[3]), strict=True))
+    rules = [n for n in OPTIMIZERS.names() if rule_class(n).__name__ != "UpdateRule"]
+    assert len(rules) == 13 and set(rows) == set(rules), sorted(set(rows) ^ set(rules))
+    for name in rules:
+        cls = rule_class(name)
+        assert rows[name] == " / ".join(map(str, cls.passes)), name
+        assert OPTIMIZERS.get(name).description.endswith(cost(cls)), name

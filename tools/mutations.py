@@ -686,4 +686,18 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/registry.py", "                self._check(name, target)", "                pass"),),
         ("tests/test_contracts.py",),
     ),
+    Mutation(
+        "rule-declares-other-passes-than-its-docs",
+        "r3f declared with one backward in its class while the docs and every count say two",
+        (
+            (
+                "fabric_tram/optim/rules.py",
+                "passes, divergence_gradients, graphs_per_pass = Passes(2, 0, 2), 2, 2",
+                "passes, divergence_gradients, graphs_per_pass = Passes(2, 0, 1), 2, 2",
+            ),
+        ),
+        (
+            "tests/test_registry_config.py::test_the_docs_tables_and_descriptions_give_each_rule_the_passes_and_state_its_class_declares",
+        ),
+    ),
 )

@@ -130,7 +130,9 @@ class UpdateRuleLoop:
             raise TypeError(
                 f"unknown hyperparameter(s) {unknown} for {entry.name!r}; valid: {', '.join(sorted(valid))}"
             )
-        return entry.config(**hyperparameters)
+        config = entry.config(**hyperparameters)
+        config.check()  # validated here, once, as config resolution does for the engine's sections
+        return config
 
     def step(self, batch, micro_batches: list | None = None, n_targets: float | None = None) -> dict:
         """One optimizer step on ``batch`` (or on several ``micro_batches`` with their total ``n_targets``)."""

@@ -77,7 +77,6 @@ def cosine(step: int, max_steps: int, config: CosineConfig) -> float:
 
 
 def lr_factor(section, step: int, max_steps: int) -> float:
-    """The factor multiplying the peak lr at 1-based ``step`` under the schedule named by ``section.name``."""
-    if section.warmup_steps < 0:
-        raise ValueError(f"schedule.warmup_steps must be >= 0, got {section.warmup_steps}")
+    """The factor multiplying the peak lr at 1-based ``step`` under the schedule named by ``section.name`` (its
+    values checked once, when the config was resolved)."""
     return SCHEDULES.get(section.name).target(step, max_steps, section)

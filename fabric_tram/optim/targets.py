@@ -79,8 +79,6 @@ class WeightTarget(Target):
         dtype: torch.dtype | None = None,
         target_mode: str = "train",
     ):
-        if target_mode not in TARGET_MODES:
-            raise ValueError(f"optimizer.target_mode must be 'train' or 'eval', got {target_mode!r}")
         self.params = params
         self.buffers = buffers if buffers is not None else clone_weights(params, dtype)
         self.target_mode = target_mode
@@ -131,8 +129,6 @@ class ExponentialAverage(WeightTarget):
     state_key = "ema"
 
     def __init__(self, params, decay: float, target_mode: str = "train"):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"optimizer.ema_decay must be in [0, 1], got {decay}")
         at_least_fp32 = [b.to(torch.promote_types(b.dtype, torch.float32)) for b in clone_weights(params)]
         super().__init__(params, buffers=at_least_fp32, target_mode=target_mode)
         self.decay = decay

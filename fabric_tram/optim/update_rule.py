@@ -31,7 +31,7 @@ from fabric_tram.optim.objectives import DivergenceMeter
 from fabric_tram.optim.step import Objective, StepContext, all_finite
 from fabric_tram.optim.targets import Target
 from fabric_tram.optim.weights import clone_weights, perturbed
-from fabric_tram.registry import OPTIMIZERS
+from fabric_tram.registry import OPTIMIZERS, register_optimizer
 
 
 class Passes(NamedTuple):
@@ -53,9 +53,7 @@ class UpdateRule:
     graphs_per_pass = 1  # forwards whose graphs are alive together in one gradient pass (r3f: clean and noised)
 
     def __init__(self, config, model, optimizer):
-        self.config, self.model, self.optimizer = config, model, optimizer
-        if hasattr(config, "check"):  # resolve() ran it already; the user-loop API builds configs directly
-            config.check()
+        self.config, self.model, self.optimizer = config, model, optimizer  # config: validated when it was made
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.per_rank = getattr(config, "m_sharpness", False)  # m-sharpness: each rank's own ascent
@@ -168,6 +166,28 @@ class UpdateRule:
         if not stats["skipped"]:
             self.target.after_base_step()
         return {**stats, **self.logged()}
+
+
+def register_rule(name: str, config: type, what: str):
+    """``@register_optimizer`` for an update rule, whose one-line description is ``what`` it does followed by what
+    its class declares — passes per step and state held between steps — so they are never written twice."""
+
+    def decorator(cls: type[UpdateRule]) -> type[UpdateRule]:
+        register_optimizer(name, config=config, description=f"{what}; {cost(cls)}")(cls)
+        return cls
+
+    return decorator
+
+
+def cost(cls: type[UpdateRule]) -> str:
+    """``2 fwd + 1 no-grad / 2 bwd; state 1x``, from the class's ``passes``, ``graphs_per_pass`` and state."""
+    p = cls.passes
+    passes = f"{p.forward} fwd" + (f" + {p.no_grad_forward} no-grad" if p.no_grad_forward else "")
+    passes += f" / {p.backward} bwd" + (
+        f" ({cls.graphs_per_pass} graphs per gradient pass)" if cls.graphs_per_pass > 1 else ""
+    )
+    state = [f"{cls.state_factor}x"] * bool(cls.state_factor) + [f"{cls.fp32_state}x fp32"] * bool(cls.fp32_state)
+    return f"{passes}; state {' + '.join(state) or '0'} (× parameter bytes)"
 
 
 def is_rule(target) -> bool:

@@ -1,0 +1,142 @@
+"""The update rules' config dataclasses: each rule's section is assembled from these field groups (its base
+optimizer's keys are added flat by the config layer). Every field is validated here, once, at config time
+(``Wrapped.check``); the rules and their parts trust what they are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fabric_tram.config import ConfigError
+from fabric_tram.optim.base import nonnegative
+from fabric_tram.optim.noise import NOISE_KINDS
+from fabric_tram.optim.radius import check_radius_fields
+from fabric_tram.optim.targets import TARGET_MODES
+from fabric_tram.registry import DIVERGENCES
+
+
+@dataclass
+class Wrapped:
+    base: str = "adam"  # the base optimizer that takes the final step: adam, adamw, sgd
+
+    def check(self) -> None:
+        """Refuse bad values of any rule's fields at config time (run again by the rule itself, for the API)."""
+        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_target")
+        check_radius_fields(self)
+        if getattr(self, "divergence", None) is not None and self.divergence not in DIVERGENCES:
+            raise ConfigError(f"optimizer.divergence: {DIVERGENCES.describe_unknown(self.divergence)}")
+        if getattr(self, "target_mode", "train") not in TARGET_MODES:
+            raise ConfigError(
+                f"optimizer.target_mode must be one of {', '.join(TARGET_MODES)}, got {self.target_mode!r}"
+            )
+        if getattr(self, "noise", "normal") not in NOISE_KINDS:
+            raise ConfigError(f"optimizer.noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
+        if not 0.0 <= getattr(self, "ema_decay", 0.0) <= 1.0:
+            raise ConfigError(f"optimizer.ema_decay must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclass
+class PerRank:
+    m_sharpness: bool = False  # per-rank perturbations (DDP only; refused under fsdp)
+
+
+@dataclass
+class ASAMFields:
+    eta: float | None = None  # T = |θ| + η; null: 0 (paper's code), or 0.01 with asam_like_original
+    asam_like_original: bool = False  # original ASAM: T only on parameters named '*weight*', T = 1 elsewhere
+
+
+@dataclass
+class TrustRegionFields:
+    divergence: str = "kl"  # kl, kl-reverse, kl-sym, l2 (mmd: classification only)
+    radius_scale: float | str = "auto"  # r = scale · t(d); auto: calibrated (optim/radius.py, docs/algorithms.md)
+    radius_target: float = 0.5  # auto: the radius climbed while calibrating, and the median radius after (ASAM's ρ)
+    calibration_steps: int = 20  # auto: optimizer steps that calibrate the scale
+    calibration_start: int | str = "warmup"  # auto: steps before the calibration window; warmup: the lr warm-up's
+    radius_transform: str = "linear"  # t(d): linear (d) or sqrt (√(2d), a distance like ρ)
+    radius_every: int = 1  # take d (the target forward) every N optimizer steps, reuse the radius in between
+    max_radius: float | str | None = "auto"  # cap; auto: radius_target under radius_scale=auto (the paper's r <= ρ)
+    target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
+
+    def resolve_with(self, config) -> None:
+        """``calibration_start=warmup`` becomes the schedule's warm-up steps (the window then opens where d stops
+        growing with the learning rate; docs/algorithms.md, "TRAM's radius")."""
+        if self.calibration_start == "warmup":
+            self.calibration_start = int(getattr(config.schedule, "warmup_steps", 0))
+
+
+@dataclass
+class NoiseFields:
+    sigma: float = 0.1  # σ of the input-embedding noise (R3F's setting; TRAM-x's is unreported)
+    noise: str = "normal"  # normal | uniform in [-σ, σ]
+    noise_seed: int = 0  # z = f(noise_seed, step, example index)
+    embedding_module: str | None = None  # for models without an input_noise argument: its token-embedding module
+
+
+@dataclass
+class RegulariserFields:
+    lam: float = 0.1  # λ, weight of the regulariser
+    divergence: str = "kl"
+    target_mode: str = "train"
+
+
+@dataclass
+class SAMConfig(PerRank, Wrapped):
+    rho: float = 0.05  # (paper)
+
+
+@dataclass
+class ASAMConfig(ASAMFields, PerRank, Wrapped):
+    rho: float = 0.5  # (paper)
+
+
+@dataclass
+class FSAMConfig(PerRank, Wrapped):
+    gamma: float = 0.1  # (paper)
+    eta: float = 0.1  # f = 1 + η g² (paper)
+
+
+@dataclass
+class TRAMConfig(TrustRegionFields, ASAMFields, PerRank, Wrapped):
+    pass
+
+
+@dataclass
+class TRAMXConfig(NoiseFields, TRAMConfig):
+    pass
+
+
+@dataclass
+class TRAMFisherConfig(NoiseFields, FSAMConfig):
+    pass
+
+
+@dataclass
+class TRPOConfig(RegulariserFields, Wrapped):
+    pass
+
+
+@dataclass
+class MESAConfig(RegulariserFields, Wrapped):
+    ema_decay: float = 0.999
+
+
+@dataclass
+class R3FConfig(NoiseFields, Wrapped):
+    lam: float = 0.1
+    divergence: str = "kl-sym"  # (paper's R3F: symmetric KL)
+
+
+@dataclass
+class ASAMTRPOConfig(TRPOConfig, ASAMConfig):
+    pass
+
+
+@dataclass
+class ASAMMESAConfig(MESAConfig, ASAMConfig):
+    pass
+
+
+@dataclass
+class ASAMR3FConfig(R3FConfig, ASAMConfig):
+    pass
