@@ -38,8 +38,20 @@ def test_readme_plugin_example_trains_and_registers(tmp_path):
     script = shutil.which("fabric-tram")  # the installed console script: the working directory is not on its path
     listed = run([script, "list", "--plugin", "my_parity"], tmp_path)
     assert listed.returncode == 0, listed.stderr
-    for name in ("bag-of-embeddings", "parity", "signsgd"):
+    for name in ("bag-of-embeddings", "parity", "signsgd", "decaying-sam"):
         assert name in listed.stdout
+    assert "SAM whose ρ halves every half_life steps; 2 fwd / 2 bwd; state 1x" in listed.stdout
+    # the docs' update rule of one's own, as a plugin: two passes a step, ρ decaying
+    rule = run([script, "train", "--plugin", "my_parity", "model.name=bag-of-embeddings", "task.name=parity",
+                "optimizer.name=decaying-sam", "optimizer.half_life=2", "trainer.max_steps=3",
+                "trainer.run_dir=runs/rule", "trainer.progress_bar=false", "trainer.log_every=1"],
+               tmp_path)  # fmt: skip
+    assert rule.returncode == 0, rule.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(next((tmp_path / "runs" / "rule").rglob("metrics.csv")))))
+    norms = [float(r["e_norm"]) for r in rows if r.get("e_norm")]
+    assert len(norms) == 3 and norms[0] > norms[1] > norms[2] > 0  # ‖e‖ = ρ 0.5^(s/2): it halves every 2 steps
     # the README's model under a rule that noises the inputs: the input_noise contract holds
     noised = run([script, "train", "--plugin", "my_parity", "model.name=bag-of-embeddings", "task.name=parity",
                   "optimizer.name=tram-x", "optimizer.lr=0.01", "trainer.max_steps=3", "trainer.run_dir=runs/noised",
