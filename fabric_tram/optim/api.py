@@ -108,7 +108,7 @@ class UpdateRuleLoop:
         config = self._config(entry, hyperparameters)
         self.rule: UpdateRule = rule_class(name)(config, model, optimizer)
         if noise_sampler is not None:
-            if getattr(self.rule, "noise", None) is None:
+            if self.rule.noise is None:
                 raise TypeError(
                     f"{name!r} draws no input noise: noise_sampler applies to tram-x, tram-fisher, r3f, asam+r3f"
                 )

@@ -47,8 +47,15 @@ class ASAMFields:
 
 
 @dataclass
-class TrustRegionFields:
+class DivergenceFields:
+    """What a trust-region rule or regulariser compares the outputs with, declared once for both."""
+
     divergence: str = "kl"  # kl, kl-reverse, kl-sym, l2 (mmd: classification only)
+    target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
+
+
+@dataclass
+class TrustRegionFields(DivergenceFields):
     radius_scale: float | str = "auto"  # r = scale · t(d); auto: calibrated (optim/radius.py, docs/algorithms.md)
     radius_target: float = 0.5  # auto: the radius climbed while calibrating, and the median radius after (ASAM's ρ)
     calibration_steps: int = 20  # auto: optimizer steps that calibrate the scale
@@ -56,7 +63,6 @@ class TrustRegionFields:
     radius_transform: str = "linear"  # t(d): linear (d) or sqrt (√(2d), a distance like ρ)
     radius_every: int = 1  # take d (the target forward) every N optimizer steps, reuse the radius in between
     max_radius: float | str | None = "auto"  # cap; auto: radius_target under radius_scale=auto (the paper's r <= ρ)
-    target_mode: str = "train"  # train: target forward under the same dropout masks; eval: as the published code
 
     def resolve_with(self, config) -> None:
         """``calibration_start=warmup`` becomes the schedule's warm-up steps (the window then opens where d stops
@@ -74,10 +80,8 @@ class NoiseFields:
 
 
 @dataclass
-class RegulariserFields:
+class RegulariserFields(DivergenceFields):
     lam: float = 0.1  # λ, weight of the regulariser
-    divergence: str = "kl"
-    target_mode: str = "train"
 
 
 @dataclass

@@ -159,8 +159,10 @@ class TRAMX(TRAM):
 
     state_factor = 1
 
+    def build_noise(self):
+        return input_noise(self.model, self.config)
+
     def build_target(self):
-        self.noise = input_noise(self.model, self.config)
         return NoisedInputs(self.noise)
 
 
@@ -169,9 +171,8 @@ class TRAMFisher(FSAM):
     """TRAM-Fisher: Fisher-SAM whose ascent pass runs on x + z (so g̃ carries the input trust region); the
     descent pass runs on clean inputs."""
 
-    def __init__(self, config, model, optimizer):
-        super().__init__(config, model, optimizer)
-        self.noise = input_noise(model, config)
+    def build_noise(self):
+        return input_noise(self.model, self.config)
 
     def ascent_objective(self, ctx):
         return on_noised(ctx.forwards, self.noise)
@@ -222,9 +223,8 @@ class R3F(Regularised):
     # one gradient pass whose backward runs through both forwards' graphs: the cost of two backwards
     passes, divergence_gradients, graphs_per_pass = Passes(2, 0, 2), 2, 2
 
-    def __init__(self, config, model, optimizer):
-        super().__init__(config, model, optimizer)
-        self.noise = input_noise(model, config)  # no target and no state: the noised branch is part of the loss
+    def build_noise(self):  # no target and no state: the noised branch is part of the loss
+        return input_noise(self.model, self.config)
 
     def ascent_objective(self, ctx):
         return noise_penalty(ctx.forwards, self.noise, self.meter, self.config.lam)

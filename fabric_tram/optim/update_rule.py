@@ -27,6 +27,7 @@ import torch
 from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
 from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients
+from fabric_tram.optim.noise import InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter
 from fabric_tram.optim.step import Objective, StepContext, all_finite
 from fabric_tram.optim.targets import Target
@@ -63,8 +64,11 @@ class UpdateRule:
                 "rank holds only a slice of θ; use ddp, or set optimizer.m_sharpness=false"
             )
         self.meter: DivergenceMeter | None = None  # the step's d, where the rule has one
+        # the parts, in one order for every rule: the perturbation's shape and its restore point, the input noise,
+        # then the target (which may use the restore point as its state, or the noise)
         self.geometry = self.build_geometry()
         self.backup = clone_weights(self.params) if self.geometry is not None else None  # the restore point
+        self.noise = self.build_noise()
         self.target = self.build_target()
 
     @classmethod
@@ -75,6 +79,10 @@ class UpdateRule:
     # ------------------------------------------------------------------------------------------- what rules override
 
     def build_geometry(self) -> Geometry | None:
+        return None
+
+    def build_noise(self) -> InputNoise | None:
+        """The input noise z of a rule that noises the inputs (tram-x, tram-fisher, r3f); None for the others."""
         return None
 
     def radius(self, ctx: StepContext, d: torch.Tensor | None) -> float | torch.Tensor:
