@@ -70,6 +70,21 @@ def reported_errors():
         record_for_the_launcher(line)
         print(line, file=sys.stderr, flush=True)
         sys.exit(1)
+    except Exception as err:  # a fault, not bad input: the traceback is shown, and the launcher's summary names it
+        record_for_the_launcher(error_line(err) if not peer_lost(err) else PEER_LOST + f" ({err})")
+        raise
+
+
+# what gloo and NCCL say when another process of the job died: this process then stops too
+PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
+PEER_LOST = (
+    "error: another process of this run failed, so this one stopped (its connection to the others closed): the "
+    "root cause is in the failing node's log, whose launcher summary names it"
+)
+
+
+def peer_lost(err: BaseException) -> bool:
+    return any(sign in str(err) for sign in PEER_LOST_SIGNS)
 
 
 def record_for_the_launcher(line: str) -> None:

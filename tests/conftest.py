@@ -332,6 +332,32 @@ def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None
     return proc
 
 
+def launch_two_nodes(args: list[str], node_dirs: list[Path], node_env: list[dict], timeout=600) -> list:
+    """Two "nodes" on this machine: ``fabric run --accelerator cpu --devices 1 --num-nodes 2 --node-rank R
+    --main-address 127.0.0.1 --main-port P ARGS``, one process per node, started together, each in its own
+    working folder with its own environment (``node_env[R]``: node-local caches). Returns the two finished
+    processes (returncode, stdout, stderr), node 0 first."""
+    port = free_port()
+    procs = []
+    for rank, (folder, env) in enumerate(zip(node_dirs, node_env, strict=True)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "1",
+               "--num-nodes", "2", "--node-rank", str(rank), "--main-address", "127.0.0.1", "--main-port", str(port),
+               *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    finished = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return finished
+
+
 # ------------------------------------------------------------------------------------------- fp16 poisoning
 
 

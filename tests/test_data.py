@@ -152,3 +152,47 @@ def test_every_split_the_run_will_read_is_checked_before_the_first_step(corpus, 
     with pytest.raises(DataError, match=message):
         train(config, callbacks=(lambda run, stats: steps.append(stats),))
     assert steps == [] and not (tmp_path / "run" / "config.yaml").exists()  # no step ran, nothing was written
+
+
+def test_m2d2_domain_unpacked_once_when_ranks_ask_together(tmp_path, monkeypatch):
+    """Every rank of every node that shares the cache asks for the domain at start-up: the first unpacks it under
+    a file lock, the others wait and find it complete (before the lock they raced on one temporary folder)."""
+    import tarfile
+    import threading
+    import time
+
+    import huggingface_hub
+
+    from fabric_tram.data import m2d2
+
+    source = tmp_path / "src" / "math_l1"
+    source.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (source / f"{split}.txt").write_text(f"{split} text\n")
+    archive = tmp_path / "math_l1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="math_l1")
+    downloads = []
+
+    def slow_download(**kwargs):
+        downloads.append(kwargs["filename"])
+        time.sleep(0.3)  # long enough for every other rank to arrive meanwhile
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", slow_download)
+    found, errors = [], []
+
+    def rank():
+        try:
+            found.append(m2d2.fetch_domain("math_l1", root=tmp_path / "cache"))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(found) == 4 and len(set(found)) == 1
+    assert downloads == ["data/math_l1.tar.gz"]  # one download and unpack for the four
+    assert (found[0] / "train.txt").read_text() == "train text\n" and (found[0] / ".complete").is_file()

@@ -700,4 +700,16 @@ MUTATIONS = (  # fmt: skip
             "tests/test_registry_config.py::test_the_docs_tables_and_descriptions_give_each_rule_the_passes_and_state_its_class_declares",
         ),
     ),
+    Mutation(
+        "m2d2-unpacked-by-every-rank",
+        "every rank downloads and unpacks an M2D2 domain, not the first under the lock",
+        (
+            (
+                "fabric_tram/data/m2d2.py",
+                'if not (target / ".complete").is_file():  # the first unpacks',
+                "if True:  # the first unpacks",
+            ),
+        ),
+        ("tests/test_data.py::test_m2d2_domain_unpacked_once_when_ranks_ask_together",),
+    ),
 )

@@ -16,6 +16,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from fabric_tram.data.file_lock import file_lock
+
 M2D2_REPO = "machelreid/m2d2"
 
 # S2ORC split: the paper trains on Math (1.1B training tokens) and evaluates the other ten zero-shot
@@ -64,6 +66,13 @@ def fetch_domain(domain: str, repo_id: str = M2D2_REPO, revision: str | None = N
     target = (root or unpack_root()) / repo_id.replace("/", "--") / domain
     if (target / ".complete").is_file():
         return target
+    with file_lock(target.with_name(target.name + ".lock")):  # every rank of every node sharing the folder
+        if not (target / ".complete").is_file():  # the first unpacks; the others find it complete
+            unpack_domain(domain, repo_id, revision, target)
+    return target
+
+
+def unpack_domain(domain: str, repo_id: str, revision: str | None, target: Path) -> None:
     from huggingface_hub import hf_hub_download
 
     try:
@@ -89,7 +98,6 @@ def fetch_domain(domain: str, repo_id: str = M2D2_REPO, revision: str | None = N
     found[0].parent.rename(target)
     shutil.rmtree(tmp, ignore_errors=True)
     (target / ".complete").write_text(archive)
-    return target
 
 
 def fetch_domains(domains: list[str], repo_id: str = M2D2_REPO, revision: str | None = None) -> Path:

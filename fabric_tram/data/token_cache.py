@@ -9,7 +9,6 @@ Concurrent ranks take a file lock: one builds, the others wait and read.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fabric_tram.data.file_lock import file_lock
 from fabric_tram.data.text import read_documents
 from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer, tokenizer_fingerprint
 
@@ -31,19 +31,6 @@ def default_cache_root() -> Path:
 def cache_stem(source: Path, tokenizer: str, doc_format: str) -> str:
     key = f"{source.resolve()}|{tokenizer}|{doc_format}"
     return f"{source.parent.name}-{source.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class TokenizedSplit:
@@ -77,7 +64,7 @@ def tokenize_split(
         "doc_format": doc_format,
         "text_key": text_key,
     }
-    with _locked(root / f"{stem}.lock"):
+    with file_lock(root / f"{stem}.lock"):
         meta = json.loads(paths["json"].read_text()) if paths["json"].is_file() else None
         if meta is not None and any(meta.get(k) != v for k, v in wanted.items()):
             meta = None  # another source, tokenizer or format: rebuild from scratch
