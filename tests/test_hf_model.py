@@ -180,3 +180,18 @@ def test_hf_export_loads_in_transformers(checkpoints, tmp_path):
     ids = torch.randint(0, 100, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, run.model(ids), rtol=0, atol=1e-12)
+
+
+def test_hf_blocks_compiled_and_checkpointed_take_the_same_steps(checkpoints, tmp_path):
+    """trainer.compile (per _no_split_modules block; the aot_eager backend keeps the test short) and activation
+    checkpointing (transformers' own, non-reentrant) on an hf model: the eager run's steps, in float64."""
+    _, hf, task_overrides = checkpoints["gpt2"]
+    data = task_overrides[1].split("=", 1)[1]
+    extra = ["optimizer.base=sgd", "optimizer.calibration_steps=2", "optimizer.calibration_start=0"]
+    runs = {}
+    for name, setting in (("eager", []), ("compiled", ["trainer.compile=true", "trainer.compile_backend=aot_eager"]),
+                          ("checkpointed", ["trainer.activation_checkpointing=true"])):  # fmt: skip
+        runs[name] = train(small_config(data, tmp_path / name, "tram-x", steps=3, model=hf, extra=[*extra, *setting]))
+    assert runs["compiled"].model.hf.transformer.h[0]._compiled_call_impl is not None  # the blocks were compiled
+    for name in ("compiled", "checkpointed"):
+        assert_histories_match(runs["eager"].history, runs[name].history, RULE_KEYS, label=name)
