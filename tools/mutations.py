@@ -71,8 +71,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/objectives.py",
-                "noise.applied(ctx.step, batch, detach=True)",
-                "noise.applied(ctx.step, batch, detach=False)",
+                "noise.applied(fw.step, batch, detach=True)",
+                "noise.applied(fw.step, batch, detach=False)",
             ),
         ),
         (CLOSED_FORM + "::test_r3f_noised_branch_starts_from_the_detached_lookup",),
