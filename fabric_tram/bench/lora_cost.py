@@ -29,7 +29,9 @@ TRAM = ["optimizer.calibration_steps=2", "optimizer.calibration_start=0"]  # cal
 
 def arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="'none': tiny random Llama")
+    parser.add_argument("--checkpoint", default="checkpoints/smollm2-135m-instruct", help="'none': a random Llama")
+    parser.add_argument("--preset", default="tiny", help="with --checkpoint none: the Llama preset (llama-3.2-1b, ...)")
+    parser.add_argument("--precision", default="32-true", help="trainer.precision (bf16-mixed on a GPU)")
     parser.add_argument("--rules", default="adam,asam,tram-prev")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--batch", type=int, default=4)
@@ -44,7 +46,7 @@ def arguments(argv=None) -> argparse.Namespace:
 def config_for(args, mode: str, rule: str):
     model = ["model.name=llama"]
     if args.checkpoint == "none":
-        model += ["model.preset=tiny", "task.tokenizer=gpt2"]
+        model += [f"model.preset={args.preset}", "task.tokenizer=gpt2"]
     else:
         model += [f"model.pretrained={args.checkpoint}", f"task.tokenizer={args.checkpoint}"]
     if mode == "lora":
@@ -53,8 +55,8 @@ def config_for(args, mode: str, rule: str):
     return load_config(None, [
         *model, "task.name=lm", "task.data_dir=demo", f"task.block_size={args.block}", "task.train_domains=[jargon]",
         f"optimizer.name={rule}", "optimizer.lr=1e-4", *(TRAM if rule.startswith("tram") else []),
-        f"trainer.micro_batch_size={args.batch}", "trainer.precision=32-true", f"trainer.accelerator={args.device}",
-        "trainer.devices=1", "trainer.max_steps=1000000", "trainer.log_every=1000000", "trainer.progress_bar=false",
+        f"trainer.micro_batch_size={args.batch}", f"trainer.precision={args.precision}",
+        f"trainer.accelerator={args.device}", "trainer.devices=1", "trainer.max_steps=1000000", "trainer.log_every=1000000", "trainer.progress_bar=false",
         "trainer.preflight=false", f"trainer.run_dir={args.out}/lora_cost-run",
     ])  # fmt: skip
 
@@ -116,7 +118,8 @@ def main(argv=None) -> dict:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{mode} {rule}: {rows[-1]['ms_per_step']:.0f} ms/step", flush=True)
     full = {r["rule"]: r for r in rows if r["mode"] == "full"}
-    print(f"{args.checkpoint}, {args.batch} × {args.block} tokens, fp32, {args.device}; LoRA r = {args.r} on "
+    model = args.checkpoint if args.checkpoint != "none" else f"random {args.preset}"
+    print(f"{model}, {args.batch} × {args.block} tokens, {args.precision}, {args.device}; LoRA r = {args.r} on "
           f"{PROJECTIONS}")  # fmt: skip
     print(table(
         ["rule", "mode", "trained parameters", "ms / step", "vs full", "peak above start (MiB)", "vs full"],
@@ -124,7 +127,8 @@ def main(argv=None) -> dict:
           f"{r['ms_per_step'] / full[r['rule']]['ms_per_step']:.2f}", f"{r['peak_above_start_mib']:.0f}",
           f"{r['peak_above_start_mib'] / max(full[r['rule']]['peak_above_start_mib'], 1e-9):.2f}"] for r in rows],
     ))  # fmt: skip
-    result = {"checkpoint": args.checkpoint, "r": args.r, "batch": args.batch, "block": args.block, "rows": rows}
+    result = {"model": model, "precision": args.precision, "device": args.device, "r": args.r, "batch": args.batch,
+              "block": args.block, "rows": rows}  # fmt: skip
     write_json(args.out, "lora_cost", result)
     return result
 
