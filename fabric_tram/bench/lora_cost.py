@@ -56,8 +56,9 @@ def config_for(args, mode: str, rule: str):
         *model, "task.name=lm", "task.data_dir=demo", f"task.block_size={args.block}", "task.train_domains=[jargon]",
         f"optimizer.name={rule}", "optimizer.lr=1e-4", *(TRAM if rule.startswith("tram") else []),
         f"trainer.micro_batch_size={args.batch}", f"trainer.precision={args.precision}",
-        f"trainer.accelerator={args.device}", "trainer.devices=1", "trainer.max_steps=1000000", "trainer.log_every=1000000", "trainer.progress_bar=false",
-        "trainer.preflight=false", f"trainer.run_dir={args.out}/lora_cost-run",
+        f"trainer.accelerator={args.device}", "trainer.devices=1", "trainer.max_steps=1000000",
+        "trainer.log_every=1000000", "trainer.progress_bar=false", "trainer.preflight=false",
+        f"trainer.run_dir={args.out}/lora_cost-run",
     ])  # fmt: skip
 
 
