@@ -107,3 +107,8 @@ def model_sizes(model) -> dict:
     """The architecture's sizes (``sizes``, a dict on every family); {} for a model that declares none."""
     sizes = getattr(model, "sizes", None)
     return sizes if isinstance(sizes, dict) else {}
+
+
+def model_num_labels(model) -> int | None:
+    """A classifier's output count (the model's ``num_labels``, or its config's); None for a language model."""
+    return getattr(model, "num_labels", None) or getattr(getattr(model, "config", None), "num_labels", None)

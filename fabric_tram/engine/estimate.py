@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, base_optimizer_name
-from fabric_tram.contracts import model_sizes
+from fabric_tram.contracts import model_num_labels, model_sizes
 from fabric_tram.data.tokenizer import hub_file, is_hub_id
 from fabric_tram.models import build_model
 from fabric_tram.models.hub import resolve_checkpoint_folder
@@ -103,7 +103,7 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None
     T = T or getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)
     # output rows: one distribution per token over the vocabulary (LM), or per sequence over the labels (classifier)
-    labels = getattr(model, "num_labels", None) or getattr(model.config, "num_labels", None)
+    labels = model_num_labels(model)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
     outputs = B * labels if labels else B * T * V
     per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C

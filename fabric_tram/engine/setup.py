@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, ConfigError, dump_yaml
-from fabric_tram.contracts import check_task, model_sizes
+from fabric_tram.contracts import check_task, model_num_labels, model_sizes
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
@@ -117,7 +117,7 @@ def check_task_fits_model(task, model, config: Config) -> None:
     assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
     variants). A classifier must have one output per label of the task."""
     labels = getattr(task, "num_labels", None)
-    outputs = getattr(model, "num_labels", None) or getattr(getattr(model, "config", None), "num_labels", None)
+    outputs = model_num_labels(model)
     if labels is not None and outputs is not None and labels != outputs:
         names = getattr(config.task, "labels", None)
         listed = f" ({', '.join(map(str, names))})" if names else ""
