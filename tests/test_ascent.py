@@ -88,7 +88,10 @@ def test_every_rule_steps_the_same_in_one_multi_tensor_group_and_in_many(name, m
     many_stats, many = trajectory(name)
     for key in ("loss", "d", "radius", "Tg_norm", "e_norm", "grad_norm"):
         a, b = [s.get(key) for s in one_stats], [s.get(key) for s in many_stats]
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-15), (name, key)
+        # a statistic the rule does not report is absent in both runs (pytest >= 9.2 refuses approx on None)
+        assert [x is None for x in a] == [x is None for x in b], (name, key)
+        present = [i for i, x in enumerate(a) if x is not None]
+        assert [a[i] for i in present] == pytest.approx([b[i] for i in present], rel=1e-12, abs=1e-15), (name, key)
     for n, p in one.items():
         torch.testing.assert_close(many[n], p, rtol=1e-12, atol=1e-15, msg=f"{name}: {n}")
     assert torch.equal(one["frozen.weight"], Several().frozen.weight)  # never moved

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
+from fabric_tram.bench.common import pass_floor
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.optim.update_rule import rule_class
 
@@ -45,18 +46,32 @@ def test_step_cost(tmp_path):
     text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", "sam,tram-prev,r3f")
     assert "| tram-prev |" in text
     assert result["allocator"] == ("glibc, freed memory kept (no mmap, no trim)" if GLIBC else "system")
-    floors = {name: r["floor"] for name, r in result["rules"].items()}
-    assert floors["sam"] == 2.0 and floors["r3f"] == 2.0 and 2.0 < floors["tram-prev"] < 3.0  # 2 + no-grad/fwd+bwd
-    assert all(r["ratio_to_adam"] > 0 for r in result["rules"].values())
+    # the floors are the rules' declared passes priced at the recorded pass times: algebra, never a timed bound
+    passes = {name: r["passes"] for name, r in result["rules"].items()}
+    assert passes == {"sam": [2, 0, 2], "tram-prev": [2, 1, 2], "r3f": [2, 0, 2]}  # r3f: one pass, two graphs
+    t_fb, t_f = result["fwd_bwd_seconds"], result["no_grad_fwd_seconds"]
+    for name, r in result["rules"].items():
+        fwd, nograd, _ = r["passes"]
+        assert r["floor"] == pytest.approx((fwd * t_fb + nograd * t_f) / t_fb, rel=1e-12), name
+        assert r["ratio_to_adam"] == pytest.approx(r["seconds"] / result["adam_seconds"], rel=1e-12), name
+        assert r["over_floor"] == pytest.approx(r["ratio_to_adam"] / r["floor"], rel=1e-12), name
+
+
+def test_a_pass_floor_prices_each_pass_at_its_time():
+    assert pass_floor(2, 0, 0.3, 0.1) == 2.0
+    assert pass_floor(2, 1, 0.4, 0.1) == pytest.approx(2.25)
+    assert pass_floor(2, 1 / 4, 0.4, 0.1) == pytest.approx(2.0625)  # one no-grad forward every 4 steps
 
 
 @pytest.mark.slow
 def test_radius_every(tmp_path):
     text, result = bench(tmp_path, "radius_every", "--size", "tiny", "--repeats", "1", "--every", "1,4")
     assert "| 4 |" in text
-    floors = {int(n): r["floor"] for n, r in result["every"].items()}
-    assert 2.0 < floors[4] < floors[1] < 3.0  # (2 T_fb + T_f / N) / T_fb
-    assert all(r["seconds_per_step"] > 0 for r in result["every"].values())
+    t_fb, t_f = result["fwd_bwd_seconds"], result["no_grad_fwd_seconds"]
+    assert sorted(int(n) for n in result["every"]) == [1, 4]
+    for n, r in result["every"].items():  # (2 T_fb + T_f / N) / T_fb at the recorded pass times
+        assert r["floor"] == pytest.approx((2 * t_fb + t_f / int(n)) / t_fb, rel=1e-12), n
+        assert r["ratio_to_adam"] == pytest.approx(r["seconds_per_step"] / result["adam_seconds"], rel=1e-12), n
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ folders) or once under a lock (a shared folder); the run folder is written once;
 within a bounded time, each launcher's summary ending with the cause."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -88,9 +87,7 @@ def test_a_failing_node_ends_the_other_with_its_cause_in_each_summary(tmp_path):
             "trainer.accumulate=1", "trainer.progress_bar=false", f"trainer.run_dir={tmp_path / 'run'}"]  # fmt: skip
     env = node_env(tmp_path, shared_cache=False)
     env[1]["FAIL_AT_STEP"] = "3"  # node 1 raises in its step 3 (tests/node_failure.py)
-    start = time.perf_counter()
-    nodes = launch_two_nodes(args, [tmp_path / "node0", tmp_path / "node1"], env, timeout=240)
-    assert time.perf_counter() - start < 180  # not a hang: both ended
+    nodes = launch_two_nodes(args, [tmp_path / "node0", tmp_path / "node1"], env, timeout=240)  # a hang times out
     assert [p.returncode for p in nodes] == [1, 1]
     last = [p.stderr.strip().splitlines()[-2] for p in nodes]  # the launcher summary's last line before its rule
     assert "error: RuntimeError: planted failure at step 3" in last[1], nodes[1].stderr[-2000:]

@@ -47,3 +47,22 @@ def test_the_code_is_formatted_and_lint_clean():
     for args in (["check", "."], ["format", "--check", "."]):
         out = subprocess.run([sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-1000:]
+
+
+def test_every_dev_tool_is_pinned_by_the_constraints_file():
+    """The README's dev install takes ``-c constraints.txt``: each package of the ``dev`` extra is pinned there (==),
+    so that a new machine tests with the versions the suite passed with, not with whatever is newest that day."""
+    import configparser
+    import re
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    dev = [re.split(r"[<>=!\[ ;]", line.strip())[0] for line in setup["options.extras_require"]["dev"].splitlines()]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    for name in filter(None, dev):
+        assert re.fullmatch(r"[0-9][0-9A-Za-z.]*", pins.get(name.lower().replace("_", "-"), "")), name
+    assert "torch" not in pins  # its CPU or CUDA build is the user's choice, installed first

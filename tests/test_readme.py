@@ -72,12 +72,14 @@ def test_entry_point_plugins_load_without_flags(tmp_path):
     assert "signsgd" in listed.stdout and "parity" in listed.stdout
 
 
-def test_ci_runs_exactly_the_readme_commands():
+def test_ci_runs_exactly_the_readme_commands_in_a_new_virtual_environment():
+    ci_text = (ROOT / ".ci" / "run").read_text()
     ci = [
         line
-        for line in (ROOT / ".ci" / "run").read_text().splitlines()
-        if line and not line.startswith(("#", "set ", "cd ", "export "))
+        for line in ci_text.splitlines()
+        if line and not line.startswith(("#", "set ", "cd ", "export ", "trap ", "python3 -m venv ", "source "))
     ]
+    assert 'python3 -m venv "$CI_VENV"' in ci_text and 'source "$CI_VENV/bin/activate"' in ci_text  # a new venv
     setup_block = re.search(r"```bash\n(pip install torch.*?)```", README, flags=re.S).group(1).splitlines()
     readme_install_and_test = [c for c in setup_block if c.startswith("pip ") or "pytest" in c]
     assert ci == readme_install_and_test

@@ -88,6 +88,12 @@ def pass_floors(size: str, device: str, loss, batch: dict) -> dict:
     return {"fwd+bwd": forward_backward, "no-grad fwd": forward_only}
 
 
+def pass_floor(forward: int, nograd: float, t_fb: float, t_f: float) -> float:
+    """A step's floor in units of one forward + backward: ``forward`` gradient passes at ``t_fb`` seconds each and
+    ``nograd`` no-grad forwards at ``t_f`` (fractional when a rule runs one every N steps)."""
+    return (forward * t_fb + nograd * t_f) / t_fb
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -16,6 +16,7 @@ from fabric_tram.bench.common import (
     loss_fn,
     make_batch,
     make_model,
+    pass_floor,
     pass_floors,
     table,
     write_json,
@@ -59,7 +60,7 @@ def main() -> dict:
     rows, results = [], {}
     for n in every:
         step = median[f"every={n}"] / n
-        floor = (2 * t_fb + t_f / n) / t_fb
+        floor = pass_floor(2, 1 / n, t_fb, t_f)
         results[n] = {"seconds_per_step": step, "ratio_to_adam": step / adam, "floor": floor, "ratio_to_asam":
                       step / median["asam"]}  # fmt: skip
         rows.append([n, step * 1e3, step / adam, floor, step / median["asam"]])

@@ -15,6 +15,7 @@ from fabric_tram.bench.common import (
     loss_fn,
     make_batch,
     make_model,
+    pass_floor,
     pass_floors,
     table,
     write_json,
@@ -58,7 +59,7 @@ def main() -> dict:
     rows, results = [], {}
     for name in rules:
         fwd, nograd, bwd = OPTIMIZERS.get(name).target.passes
-        floor = (fwd * t_fb + nograd * t_f) / t_fb
+        floor = pass_floor(fwd, nograd, t_fb, t_f)
         ratio = median[name] / median["adam"]
         # the same floor in seconds, without adam as the unit (a noisy adam median moves every ratio at once)
         over_seconds = median[name] / (fwd * t_fb + nograd * t_f)
