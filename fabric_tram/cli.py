@@ -106,17 +106,17 @@ def export(checkpoint, out_dir, dtype, adapter):
 @click.option("--top-p", default=1.0, show_default=True, help="sample from the tokens that make up this probability")
 @click.option("--seed", default=0, show_default=True)
 def generate(source, prompt, max_new_tokens, temperature, top_p, seed):
-    """Continue PROMPT with the decoder of SOURCE (a run folder, a checkpoint, or a folder `export` wrote)."""
-    from fabric_tram.data.tokenizer import load_tokenizer
-    from fabric_tram.engine.export import load_decoder
+    """Continue PROMPT with the decoder of SOURCE (a run folder, a checkpoint, or a folder `export` wrote). The
+    text printed is every new token, special ones included (the end-of-sequence token it stopped on, a chat
+    template's markers): what the model produced, not a cleaned-up version of it."""
+    from fabric_tram.engine.decoder import load_decoder
     from fabric_tram.models.generate import generate as run_generate
 
     with reported_errors():
-        model, tokenizer_name = load_decoder(source)
-        tokenizer = load_tokenizer(tokenizer_name)
-        ids = run_generate(model, tokenizer.encode(prompt).ids, max_new_tokens, temperature, top_p, seed,
-                           tokenizer.token_to_id("<|endoftext|>"))  # fmt: skip
-    click.echo(prompt + tokenizer.decode(ids))
+        decoder = load_decoder(source)
+        ids = run_generate(decoder.model, decoder.tokenizer.encode(prompt).ids, max_new_tokens, temperature, top_p,
+                           seed, decoder.eos_ids)  # fmt: skip
+    click.echo(prompt + decoder.tokenizer.decode(ids, skip_special_tokens=False))
 
 
 @main.command()

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import recipe_smoke_config, small_config
 
+from fabric_tram.config import load_config
+from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.engine.checkpoint import CheckpointError
 from fabric_tram.engine.export import export
 from fabric_tram.engine.trainer import train
@@ -23,6 +25,7 @@ from fabric_tram.models.vit import ViT, ViTConfig
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGES = ROOT / "fabric_tram" / "assets" / "data" / "image-sample"
 VOCAB = 101
 
 FAMILIES = {
@@ -159,3 +162,161 @@ def test_export_refuses_an_existing_folder_and_a_foreign_checkpoint_and_writes_n
     with pytest.raises(CheckpointError, match=r"distcp is truncated or missing \(100 of"):
         export(tmp_path / "run", tmp_path / "new")
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))
+
+
+def test_an_image_run_exports_the_processor_and_labels_it_trained_with_field_by_field(tmp_path):
+    """What transformers' processor and config read back is what the run trained with: a processor whose mean,
+    std and size all differ from ViT's defaults (and mean ≠ std), the class folders as id2label; the pipeline a
+    user would run (their processor, their model) gives our logits on a real image."""
+    from PIL import Image
+
+    from fabric_tram.data.images import to_tensor
+
+    processor = {"size": {"height": 32, "width": 32}, "image_mean": [0.41, 0.52, 0.63], "image_std": [0.21, 0.26, 0.31]}
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "preprocessor_config.json").write_text(json.dumps(processor))
+    run = train(load_config(None, ["model.name=vit", "model.num_labels=3", "task.name=image", "task.image_size=32",
+                                   f"task.processor={tmp_path / 'proc'}", "optimizer.name=sgd", "optimizer.lr=0.1",
+                                   "trainer.precision=64-true", "trainer.micro_batch_size=4", "trainer.max_steps=1",
+                                   "trainer.eval_batches=1", "trainer.progress_bar=false",
+                                   f"trainer.run_dir={tmp_path / 'run'}"]))  # fmt: skip
+    export(tmp_path / "run", tmp_path / "hf", dtype="float32")
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert list(theirs.image_mean) == processor["image_mean"] and list(theirs.image_std) == processor["image_std"]
+    assert theirs.size == {"height": 32, "width": 32} and theirs.do_normalize and theirs.do_resize
+    assert theirs.rescale_factor == pytest.approx(1 / 255) and theirs.resample == 2  # bilinear, as we resize
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.id2label == {0: "circle", 1: "square", 2: "stripes"}
+    assert config.label2id == {"circle": 0, "square": 1, "stripes": 2} and config.image_size == 32
+    model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    image = Image.open(next((SAMPLE_IMAGES / "test" / "square").iterdir())).convert("RGB")
+    pixels = torch.as_tensor(theirs(images=image, return_tensors="np")["pixel_values"]).double()
+    ours = to_tensor(image, 32, run.task.mean, run.task.std)[None].double()
+    torch.testing.assert_close(pixels, ours, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, run.model(pixels),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_a_classifier_run_exports_its_own_label_order_and_tokenizer_roles(tmp_path):
+    """A label order other than the default (ids ≠ their defaults): config.json's id2label and label2id are the
+    run's, and the tokenizer's special tokens are the ones its vocabulary names."""
+    run = train(recipe_smoke_config("xlmr_xnli", tmp_path / "run", extra=[
+        "task.labels=[neutral,contradiction,entailment]", "trainer.max_steps=1", "trainer.eval_batches=1",
+        "trainer.progress_bar=false"]))  # fmt: skip
+    assert run.task.label_names == ["neutral", "contradiction", "entailment"]  # neither default nor sorted
+    export(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neutral", "1": "contradiction", "2": "entailment"}
+    assert config["label2id"] == {"neutral": 0, "contradiction": 1, "entailment": 2}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    roles = {role: getattr(tokenizer, role) for role in ("bos_token", "eos_token", "cls_token", "sep_token",
+                                                          "pad_token", "unk_token", "mask_token")}  # fmt: skip
+    assert roles == {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "cls_token": "<s>",
+        "sep_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": None,
+    }  # no <mask> in its vocabulary
+    assert tokenizer.pad_token_id == config["pad_token_id"] == 1  # the padding the model masks is the one it pads
+
+
+def test_the_nucleus_keeps_the_most_probable_tokens_up_to_the_first_that_reaches_top_p():
+    from fabric_tram.models.generate import nucleus
+
+    probs = torch.tensor([0.125, 0.5, 0.0625, 0.25, 0.0625], dtype=torch.float64)  # dyadic: sums are exact
+    kept = {p: (nucleus(probs, p) > 0).nonzero().flatten().tolist() for p in (0.3, 0.5, 0.51, 0.75, 0.76, 0.875)}
+    assert kept == {0.3: [1], 0.5: [1], 0.51: [1, 3], 0.75: [1, 3], 0.76: [0, 1, 3], 0.875: [0, 1, 3]}
+    assert torch.equal(nucleus(probs, 1.0), probs)
+    assert torch.equal(nucleus(probs, 0.75), torch.tensor([0.0, 0.5, 0.0, 0.25, 0.0], dtype=torch.float64))
+    # transformers' top_p keeps the same tokens (it removes those whose cumulative probability stays <= 1 - top_p)
+    for top_p in (0.3, 0.7, 0.8):  # (away from the boundaries, where its softmax of our log-probabilities rounds)
+        theirs = transformers.TopPLogitsWarper(top_p=top_p)(None, probs.log()[None])[0]
+        assert (theirs > -float("inf")).nonzero().flatten().tolist() == kept[{0.3: 0.3, 0.7: 0.51, 0.8: 0.76}[top_p]]
+
+
+def test_sampling_draws_only_from_the_nucleus_and_generation_stops_after_an_end_token():
+    ours = perturbed("gpt2")
+    prompt = [5, 17, 3, 42]
+    logits = ours(torch.tensor([prompt]))[0, -1].detach()
+    probs = torch.softmax(logits.double(), -1)
+    order = probs.argsort(descending=True).tolist()
+    top_p = float(probs[order[:3]].sum())  # reached exactly by the third most probable token
+    drawn = {generate(ours, prompt, 1, temperature=1.0, top_p=top_p, seed=s)[0] for s in range(200)}
+    assert drawn == set(order[:3])  # never outside the nucleus, and every member of it
+    greedy = generate(ours, prompt, max_new_tokens=12)
+    end = greedy[4]
+    first = greedy.index(end)
+    assert generate(ours, prompt, max_new_tokens=12, eos_ids=(end,)) == greedy[: first + 1]  # the end token included
+    assert generate(ours, prompt, max_new_tokens=12, eos_ids=(999, end)) == greedy[: first + 1]  # any of several
+    assert generate(ours, prompt, max_new_tokens=3, eos_ids=(999,)) == greedy[:3]
+
+
+def chat_like_gpt2_base(corpus, folder: Path) -> Path:
+    """A GPT-2 checkpoint of the small sizes (our exporter) whose special ids are not the tokenizer's end of text:
+    bos 1, eos 2 in config.json and eos [2, 50256] in generation_config.json, as SmolLM2-Instruct's 1/2 ≠ its
+    ``<|endoftext|>`` 0."""
+    torch.manual_seed(0)
+    model = GPT2(small_config(corpus, folder / "unused", extra=["task.tokenizer=gpt2"]).model)
+    save_hf_folder(model, folder, extra_config={"bos_token_id": 1, "eos_token_id": 2})
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 50256], "max_new_tokens": 7}
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+def test_a_hugging_face_causal_lm_run_generates_and_exports_with_its_base_ids_and_one_tied_head(corpus, tmp_path):
+    """model.name=hf, a causal LM: `generate` works on the run (not refused) with the base's stop ids and gives the
+    tokens transformers' greedy generate gives on the export; the export keeps the base's bos/eos (never the
+    tokenizer's end of text), its generation_config.json, and writes the tied head once."""
+    from safetensors import safe_open
+
+    from fabric_tram.engine.decoder import load_decoder
+
+    base = chat_like_gpt2_base(corpus, tmp_path / "base")
+    hf_model = ["model.name=hf", f"model.pretrained={base}"]
+    run = train(small_config(corpus, tmp_path / "run", "adam", steps=2, precision="32-true",
+                             extra=["task.tokenizer=gpt2"], model=hf_model))  # fmt: skip
+    decoder = load_decoder(tmp_path / "run")
+    assert decoder.eos_ids == (2, 50256)
+    export(tmp_path / "run", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # the base's, not <|endoftext|> = 50256
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == [2, 50256]
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["bos_token"], tokenizer_config["eos_token"]) == ('"', "#")  # ids 1 and 2 of GPT-2's BPE
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys  # tied: written once
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()
+    ids = decoder.tokenizer.encode("hello there").ids
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(torch.tensor([ids])).logits, run.model(torch.tensor([ids])), rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+    expected = theirs.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :].tolist()
+    cli = [sys.executable, "-m", "fabric_tram.cli", "generate", str(tmp_path / "run"), "hello there"]
+    out = subprocess.run([*cli, "--max-new-tokens", "6"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == "hello there" + decoder.tokenizer.decode(expected, skip_special_tokens=False) + "\n"
+
+
+def test_generate_stops_on_the_end_token_and_prints_it(corpus, tmp_path):
+    """A model whose every next token is <|endoftext|> (the final norm's output is its bias, which the
+    embedding row of <|endoftext|> points along): generation stops after one token, and prints it."""
+    torch.manual_seed(0)
+    model = GPT2(small_config(corpus, tmp_path / "unused", extra=["task.tokenizer=gpt2"]).model)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(torch.randn(33))
+        model.transformer.wte.weight[50256] = 100 * model.transformer.ln_f.bias
+    save_hf_folder(model, tmp_path / "hf", extra_config={"bos_token_id": 50256, "eos_token_id": 50256})
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.add_special_tokens(["<|endoftext|>"])  # special, as hub tokenizers mark their control tokens
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    out = subprocess.run([sys.executable, "-m", "fabric_tram.cli", "generate", str(tmp_path / "hf"), "hello",
+                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == "hello<|endoftext|>\n"

@@ -173,3 +173,34 @@ def test_lora_keys_are_checked_when_the_config_is_read():
         load_config(None, [*base, "model.lora.r=0", "model.lora.target_modules=[c_attn]"])
     config = load_config(None, [*base, "model.lora.r=4", "model.lora.target_modules=[c_attn]"])
     assert config.model.lora.r == 4 and config.model.lora.alpha == 16.0
+
+
+def test_an_adapter_names_its_base_so_that_peft_finds_it_from_any_folder(checkpoints, tmp_path, monkeypatch):
+    """A run whose base is a relative folder: the adapter's base_model_name_or_path is that folder's absolute path
+    (a relative one is read as a hub id from anywhere else), so AutoPeftModelForCausalLM loads base and adapter
+    from another working directory and gives our logits; every other field of adapter_config.json as configured."""
+    import json
+    import shutil
+
+    from fabric_tram.engine.export import export
+
+    native, hf, task_overrides = checkpoints["gpt2"]
+    data = task_overrides[1].split("=", 1)[1]
+    shutil.copytree(hf[1].split("=", 1)[1], tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    lora = ["model.lora.r=4", "model.lora.alpha=12", "model.lora.dropout=0.0",
+            "model.lora.target_modules=[c_fc,c_attn]"]  # fmt: skip
+    run = train(small_config(data, tmp_path / "run", "adam", steps=2,
+                             model=["model.name=hf", "model.pretrained=base", *lora]))  # fmt: skip
+    export("run", "adapter", dtype="float64", adapter=True)
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert (settings["r"], settings["lora_alpha"], settings["lora_dropout"]) == (4, 12.0, 0.0)
+    assert settings["target_modules"] == ["c_attn", "c_fc"] and settings["task_type"] == "CAUSAL_LM"
+    assert settings["peft_type"] == "LORA" and settings["fan_in_fan_out"] is True  # GPT-2's Conv1D layers
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float64).eval()
+    ids = torch.randint(0, 1000, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, run.model(ids), rtol=0, atol=1e-10)

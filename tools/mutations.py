@@ -712,4 +712,95 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_data.py::test_m2d2_domain_unpacked_once_when_ranks_ask_together",),
     ),
+    Mutation(
+        "export-std-is-the-mean",
+        "an exported image processor's image_std written from the mean",
+        (
+            (
+                "fabric_tram/engine/export.py",
+                '"image_std": list(settings["std"]),',
+                '"image_std": list(settings["mean"]),',
+            ),
+        ),
+        ("tests/test_export.py::test_an_image_run_exports_the_processor_and_labels_it_trained_with_field_by_field",),
+    ),
+    Mutation(
+        "checkpoint-labels-sorted",
+        "a checkpoint records a classifier's label names sorted, not in the order of its label ids",
+        (
+            (
+                "fabric_tram/engine/checkpoint.py",
+                '"labels": getattr(run.task, "label_names", None),',
+                '"labels": sorted(getattr(run.task, "label_names", None) or []) or None,',
+            ),
+        ),
+        ("tests/test_export.py::test_a_classifier_run_exports_its_own_label_order_and_tokenizer_roles",),
+    ),
+    Mutation(
+        "nucleus-drops-the-crossing-token",
+        "top-p keeps only the tokens whose cumulative probability stays below top_p (not the one that reaches it)",
+        (
+            (
+                "fabric_tram/models/generate.py",
+                "keep = sorted_probs.cumsum(-1) - sorted_probs < top_p",
+                "keep = sorted_probs.cumsum(-1) < top_p",
+            ),
+        ),
+        ("tests/test_export.py::test_the_nucleus_keeps_the_most_probable_tokens_up_to_the_first_that_reaches_top_p",),
+    ),
+    Mutation(
+        "generate-runs-past-the-end-token",
+        "generation never stops at an end-of-sequence token",
+        (("fabric_tram/models/generate.py", "if token in eos_ids or cache.length", "if cache.length"),),
+        (
+            "tests/test_export.py::test_sampling_draws_only_from_the_nucleus_and_generation_stops_after_an_end_token",
+            "tests/test_export.py::test_generate_stops_on_the_end_token_and_prints_it",
+        ),
+    ),
+    Mutation(
+        "generate-hides-special-tokens",
+        "fabric-tram generate prints the text without its special tokens (where it stopped is invisible)",
+        (("fabric_tram/cli.py", "decode(ids, skip_special_tokens=False)", "decode(ids, skip_special_tokens=True)"),),
+        ("tests/test_export.py::test_generate_stops_on_the_end_token_and_prints_it",),
+    ),
+    Mutation(
+        "export-ids-from-the-tokenizer",
+        "export writes the tokenizer's <|endoftext|> as bos/eos over the base checkpoint's ids",
+        (
+            (
+                "fabric_tram/engine/export.py",
+                'ids = {"bos_token_id": eot, "eos_token_id": eot, **ids}',
+                'ids = {**ids, "bos_token_id": eot, "eos_token_id": eot}',
+            ),
+        ),
+        (
+            "tests/test_export.py::test_a_hugging_face_causal_lm_run_generates_and_exports_with_its_base_ids_and_one_tied_head",
+        ),
+    ),
+    Mutation(
+        "export-tied-head-twice",
+        "an hf model's tied lm_head written a second time (transformers' save_pretrained writes it once)",
+        (("fabric_tram/models/hf.py", "if tensor.numel() and where in seen:", "if False:"),),
+        (
+            "tests/test_export.py::test_a_hugging_face_causal_lm_run_generates_and_exports_with_its_base_ids_and_one_tied_head",
+        ),
+    ),
+    Mutation(
+        "adapter-base-path-as-given",
+        "an adapter names its base folder as the run gave it (relative: peft then looks for a hub id)",
+        (
+            (
+                "fabric_tram/engine/export.py",
+                "adapter_config(config.model.lora, base_model_path(config.model.pretrained),",
+                "adapter_config(config.model.lora, config.model.pretrained,",
+            ),
+        ),
+        ("tests/test_lora.py::test_an_adapter_names_its_base_so_that_peft_finds_it_from_any_folder",),
+    ),
+    Mutation(
+        "stop-signal-agreed-by-min",
+        "ranks agree on a stop signal by its minimum: a signal that reached one rank stops none",
+        (("fabric_tram/engine/interrupt.py", 'reduce_op="max"', 'reduce_op="min"'),),
+        ("tests/test_distributed.py::test_two_processes_match_one[ddp]",),
+    ),
 )

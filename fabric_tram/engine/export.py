@@ -25,8 +25,10 @@ from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.checkpoint_files import check_compatible, check_state_files, read_meta
 from fabric_tram.engine.checkpoint_state import load_weights
 from fabric_tram.engine.estimate import sized_section
+from fabric_tram.engine.token_ids import END_OF_TEXT, as_ids, base_checkpoint_file, base_token_ids
 from fabric_tram.models import build_model
 from fabric_tram.models.hf_folder import DTYPES, MAX_SHARD_BYTES, save_hf_folder
+from fabric_tram.models.hub import resolve_checkpoint_folder
 from fabric_tram.models.lora import adapter_config, adapter_state, merge_lora
 
 SPECIAL_TOKENS = {  # tokenizer_config.json's roles, by the names the bundled and hub tokenizers use
@@ -75,6 +77,7 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     if adapter and getattr(config.model, "lora", None) is None:
         raise ValueError(f"{checkpoint} is not a LoRA run (model.lora is unset): export it without --adapter")
     meta = read_meta(checkpoint)
+    ids = token_ids(config)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -83,8 +86,12 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
         else:
             if getattr(config.model, "lora", None) is not None:
                 merge_lora(model)  # W + (alpha / r) B A: a plain model of the base architecture
-            files = save_hf_folder(model, tmp, dtype, meta.get("labels"), token_ids(config), max_shard_bytes)
-        files += write_preprocessing(config, model, tmp)
+            files = save_hf_folder(model, tmp, dtype, meta.get("labels"), ids, max_shard_bytes)
+        files += write_preprocessing(config, model, tmp, ids)
+        generation = base_checkpoint_file(getattr(config.model, "pretrained", None), "generation_config.json")
+        if generation is not None and not adapter:  # the base's sampling defaults and stop ids, as they were
+            shutil.copyfile(generation, tmp / "generation_config.json")
+            files.append("generation_config.json")
         (tmp / "README.md").write_text(model_card(config, checkpoint, meta, dtype))
         files.append("README.md")
         if out.exists():
@@ -117,7 +124,7 @@ def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
     tensors = adapter_state(model, strip=layout["strip"])
     cast = DTYPES.get(dtype)
     tensors = {k: v.to(cast) if cast is not None and v.is_floating_point() else v for k, v in tensors.items()}
-    settings = adapter_config(config.model.lora, config.model.pretrained, layout["fan_in_fan_out"],
+    settings = adapter_config(config.model.lora, base_model_path(config.model.pretrained), layout["fan_in_fan_out"],
                               ADAPTER_TASKS.get(config.task.name))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
@@ -126,16 +133,28 @@ def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
 
 
 def token_ids(config) -> dict:
-    """A decoder's end-of-text id as its bos/eos (what generation stops on)."""
+    """bos/eos/pad ids for config.json: the base checkpoint's where it sets them (a chat model's end of turn is its
+    eos, kept), else a decoder's end-of-text token as bos and eos (what generation stops on)."""
+    ids = base_token_ids(getattr(config.model, "pretrained", None))
     name = getattr(config.task, "tokenizer", None)
-    if config.task.name != "lm" or name is None:
-        return {}
-    eot = load_tokenizer(name).token_to_id("<|endoftext|>")
-    return {} if eot is None else {"bos_token_id": eot, "eos_token_id": eot}
+    if config.task.name == "lm" and name is not None:
+        eot = load_tokenizer(name).token_to_id(END_OF_TEXT)
+        if eot is not None:
+            ids = {"bos_token_id": eot, "eos_token_id": eot, **ids}
+    return ids
 
 
-def write_preprocessing(config, model, folder: Path) -> list[str]:
-    """The tokenizer (text tasks) or the image processor (images) the model was trained with."""
+def base_model_path(pretrained: str | None) -> str | None:
+    """The base checkpoint as an adapter names it: a local folder as an absolute path (a relative one would be
+    read as a hub id from anywhere else), a bundled one as its folder, a hub id as it is."""
+    if pretrained and (pretrained.startswith("bundled:") or Path(pretrained).expanduser().is_dir()):
+        return str(resolve_checkpoint_folder(pretrained).resolve())
+    return pretrained
+
+
+def write_preprocessing(config, model, folder: Path, ids: dict) -> list[str]:
+    """The tokenizer (text tasks) or the image processor (images) the model was trained with; the tokenizer's
+    bos/eos/pad tokens are those of config.json's ids (``ids``) where it sets them."""
     task = config.task
     if task.name == "image":
         from fabric_tram.data.images import processor_settings
@@ -163,6 +182,11 @@ def write_preprocessing(config, model, folder: Path) -> list[str]:
         found = next((n for n in names if n in vocab), None)
         if found is not None:
             settings[role] = found
+    for role in ("bos_token", "eos_token", "pad_token"):
+        given = as_ids(ids.get(f"{role}_id"))  # an int, or a list (Llama 3.1 Instruct's eos ids): its first
+        token = tokenizer.id_to_token(given[0]) if given else None
+        if token is not None:  # the token config.json's id names (a chat model's end of turn as its eos)
+            settings[role] = token
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     return ["tokenizer.json", "tokenizer_config.json"]
 
@@ -194,20 +218,3 @@ def model_card(config, checkpoint: Path, meta: dict, dtype: str) -> str:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
                 lines.append(f"- {split} / {domain}: {shown}")
     return "\n".join(lines) + "\n"
-
-
-def load_decoder(source: str | Path):
-    """(decoder with weights, tokenizer name or folder) from a run folder or checkpoint, or an exported folder."""
-    source = Path(source)
-    if (source / "config.json").is_file() and not (source / "meta.json").is_file():  # an exported folder
-        model_type = json.loads((source / "config.json").read_text()).get("model_type")
-        family = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}.get(model_type)
-        if family is None:
-            raise ValueError(f"{source}/config.json: model_type {model_type!r} is not a decoder this can generate with")
-        section = load_config(None, [f"model.name={family}", f"model.pretrained={source}", "task.name=lm",
-                                     "optimizer.name=adam"]).model  # fmt: skip
-        return build_model(section).eval(), str(source)
-    model, config, _ = load_checkpoint_model(source)
-    if not hasattr(model, "new_cache"):
-        raise ValueError(f"{source}: model {config.model.name!r} is not a decoder (generate needs a language model)")
-    return model, config.task.tokenizer

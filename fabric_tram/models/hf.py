@@ -164,6 +164,14 @@ def weight_elements(model: nn.Module) -> int:
     return total
 
 
+@dataclass
+class HFCache:
+    """transformers' key/value cache of a generation (None before the prompt) and the positions it holds."""
+
+    past: object = None
+    length: int = 0
+
+
 @register_model(
     "hf",
     config=HFConfig,
@@ -227,9 +235,13 @@ class HFModel(nn.Module):
         else:
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(self, *inputs, input_noise=None) -> torch.Tensor:
+    def forward(self, *inputs, input_noise=None, cache: HFCache | None = None) -> torch.Tensor:
         kwargs = {name: value for name, value in zip(HEAD_INPUTS[self.config.head], inputs, strict=False)}
         kwargs = {name: kwargs[name] for name in self.inputs if kwargs.get(name) is not None}
+        if cache is not None:  # generation: the new positions only, after the cached ones
+            out = self.hf(**kwargs, past_key_values=cache.past, use_cache=True)
+            cache.past, cache.length = out.past_key_values, cache.length + kwargs["input_ids"].shape[1]
+            return out.logits
         hook = None
         if input_noise is not None:  # z on the embedding lookup's output, before positions are added
             hook = self.input_embedding.register_forward_hook(lambda module, args, out: input_noise(out))
@@ -259,4 +271,24 @@ class HFModel(nn.Module):
         config.pop("use_cache", None)
         if labels:
             config.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-        return config, dict(self.hf.state_dict())
+        state, seen = {}, set()
+        for name, tensor in self.hf.state_dict().items():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if tensor.numel() and where in seen:  # a tied weight (lm_head = the embedding): transformers ties it again
+                continue
+            seen.add(where)
+            state[name] = tensor
+        return config, state
+
+    # ------------------------------------------------------------------------------- generation (causal LMs)
+
+    def new_cache(self) -> HFCache:
+        """An empty cache for ``forward(ids, cache=)``: transformers' own key/value cache, grown a step at a time."""
+        if not self.causal:
+            raise ValueError(f"model.head={self.config.head}: only a causal-lm model generates text")
+        return HFCache()
+
+    @property
+    def max_positions(self) -> int:
+        text = getattr(self.hf.config, "get_text_config", lambda: self.hf.config)()
+        return getattr(text, "max_position_embeddings", None) or 1 << 31  # no learned positions: no limit
