@@ -91,7 +91,8 @@ def check_model_class(name: str, target) -> None:
     elif target.forward is torch.nn.Module.forward:
         problems.append(f"define forward — {MODEL_REQUIRED['forward']}")
     blocks = inspect.getattr_static(target, "block_class", None)
-    if blocks is not None and not isinstance(blocks, (type, tuple, property)):
+    classes = isinstance(blocks, type) or (isinstance(blocks, tuple) and all(isinstance(b, type) for b in blocks))
+    if blocks is not None and not (classes or isinstance(blocks, property)):
         problems.append(
             f"have block_class a class or a tuple of classes (got {blocks!r}) — {MODEL_OPTIONAL['block_class']}"
         )

@@ -308,3 +308,85 @@ def test_resume_with_another_split_of_the_same_global_batch_and_refuse_another_g
     with pytest.raises(ckpt.CheckpointError, match=r"Keep micro_batch_size × accumulate × processes = 4"):
         train(small_config(corpus, tmp_path / "run", "tram-prev", micro=2, accumulate=1, steps=6,
                            extra=[*extra, "trainer.resume=auto"]))  # fmt: skip
+
+
+def test_rule_buffers_are_saved_under_the_model_states_names_whatever_wraps_the_model():
+    """A checkpoint's rule keys (TRAM's θ_{t-1} per parameter) must name each parameter as the model's state does
+    (torch.distributed.checkpoint's names), compiled or not, wrapped or not: a run resumed, evaluated or exported
+    with another wrapping then finds every buffer. Wrappings: torch.compile of the whole model (an OptimizedModule:
+    '_orig_mod.'), of one block in place of it, and activation checkpointing's wrapper."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from fabric_tram.engine.checkpoint_state import rule_tensors
+    from fabric_tram.models.gpt2 import GPT2, GPT2Config
+    from fabric_tram.optim.api import UpdateRuleLoop
+
+    def plain():
+        torch.manual_seed(0)
+        return GPT2(GPT2Config(preset="tiny", n_layer=2, n_head=2, n_embd=8, vocab_size=11, n_positions=8))
+
+    def rule_names(model) -> set[str]:
+        loop = UpdateRuleLoop("tram-prev", model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, b: None)
+        keys = rule_tensors(loop.rule, model)
+        assert {k.split("/", 1)[0] for k in keys} == {"previous_iterate"}
+        return {k.split("/", 1)[1] for k in keys}
+
+    expected = set(get_model_state_dict(plain())) - {"lm_head.weight"}  # tied: named once, as the embedding
+    assert expected and rule_names(plain()) == expected
+    whole = torch.compile(plain())
+    assert any("_orig_mod." in n for n, _ in whole.named_parameters())
+    block = plain()
+    block.transformer.h[0] = torch.compile(block.transformer.h[0])
+    wrapped = plain()
+    wrapped.transformer.h[1] = checkpoint_wrapper(wrapped.transformer.h[1])
+    for model in (whole, block, wrapped):
+        assert rule_names(model) == expected == set(get_model_state_dict(model)) - {"lm_head.weight"}
+
+
+def test_a_shard_missing_only_its_last_byte_is_refused_and_a_complete_one_passes(corpus, tmp_path):
+    """The shard check reads the end of every item a shard file holds (offset + length, the largest): a file one
+    byte short of its last item is damaged; the same file whole is not."""
+    run_dir, _ = _stopped_run(corpus, tmp_path, rule="tram-prev")
+    state = run_dir / "checkpoints" / "step-00000004" / "state"
+    ckpt_files.check_shard_files(state)  # complete: passes
+    for shard in sorted(state.glob("*.distcp")):
+        whole = shard.read_bytes()
+        shard.write_bytes(whole[:-1])
+        with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated or missing \({len(whole) - 1} of "
+                                                      rf"{len(whole)} bytes\)"):  # fmt: skip
+            ckpt_files.check_shard_files(state)
+        shard.write_bytes(whole)
+    ckpt_files.check_shard_files(state)
+
+
+def test_meta_json_holds_each_field_resume_and_export_read_and_resume_compares_rule_and_base(corpus, tmp_path):
+    """meta.json field by field (a global batch of 2 × 3 = 6, neither factor alone; a rule over adam, the rule's
+    name ≠ its base's), and a resume refused, naming the field, for another rule, another base optimizer with the
+    same rule, or another global batch; another split of the same global batch resumes."""
+    import json
+
+    from fabric_tram.config import to_dict
+
+    extra = ["trainer.save_every=2", "optimizer.base=adam", "optimizer.radius_scale=1"]
+    config = small_config(corpus, tmp_path / "run", "tram-prev", micro=2, accumulate=3, steps=2, extra=extra)
+    run = train(config)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta == {"format": 2, "step": 2, "world_size": 1, "model": json.loads(json.dumps(to_dict(config)["model"])),
+                    "optimizer": "tram-prev", "optimizer_base": "adam", "rule_state": sorted(run.rule.state_dict()),
+                    "global_batch": 6, "micro_batch_size": 2, "accumulate": 3, "labels": None}  # fmt: skip
+    assert "previous_iterate" in meta["rule_state"]
+    step2 = tmp_path / "run" / "checkpoints" / "step-00000002"
+    for rule, more, refusal in (
+        ("tram-prev", ["optimizer.base=sgd"], r"optimizer.base: checkpoint 'adam' vs config 'sgd'\)"),
+        ("asam", ["optimizer.base=adam"], r"optimizer.name: checkpoint 'tram-prev' vs config 'asam'\)"),
+    ):
+        with pytest.raises(ckpt.CheckpointError, match=refusal):
+            train(small_config(corpus, tmp_path / rule, rule, micro=2, accumulate=3, steps=4,
+                               extra=[*more, f"trainer.resume={step2}"]))  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match=r"trained with 6 examples per optimizer step \(2 × 3 × 1"):
+        train(small_config(corpus, tmp_path / "b4", "tram-prev", micro=2, accumulate=2, steps=4,
+                           extra=[*extra, f"trainer.resume={step2}"]))  # fmt: skip
+    resumed = train(small_config(corpus, tmp_path / "b6", "tram-prev", micro=3, accumulate=2, steps=3,
+                                 extra=[*extra, f"trainer.resume={step2}"]))  # fmt: skip
+    assert resumed.start_step == 2

@@ -88,3 +88,35 @@ def test_every_family_exposes_its_sizes_as_a_dict():
             sizes = model_sizes(build_model(config.model))
         assert sizes["n_layer"] > 0 and sizes["n_embd"] > 0, name
         assert ("image_size" in sizes) == (name == "vit") and ("vocab_size" in sizes) == (name != "vit"), name
+
+
+@pytest.mark.parametrize("member", sorted(TASK_REQUIRED))
+def test_a_task_whose_required_member_is_no_method_is_refused(member):
+    """Present is not enough: a required member must be callable (``loss = None`` would fail at the first step)."""
+    broken = type("NotCallable", (), {**vars(CompleteTask), member: None})
+    with pytest.raises(ContractError, match=rf"task 'uncallable-{member}' .*lacks what the engine needs: {member} — "):
+        register_task(f"uncallable-{member}")(broken)
+    assert f"uncallable-{member}" not in TASKS
+
+
+def test_a_model_whose_block_class_tuple_holds_a_name_is_refused():
+    class Block(torch.nn.Module):
+        pass
+
+    class NamesInATuple(torch.nn.Module):
+        block_class = (Block, "Block")
+
+        def forward(self, x):
+            return x
+
+    class Classes(torch.nn.Module):
+        block_class = (Block,)
+
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ContractError, match=r"block_class a class or a tuple of classes \(got \(<class"):
+        register_model("names-in-a-tuple")(NamesInATuple)
+    assert "names-in-a-tuple" not in MODELS
+    register_model("classes-in-a-tuple")(Classes)
+    MODELS.unregister("classes-in-a-tuple")

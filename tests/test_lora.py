@@ -9,6 +9,7 @@ from conftest import LLAMA_LORA, assert_histories_match, small_config, trajector
 
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import load_config
+from fabric_tram.engine.checkpoint_state import clean_name
 from fabric_tram.engine.estimate import estimate
 from fabric_tram.engine.trainer import train
 from fabric_tram.models import build_model
@@ -204,3 +205,42 @@ def test_an_adapter_names_its_base_so_that_peft_finds_it_from_any_folder(checkpo
     ids = torch.randint(0, 1000, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids).logits, run.model(ids), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family, saved, trained_in_full", [
+    ("native", "classifier", {"classifier.weight", "classifier.bias"}),
+    ("native", "pooler.dense", {"body.pooler.dense.weight", "body.pooler.dense.bias"}),  # not the layers' dense
+    ("hf", "classifier", {"hf.classifier.weight", "hf.classifier.bias"}),  # below the top level
+    ("hf", "pooler", {"hf.bert.pooler.dense.weight", "hf.bert.pooler.dense.bias"}),
+])  # fmt: skip
+def test_modules_to_save_train_in_full_at_any_depth_and_nothing_else(checkpoints, tmp_path, family, saved,
+                                                                     trained_in_full):  # fmt: skip
+    """modules_to_save names a module by its path's end (peft's matching): its parameters train in full, beside
+    the adapters; every other parameter stays as loaded, bit for bit, through two steps."""
+    native, hf, task_overrides = checkpoints["bert"]
+    model = [*(native if family == "native" else hf), "model.lora.r=4", "model.lora.target_modules=[query,value]",
+             f"model.lora.modules_to_save=[{saved}]"]  # fmt: skip
+    config = load_config(None, ["optimizer.name=adam", "optimizer.lr=0.01", *model, *task_overrides,
+                                "trainer.max_steps=2", "trainer.micro_batch_size=4", "trainer.precision=64-true",
+                                "trainer.progress_bar=false", "trainer.eval_splits=[]",
+                                f"trainer.run_dir={tmp_path / 'run'}"])  # fmt: skip
+    torch.manual_seed(0)
+    before = {n: p.detach().clone() for n, p in build_model(config.model).double().named_parameters()}
+    run = train(config)
+    after = {n: p.detach() for n, p in trajectory(run)["params"].items()}
+    trainable = {clean_name(n) for n, p in run.model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    assert adapters and trainable - adapters == trained_in_full
+    for name, value in before.items():
+        if name in trainable:
+            assert not torch.equal(after[name], value), name  # trained
+        else:
+            assert torch.equal(after[name], value), name  # frozen: as loaded
+
+
+def test_a_module_to_save_that_names_no_module_is_refused(checkpoints):
+    native, _, task_overrides = checkpoints["bert"]
+    with pytest.raises(ValueError, match=r"modules_to_save: \['classifier.out_proj'\] name no module"):
+        build_model(load_config(None, ["optimizer.name=adam", *native, *task_overrides, "model.lora.r=4",
+                                       "model.lora.target_modules=[query]",
+                                       "model.lora.modules_to_save=[classifier.out_proj]"]).model)  # fmt: skip

@@ -2,6 +2,7 @@
 numbers and the remedies; one that fits starts; trainer.preflight=false starts anyway."""
 
 import pytest
+import torch
 from conftest import small_config
 
 import fabric_tram.engine.preflight as preflight
@@ -36,3 +37,21 @@ def test_a_run_that_fits_starts_and_preflight_false_starts_anyway(corpus, tmp_pa
         train(small_config(corpus, tmp_path / "refused", "adam", steps=1))
     run = train(small_config(corpus, tmp_path / "forced", "adam", steps=1, extra=["trainer.preflight=false"]))
     assert len(run.history) == 1
+
+
+@pytest.mark.parametrize("devices, nodes, sharing", [(1, 1, 1), (4, 1, 4), (4, 2, 2)])
+def test_the_margin_and_the_share_of_a_nodes_memory_decide_exactly(corpus, tmp_path, monkeypatch, devices, nodes,
+                                                                   sharing):  # fmt: skip
+    """A run fits while its estimate is at most MARGIN (0.9) of the memory one process may take, the CPU's
+    available memory divided between the processes of one node (world size / nodes): one byte more is refused."""
+    available = 64 * 2**30
+    monkeypatch.setattr(preflight, "cpu_available_bytes", lambda: float(available))
+    per_process = available / sharing
+    config = small_config(corpus, tmp_path / "run", "adam", extra=[f"trainer.num_nodes={nodes}"])
+    for needed, refused in ((0.9 * per_process, False), (0.9 * per_process + 1, True)):
+        monkeypatch.setattr(preflight, "estimate", lambda c, devices, n=needed: {"total_bytes": n, "bytes": {"all": n}})
+        error = preflight.preflight_error(config, devices, torch.device("cpu"))
+        assert (error is not None) == refused, (needed, error)
+    assert f"this run needs about {(0.9 * per_process + 1) / 2**30:.1f} GiB per device" in error
+    assert "the CPU has 64.0 GiB of memory available" in error
+    assert (f", shared by {sharing} processes" in error) == (sharing > 1)

@@ -803,4 +803,98 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/interrupt.py", 'reduce_op="max"', 'reduce_op="min"'),),
         ("tests/test_distributed.py::test_two_processes_match_one[ddp]",),
     ),
+    Mutation(
+        "preflight-without-its-margin",
+        "the preflight lets the estimate take all the free memory (no margin for what it leaves out)",
+        (("fabric_tram/engine/preflight.py", "if needed <= MARGIN * free:", "if needed <= free:"),),
+        ("tests/test_preflight.py::test_the_margin_and_the_share_of_a_nodes_memory_decide_exactly",),
+    ),
+    Mutation(
+        "preflight-shares-memory-with-every-process",
+        "the preflight divides a node's memory by every process of the run, not by those on the node",
+        (
+            (
+                "fabric_tram/engine/preflight.py",
+                "available_bytes(device, max(1, world_size // nodes))",
+                "available_bytes(device, max(1, world_size))",
+            ),
+        ),
+        ("tests/test_preflight.py::test_the_margin_and_the_share_of_a_nodes_memory_decide_exactly",),
+    ),
+    Mutation(
+        "modules-to-save-top-level-only",
+        "modules_to_save matched against a parameter's top-level module only (hf.classifier, pooler.dense missed)",
+        (
+            (
+                "fabric_tram/models/lora.py",
+                'path = "." + parameter.rpartition(".")[0] + "."',
+                'path = "." + parameter.split(".")[0] + "."',
+            ),
+        ),
+        ("tests/test_lora.py::test_modules_to_save_train_in_full_at_any_depth_and_nothing_else",),
+    ),
+    Mutation(
+        "compiled-names-kept",
+        "rule buffers of a torch.compile'd model saved under '_orig_mod.' names (an eager resume finds none)",
+        (
+            (
+                "fabric_tram/engine/checkpoint_state.py",
+                'WRAPPER_SEGMENTS = ("_forward_module.", "_orig_mod.", "_checkpoint_wrapped_module.")',
+                'WRAPPER_SEGMENTS = ("_forward_module.", "_checkpoint_wrapped_module.")',
+            ),
+        ),
+        (
+            "tests/test_checkpoint.py::test_rule_buffers_are_saved_under_the_model_states_names_whatever_wraps_the_model",
+        ),
+    ),
+    Mutation(
+        "shard-check-ignores-offsets",
+        "the shard check reads each item's length, not where it ends (offset + length): a truncated shard passes",
+        (
+            (
+                "fabric_tram/engine/checkpoint_files.py",
+                "max(needed.get(info.relative_path, 0), info.offset + info.length)",
+                "max(needed.get(info.relative_path, 0), info.length)",
+            ),
+        ),
+        ("tests/test_checkpoint.py::test_a_shard_missing_only_its_last_byte_is_refused_and_a_complete_one_passes",),
+    ),
+    Mutation(
+        "resume-ignores-the-base-optimizer",
+        "a resume compares the update rule but not its base optimizer (adam's moments loaded into sgd)",
+        (
+            (
+                "fabric_tram/engine/checkpoint_files.py",
+                'for k, suffix in (("name", ""), ("base", "_base"))',
+                'for k, suffix in (("name", ""),)',
+            ),
+        ),
+        (
+            "tests/test_checkpoint.py::test_meta_json_holds_each_field_resume_and_export_read_and_resume_compares_rule_and_base",
+        ),
+    ),
+    Mutation(
+        "contract-member-present-is-enough",
+        "a required task member is accepted when present, callable or not",
+        (
+            (
+                "fabric_tram/contracts.py",
+                "return [name for name in required if not callable(getattr(cls, name, None))]",
+                "return [name for name in required if not hasattr(cls, name)]",
+            ),
+        ),
+        ("tests/test_contracts.py::test_a_task_whose_required_member_is_no_method_is_refused",),
+    ),
+    Mutation(
+        "block-class-tuple-unchecked",
+        "a block_class tuple is accepted whatever it holds (a class name in it fails at FSDP wrapping)",
+        (
+            (
+                "fabric_tram/contracts.py",
+                "(isinstance(blocks, tuple) and all(isinstance(b, type) for b in blocks))",
+                "isinstance(blocks, tuple)",
+            ),
+        ),
+        ("tests/test_contracts.py::test_a_model_whose_block_class_tuple_holds_a_name_is_refused",),
+    ),
 )

@@ -19,19 +19,22 @@ from fabric_tram.engine.estimate import GIB, estimate
 MARGIN = 0.9  # the share of the free memory the estimate may take: the rest is for what it does not count
 
 
+def cpu_available_bytes() -> float:
+    """What the kernel reports available (MemAvailable: free plus what it can reclaim), for the whole machine."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def available_bytes(device: torch.device, processes_on_node: int) -> tuple[float, str]:
     """Free bytes for one process on ``device``, and how they were measured (for the message)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return float(free), f"{torch.cuda.get_device_name(device)} has {free / GIB:.1f} of {total / GIB:.1f} GiB free"
-    meminfo = Path("/proc/meminfo")
-    available = None
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = float(line.split()[1]) * 1024
-    if available is None:
-        available = float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    available = cpu_available_bytes()
     share = f", shared by {processes_on_node} processes" if processes_on_node > 1 else ""
     return available / processes_on_node, f"the CPU has {available / GIB:.1f} GiB of memory available{share}"
 

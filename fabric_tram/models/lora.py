@@ -38,19 +38,29 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
             f"model.lora.target_modules: {unknown} name no linear layer of this model; its linear layers are "
             f"named {', '.join(linear)}"
         )
-    unknown = [name for name in lora.modules_to_save if name not in module_suffixes(model)]
+    modules = [name for name, _ in model.named_modules() if name]
+    unknown = [s for s in lora.modules_to_save if not any(m == s or m.endswith(f".{s}") for m in modules)]
     if unknown:
-        raise ValueError(f"model.lora.modules_to_save: {unknown} name no module of this model")
+        raise ValueError(
+            f"model.lora.modules_to_save: {unknown} name no module of this model (a module's name or the end of its "
+            f"path, as peft matches them: e.g. {', '.join(sorted(module_suffixes(model))[:6])})"
+        )
     config = peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         bias="none",
     )  # fmt: skip
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    saved = tuple(lora.modules_to_save)
     for name, param in model.named_parameters():
-        in_saved = any(part in saved for part in name.split(".")[:-1])
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved)
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved_module(name, lora.modules_to_save))
     return model
+
+
+def in_saved_module(parameter: str, modules_to_save) -> bool:
+    """Whether a parameter lies in a module trained in full: one whose path ends with a name of ``modules_to_save``
+    (``classifier``, or ``classifier.out_proj`` for that layer alone), at any depth (``hf.classifier``), as peft
+    matches them."""
+    path = "." + parameter.rpartition(".")[0] + "."
+    return any(f".{name}." in path for name in modules_to_save)
 
 
 def conv1d_suffixes(model: nn.Module) -> set[str]:
