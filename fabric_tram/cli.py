@@ -1,10 +1,12 @@
-"""``fabric-tram``: train, evaluate, sweep, report, estimate, bench, list, sharpness, cka, convert-gguf.
+"""``fabric-tram``: train, run, evaluate, export, generate, sweep, report, estimate, bench, list, sharpness, cka,
+convert-gguf.
 
 fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
 fabric-tram evaluate runs/tiny/checkpoints/step-00000050
 fabric-tram list
 fabric-tram sweep recipes/demo.py optimizer.name=adam,asam asam:optimizer.rho=0.1,0.5 trainer.seed=0,1
 fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
+fabric-tram run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp # the same, its port checked first
 """
 
 from __future__ import annotations
@@ -66,6 +68,18 @@ def train(source, overrides, plugins, smoke):
     with reported_errors():
         load_plugins(plugins)
         train_job(load_config(source, overrides, smoke=smoke))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(args):
+    """`fabric run ARGS` (the same options: --devices, --num-nodes, --main-port, ...) with its main port checked
+    first: a default port taken by another run on this machine is replaced by a free one; a given one is refused
+    in one line, naming a free port. `fabric-tram run --help` shows fabric run's options."""
+    from fabric_tram.engine.launch import run as launch
+
+    with reported_errors():
+        launch(list(args))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

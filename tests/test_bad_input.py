@@ -102,6 +102,18 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path):
     assert_one_line_error(proc, "plugin module 'bad.module' could not be imported")
 
 
+def test_a_plugin_task_lacking_a_required_member_is_one_line_naming_each(tmp_path):
+    (tmp_path / "half_task.py").write_text(
+        "from fabric_tram.registry import register_task\n\n\n@register_task('half')\nclass Half:\n"
+        "    def collate(self, examples, indices):\n        return {}\n"
+    )
+    proc = run_cli([sys.executable, "-m", "fabric_tram.cli", "train", "--plugin", "half_task", "task.name=half"],
+                   tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "ContractError: task 'half' (half_task.Half) lacks what the engine needs: eval_sets")
+    for member in ("loss —", "count_targets —", "metrics —"):
+        assert member in proc.stderr
+
+
 def test_list_is_one_line_per_entry_and_keys_adds_each_entrys_defaults():
     from click.testing import CliRunner
 
@@ -165,3 +177,76 @@ def test_a_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(corp
     two = train(small_config(corpus, tmp_path / "two", rule, steps=2, extra=extra))
     assert passes.count(2) >= 1 and two.history[1]["nonfinite"] and two.history[1]["nonfinite_steps"] == 1
     assert max_param_diff(trajectory(one)["params"], trajectory(two)["params"]) == 0.0  # step 2 changed nothing
+
+
+def test_fabric_tram_run_takes_a_free_port_for_a_default_that_is_taken_and_refuses_a_given_one():
+    from fabric_tram.engine.launch import main_port
+
+    taken = {29400, 29500}
+
+    def is_free(port):
+        return port not in taken
+
+    def free_port():
+        return 40123
+
+    args = ["--devices", "2", "recipe.py", "--main-port", "29500"]  # the script's own argument is not ours
+    assert main_port(args, is_free, free_port) == (["--main-port", "40123", *args],
+                                                   "fabric-tram run: port 29400 is taken (another run on this "
+                                                   "machine?); using --main-port 40123")  # fmt: skip
+    assert main_port(["--main-port=29401", "r.py"], is_free, free_port) == (["--main-port=29401", "r.py"], None)
+    for args, where in ((["--main-port", "29500", "r.py"], ""), (["--num-nodes", "2", "r.py"], ", the same on every")):
+        with pytest.raises(OSError, match=rf"--main-port 29\d00 is taken on this machine .*--main-port 40123{where}"):
+            main_port(args, is_free, free_port)
+    assert main_port(["--num-nodes", "2", "--node-rank", "1", "r.py"], is_free, free_port)[1] is None  # connects
+
+
+@pytest.mark.distributed
+def test_two_runs_on_one_machine_with_fabric_tram_run(tmp_path):
+    """A second launch while another holds the default port: on a free port, said in one line, and it trains; a
+    taken port given on the command line is one line naming a free one, before anything starts."""
+    import socket
+
+    from conftest import free_port
+
+    with socket.socket() as other, socket.socket() as given:
+        try:
+            other.bind(("", 29400))  # another run's rendezvous (or this port is taken already: the same case)
+            other.listen()
+        except OSError:
+            pass
+        port = free_port()
+        given.bind(("", port))
+        given.listen()
+        cli = [sys.executable, "-m", "fabric_tram.cli", "run", "--devices", "2", "--accelerator", "cpu"]
+        recipe = [str(ROOT / "recipes" / "tiny_sample.py"), "trainer.max_steps=1", "trainer.eval_batches=1",
+                  "trainer.progress_bar=false"]  # fmt: skip
+        refused = run_cli([*cli, "--main-port", str(port), *recipe, f"trainer.run_dir={tmp_path / 'refused'}"],
+                          tmp_path)  # fmt: skip
+        assert_one_line_error(refused, f"PortTaken: --main-port {port} is taken on this machine")
+        assert not (tmp_path / "refused").exists()
+        moved = run_cli([*cli, *recipe, f"trainer.run_dir={tmp_path / 'moved'}"], tmp_path)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "fabric-tram run: port 29400 is taken (another run on this machine?); using --main-port" in moved.stdout
+    assert (tmp_path / "moved" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["hf", "gpt2"])
+def test_a_checkpoint_folder_with_only_pickled_weights_is_one_line(corpus, tmp_path, family):
+    """transformers' own folders of old (pytorch_model.bin): refused before loading, naming what the folder holds
+    and how to convert it, for model.name=hf as for our families; nothing is written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fabric_tram.models.gpt2 import GPT2
+    from fabric_tram.models.hf_folder import save_hf_folder
+
+    save_hf_folder(GPT2(small_config(corpus, tmp_path / "unused").model), tmp_path / "old")
+    torch.save(load_file(tmp_path / "old" / "model.safetensors"), tmp_path / "old" / "pytorch_model.bin")
+    (tmp_path / "old" / "model.safetensors").unlink()
+    proc = run_cli([sys.executable, "-m", "fabric_tram.cli", "train", f"model.name={family}", "model.pretrained=old",
+                    "task.name=lm", f"task.data_dir={corpus}", "optimizer.name=adam", "trainer.max_steps=1",
+                    f"trainer.run_dir={tmp_path / 'run'}"], tmp_path)  # fmt: skip
+    assert_one_line_error(proc, "old has no model.safetensors (found: config.json, pytorch_model.bin). Only "
+                                "safetensors weights are read")  # fmt: skip
+    assert not (tmp_path / "run").exists()

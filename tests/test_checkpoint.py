@@ -105,6 +105,43 @@ train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every
 """
 
 
+TWO_CTRL_C_AT_STEP_3 = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import small_config
+from fabric_tram.engine.reporting import reported_errors
+from fabric_tram.engine.trainer import train
+
+def ctrl_c_twice(run, stats):  # the second arrives before the first is acted on: a user who will not wait
+    if stats["step"] == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+with reported_errors():
+    train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every=2"]), callbacks=(ctrl_c_twice,))
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_a_resume_starts_from(corpus, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    code = TWO_CTRL_C_AT_STEP_3.format(tests=str(Path(__file__).parent), data=str(corpus), run=str(run_dir))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Aborted" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    said_at_once = "SIGINT: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once, without it)"
+    assert said_at_once in lines
+    step2 = ckpt.checkpoint_path(run_dir, 2)
+    assert lines[-1] == (f"stopped: stopped at once by a second Ctrl-C after step 3 of 6, unsaved: the newest complete "
+                         f"checkpoint is {step2} (step 2); run the same command with trainer.resume=auto to continue "
+                         "from it")  # fmt: skip
+    assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(run_dir)] == [2]
+
+
 def metrics_rows(run_dir) -> list[dict]:
     """The rows of a run's CSV log (none if nothing reached the disk)."""
     import csv

@@ -199,3 +199,25 @@ def test_the_process_group_is_destroyed_before_the_interpreter_exits():
     out = subprocess.run([sys.executable, "-c", RELEASE_AT_EXIT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "initialized after runs: True" in out.stdout and "initialized at exit: False" in out.stdout, out.stdout
+
+
+def test_without_a_progress_bar_rank_0_prints_a_plain_line_at_most_every_quiet_every_seconds(capsys):
+    """trainer.progress_bar=false (a log file, a recipe's runs one after another): a long run is not silent for
+    minutes, a short one prints nothing, another rank never prints. A fake clock: no time is measured."""
+    from types import SimpleNamespace
+
+    from fabric_tram.engine.monitor import Progress
+
+    now = [0.0]
+    stats = {"loss": 2.345678, "lr": 1e-4, "tokens_per_s": 12345.6}
+    progress = Progress(SimpleNamespace(is_global_zero=True), 0, 30, enabled=False, quiet_every=60.0,
+                        clock=lambda: now[0])  # fmt: skip
+    for step, seconds in ((1, 10.0), (2, 59.0), (3, 61.0), (4, 100.0), (5, 121.5)):
+        now[0] = seconds
+        progress.update(step, stats)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 3/30: loss 2.3457, lr 1.00e-04, tok_s 12,346 (61 s)",
+                     "step 5/30: loss 2.3457, lr 1.00e-04, tok_s 12,346 (122 s)"]  # fmt: skip
+    other = Progress(SimpleNamespace(is_global_zero=False), 0, 30, enabled=False, quiet_every=0.0)
+    other.update(1, stats)
+    assert capsys.readouterr().out == ""

@@ -109,13 +109,18 @@ def test_the_auto_class_follows_the_task_and_a_wrong_head_is_a_clear_error(check
     model = build_model(config.model)
     assert type(model.hf).__name__ == "BertForSequenceClassification" and model.num_labels == 3
     assert model.inputs == ["input_ids", "attention_mask", "token_type_ids"]
-    _, gpt2, _ = checkpoints["gpt2"]
-    wrong = load_config(None, ["optimizer.name=sgd", "task.name=lm", *gpt2, "model.head=image-classification"])
-    with pytest.raises(ValueError, match="has no AutoModelForImageClassification .*choose a checkpoint with that"):
-        build_model(wrong.model)
-    with pytest.raises(ValueError, match="model.head=auto does not know task 'parity'"):
-        from fabric_tram.models.hf import HFConfig
+    from fabric_tram.models.hf import HFConfig, HFModel
 
+    _, gpt2, _ = checkpoints["gpt2"]
+    wrong_head = r"model.head=causal-lm does not fit task 'nli', whose loss reads a sequence-classification head"
+    with pytest.raises(ConfigError, match=wrong_head):
+        load_config(None, ["optimizer.name=sgd", *gpt2, "model.head=causal-lm", *task_overrides])
+    with pytest.raises(ConfigError, match="model.head=image-classification does not fit task 'lm'"):
+        load_config(None, ["optimizer.name=sgd", "task.name=lm", *gpt2, "model.head=image-classification"])
+    folder = gpt2[1].split("=", 1)[1]  # a task of one's own may name any head: the checkpoint must have it
+    with pytest.raises(ValueError, match="has no AutoModelForImageClassification .*choose a checkpoint with that"):
+        HFModel.from_config(HFConfig(pretrained=folder, head="image-classification"))
+    with pytest.raises(ValueError, match="model.head=auto does not know task 'parity'"):
         HFConfig(pretrained="x").resolve_with(type("C", (), {"task": type("T", (), {"name": "parity"})})())
 
 

@@ -897,4 +897,64 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_contracts.py::test_a_model_whose_block_class_tuple_holds_a_name_is_refused",),
     ),
+    Mutation(
+        "hf-pickled-weights-reach-transformers",
+        "model.name=hf hands a folder of pytorch_model.bin to transformers (its traceback, not our one line)",
+        (
+            (
+                "fabric_tram/models/hf.py",
+                "        safetensors_files(folder)  # pickled weights only",
+                "        # pickled",
+            ),
+        ),
+        ("tests/test_bad_input.py::test_a_checkpoint_folder_with_only_pickled_weights_is_one_line",),
+    ),
+    Mutation(
+        "hf-head-that-does-not-fit-the-task",
+        "model.head=causal-lm accepted on the nli task (it fails at the first step on mismatched batch sizes)",
+        (("fabric_tram/models/hf.py", "elif task in TASK_HEADS and self.head != TASK_HEADS[task]:", "elif False:"),),
+        ("tests/test_hf_model.py::test_the_auto_class_follows_the_task_and_a_wrong_head_is_a_clear_error",),
+    ),
+    Mutation(
+        "second-ctrl-c-says-nothing",
+        "a second Ctrl-C ends the run without saying which checkpoint a resume starts from",
+        (
+            (
+                "fabric_tram/engine/trainer.py",
+                "        except KeyboardInterrupt:  # a second Ctrl-C",
+                "        except ZeroDivisionError:  #",
+            ),
+        ),
+        (
+            "tests/test_checkpoint.py::test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_a_resume_starts_from",
+        ),
+    ),
+    Mutation(
+        "contract-error-as-a-traceback",
+        "a plugin that lacks a contract member ends in a traceback instead of one line",
+        (("fabric_tram/engine/reporting.py", "    ContractError,  # a plugin's", "    # a plugin's"),),
+        ("tests/test_bad_input.py::test_a_plugin_task_lacking_a_required_member_is_one_line_naming_each",),
+    ),
+    Mutation(
+        "taken-default-port-kept",
+        "fabric-tram run keeps the default port when another run holds it (torchrun's EADDRINUSE traceback)",
+        (("fabric_tram/engine/launch.py", "    if given is None and nodes == 1:", "    if False:"),),
+        (
+            "tests/test_bad_input.py::test_fabric_tram_run_takes_a_free_port_for_a_default_that_is_taken_and_refuses_a_given_one",
+        ),
+    ),
+    Mutation(
+        "quiet-run-silent",
+        "without a progress bar a run prints nothing until it ends (minutes of silence on real weights)",
+        (
+            (
+                "fabric_tram/engine/monitor.py",
+                "        elif self.plain and self.clock()",
+                "        elif False and self.clock()",
+            ),
+        ),
+        (
+            "tests/test_engine_modes.py::test_without_a_progress_bar_rank_0_prints_a_plain_line_at_most_every_quiet_every_seconds",
+        ),
+    ),
 )

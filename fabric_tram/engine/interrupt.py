@@ -1,17 +1,20 @@
 """SIGTERM and Ctrl-C end a run with a checkpoint, not a loss: what a cluster scheduler sends before preemption.
 
-The handler only records the signal; the step loop checks it between steps, saves a checkpoint (every rank) and
-stops with :class:`TrainingInterrupted`, which the CLI and the recipes turn into one line and exit status
-128 + the signal's number. ``trainer.resume=auto`` then continues exactly. A second Ctrl-C stops at once (the
-first restores the previous handler). Several processes agree on stopping where the host already waits for the
-device, on logged steps (``trainer.log_every``, every step by default): each rank may be signalled at another
-step, and all must save the same one.
+The handler records the signal and says at once what will happen; the step loop checks it between steps, saves
+a checkpoint (every rank) and stops with :class:`TrainingInterrupted`, which the CLI and the recipes turn into one
+line and exit status 128 + the signal's number. ``trainer.resume=auto`` then continues exactly. A second Ctrl-C
+stops at once (the first restores the previous handler), saying which checkpoint a resume would start from.
+Several processes agree on stopping where the host already waits for the device, on logged steps
+(``trainer.log_every``, every step by default): each rank may be signalled at another step, and all must save
+the same one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 import torch
@@ -55,6 +58,10 @@ def stop_on_signals():
     def record(signum, frame):
         request.signum = request.signum or signum
         signal.signal(signum, previous[signum])  # a second one acts as it would have without us
+        if os.environ.get("RANK", "0") == "0":  # said at once: a long step would otherwise look like no answer
+            again = " (Ctrl-C again: stop at once, without it)" if signum == signal.SIGINT else ""
+            print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping{again}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     for s in STOP_SIGNALS:
         signal.signal(s, record)

@@ -59,24 +59,34 @@ def available_flops(device, precision: str, override: float | None = None) -> fl
 
 
 class Progress:
-    """tqdm bar on rank 0 (step, loss, lr, tokens/s); silent elsewhere or when disabled."""
+    """tqdm bar on rank 0 (step, loss, lr, tokens/s); silent on other ranks. Without the bar
+    (``trainer.progress_bar=false``, e.g. output sent to a file), rank 0 prints one plain line at most every
+    ``quiet_every`` seconds, so a slow run is never silent for minutes and a fast one prints nothing."""
 
-    def __init__(self, fabric, start: int, total: int, enabled: bool):
+    def __init__(self, fabric, start: int, total: int, enabled: bool, quiet_every: float = 60.0,
+                 clock=time.perf_counter):  # fmt: skip
         self.bar = None
+        self.total, self.quiet_every, self.clock = total, quiet_every, clock
+        self.plain = not enabled and fabric.is_global_zero
         if enabled and fabric.is_global_zero:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-        self.t0 = time.perf_counter()
+        self.t0 = self.last_line = clock()
 
     def update(self, step: int, stats: dict) -> None:
-        """A step whose values reached the host: move the bar and show them."""
+        """A step whose values reached the host: move the bar and show them (or, without a bar, print them when
+        ``quiet_every`` seconds have passed since the start or the last line)."""
+        shown = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+        if "tokens_per_s" in stats:
+            shown["tok_s"] = f"{stats['tokens_per_s']:,.0f}"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            postfix = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
-            if "tokens_per_s" in stats:
-                postfix["tok_s"] = f"{stats['tokens_per_s']:,.0f}"
-            self.bar.set_postfix(postfix)
+            self.bar.set_postfix(shown)
+        elif self.plain and self.clock() - self.last_line >= self.quiet_every:
+            self.last_line = self.clock()
+            values = ", ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"step {step}/{self.total}: {values} ({self.last_line - self.t0:.0f} s)", flush=True)
 
     def advance(self, step: int) -> None:
         """A step whose values stay on the device: move the bar only."""

@@ -13,8 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from fabric_tram.contracts import ContractError
+from fabric_tram.engine.launch import PortTaken
+
 # what bad input raises: one line that names the problem and the fix, no traceback (FABRIC_TRAM_DEBUG=1 shows it)
 USER_ERRORS = (
+    ContractError,  # a plugin's model or task lacks a member the engine needs (a TypeError, not a fault of ours)
+    PortTaken,  # fabric-tram run: the main port is taken
     ValueError,
     KeyError,
     FileNotFoundError,
@@ -44,6 +49,11 @@ def reported_errors():
         record_for_the_launcher(line)
         print(line, file=sys.stderr, flush=True)
         sys.exit(128 + stopped.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside the step loop (setup, evaluation): nothing of it was kept
+        line = "stopped: interrupted by Ctrl-C before training or after it, while nothing was being saved"
+        record_for_the_launcher(line)
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(130)
     except USER_ERRORS as err:
         if os.environ.get("FABRIC_TRAM_DEBUG"):
             raise

@@ -56,7 +56,10 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
         if isinstance(logger, RunCSVLogger):
             logger.resume_from_step(run.start_step)
     with stop_on_signals() as stop:
-        fit(run, callbacks, stop)
+        try:
+            fit(run, callbacks, stop)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, this step unsaved
+            raise TrainingInterrupted(stopped_at_once(run), signal.SIGINT) from None
     select_final_weights(run)
     run.results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
     write_results(run)
@@ -102,6 +105,19 @@ def fit(run: Run, callbacks: tuple[Callback, ...] = (), stop: StopRequest | None
             progress.close()
             stop_with_checkpoint(run, step, signum)
     progress.close()
+
+
+def stopped_at_once(run: Run) -> str:
+    """What a second Ctrl-C left: the steps done, and the checkpoint a resume would start from."""
+    done = run.start_step + len(run.history)
+    complete = ckpt.list_checkpoints(run.run_dir)
+    where = (
+        f"the newest complete checkpoint is {complete[-1]} (step {ckpt.step_of(complete[-1])}); run the same "
+        "command with trainer.resume=auto to continue from it"
+        if complete
+        else "no checkpoint had been saved, so the same command starts over"
+    )
+    return f"stopped at once by a second Ctrl-C after step {done} of {run.config.trainer.max_steps}, unsaved: {where}"
 
 
 def stop_with_checkpoint(run: Run, step: int, signum: int) -> None:

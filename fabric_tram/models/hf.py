@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fabric_tram.models.hub import resolve_checkpoint_folder
+from fabric_tram.models.hub import resolve_checkpoint_folder, safetensors_files
 from fabric_tram.registry import register_model
 
 HEADS = {
@@ -66,13 +66,18 @@ class HFConfig:
 
     def resolve_with(self, config) -> None:
         """``head: auto`` becomes the task's head; an nli classifier gets the task's label count."""
+        task = config.task.name
         if self.head == "auto":
-            task = config.task.name
             if task not in TASK_HEADS:
                 raise ValueError(
                     f"model.head=auto does not know task {task!r}: set model.head to one of {', '.join(HEADS)}"
                 )
             self.head = TASK_HEADS[task]
+        elif task in TASK_HEADS and self.head != TASK_HEADS[task]:  # its outputs would not fit the task's targets
+            raise ValueError(
+                f"model.head={self.head} does not fit task {task!r}, whose loss reads a {TASK_HEADS[task]} head's "
+                f"outputs: set model.head={TASK_HEADS[task]} (or auto)"
+            )
         labels = getattr(config.task, "labels", None)
         if self.num_labels is None and self.head == "sequence-classification" and labels:
             self.num_labels = len(labels)
@@ -119,6 +124,7 @@ def build_transformers_model(config: HFConfig) -> nn.Module:
     try:
         if config.init == "random" or on_meta:
             return auto.from_config(hf_config, dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
+        safetensors_files(folder)  # pickled weights only: refused here, in one line, before transformers tries
         return auto.from_pretrained(
             folder, config=hf_config, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=config.new_head,
             **kwargs,

@@ -51,21 +51,26 @@ def load_hf_state_dict(name_or_path: str, revision: str | None = None) -> tuple[
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; a Hugging Face checkpoint folder needs one")
     hf_config = json.loads(config_file.read_text())
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        found = ", ".join(sorted(p.name for p in folder.iterdir()))
-        raise FileNotFoundError(
-            f"{folder} has no model.safetensors (found: {found}). Only safetensors weights are read, never pickles "
-            "(pytorch_model.bin); convert the checkpoint with `save_pretrained(..., safe_serialization=True)`."
-        )
+    files = safetensors_files(folder)
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(folder / name)))
     return state, hf_config
+
+
+def safetensors_files(folder: Path) -> list[str]:
+    """The safetensors files holding a checkpoint's weights (one, or the shards its index names); a folder with
+    only pickled weights (``pytorch_model.bin``) is refused, naming what it holds and how to convert it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    found = ", ".join(sorted(p.name for p in folder.iterdir()))
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors (found: {found}). Only safetensors weights are read, never pickles "
+        "(pytorch_model.bin); convert the checkpoint with `save_pretrained(..., safe_serialization=True)`."
+    )
 
 
 def build_pretrained(cls, config, hub_ids: dict[str, str], config_from_hf):
