@@ -644,8 +644,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/models/lora.py",
-                'param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved)',
-                "param.requires_grad_(True)",
+                'param.requires_grad_(".lora_A." in name or ".lora_B." in name or in_saved_module(',
+                "param.requires_grad_(True or in_saved_module(",
             ),
         ),
         ("tests/test_lora.py::test_only_the_adapters_train_and_unknown_module_names_are_refused",),
