@@ -220,6 +220,11 @@ def estimate(source, overrides, devices, num_nodes, plugins):
     with reported_errors():
         load_plugins(plugins)
         config = load_config(source, overrides)
+        if config.trainer.micro_batch_size == "auto":  # chosen at start on the device: show what each would need
+            from fabric_tram.engine.batch_size import batch_table
+
+            click.echo(batch_table(config, devices * num_nodes))
+            return
         click.echo(format_estimate(config, run_estimate(config, devices, num_nodes)))
 
 

@@ -34,8 +34,10 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | cuda | ...
     devices: int | str = "auto"  # `fabric run --devices N` overrides this
     num_nodes: int = 1  # `fabric run --num-nodes M` overrides this
-    micro_batch_size: int = 8  # sequences per micro-batch per device
-    accumulate: int = 1  # micro-batches per optimizer step on each device
+    micro_batch_size: int | str = 8  # sequences per micro-batch per device; auto: the largest that fits (needs
+    # global_batch_size; engine/batch_size.py)
+    accumulate: int = 1  # micro-batches per optimizer step on each device (follows from global_batch_size if set)
+    global_batch_size: int | None = None  # examples per optimizer step over all processes, kept exactly
     max_steps: int = 100
     max_epochs: int = 0  # > 0: train this many passes over the training set (sets max_steps once data is known)
     data_workers: int = 0  # background processes that build each step's batches (decode, augment); 0: in-line
@@ -281,9 +283,13 @@ def validate_trainer(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}")
-    for key in ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last", "num_nodes"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
+    if isinstance(t.micro_batch_size, str) and t.micro_batch_size != "auto":
+        raise ConfigError(f"trainer.micro_batch_size must be a positive integer or auto, got {t.micro_batch_size!r}")
+    sizes = ("micro_batch_size", "accumulate", "max_steps", "log_every", "keep_last", "num_nodes", "global_batch_size")
+    for key in sizes:
+        value = getattr(t, key)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {value}")
     for key in ("save_every", "eval_every", "eval_batches", "grad_clip", "max_epochs", "data_workers"):
         if getattr(t, key) < 0:
             raise ConfigError(f"trainer.{key} must be >= 0 (0 turns it off), got {getattr(t, key)}")

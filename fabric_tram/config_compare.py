@@ -33,9 +33,12 @@ def run_differences(run_dir: str | Path, config: Config, only: tuple[str, ...] =
         return [f"{saved_file} is missing: the folder holds no fabric_tram run"]
     saved = _flat(yaml.safe_load(saved_file.read_text()) or {})
     wanted = _flat(_plain(to_dict(config)))
+    ignored = set(PRESENTATION_KEYS)
+    if wanted.get("trainer.micro_batch_size") == "auto":  # chosen at start from free memory: the global batch counts
+        ignored |= {"trainer.micro_batch_size", "trainer.accumulate"}
     return [f"{key}: {saved.get(key, '(unset)')!r} there, {wanted.get(key, '(unset)')!r} here"
             for key in sorted(set(saved) & set(wanted))  # a key one side lacks is from another version
-            if key not in PRESENTATION_KEYS and saved.get(key) != wanted.get(key)
+            if key not in ignored and saved.get(key) != wanted.get(key)
             and (not only or key.startswith(only))]  # fmt: skip
 
 

@@ -957,4 +957,28 @@ MUTATIONS = (  # fmt: skip
             "tests/test_engine_modes.py::test_without_a_progress_bar_rank_0_prints_a_plain_line_at_most_every_quiet_every_seconds",
         ),
     ),
+    Mutation(
+        "auto-micro-batch-the-smallest-that-fits",
+        "micro_batch_size=auto keeps the first micro-batch that fits, not the largest",
+        (
+            (
+                "fabric_tram/engine/batch_size.py",
+                "            best, low = micro, middle + 1",
+                "            best, low = micro if best is None else best, middle + 1",
+            ),
+        ),
+        ("tests/test_batch_size.py::test_auto_takes_the_largest_divisor_that_fits_and_keeps_the_global_batch",),
+    ),
+    Mutation(
+        "auto-micro-batch-without-the-margin",
+        "micro_batch_size=auto lets the estimate take all the free memory (the preflight keeps 10% aside)",
+        (("fabric_tram/engine/batch_size.py", "if seen[micro] <= MARGIN * free:", "if seen[micro] <= free:"),),
+        ("tests/test_batch_size.py::test_auto_leaves_the_preflights_margin_free",),
+    ),
+    Mutation(
+        "global-batch-accumulate-not-derived",
+        "trainer.global_batch_size with an explicit micro-batch leaves accumulate as it was (another global batch)",
+        (("fabric_tram/engine/batch_size.py", "        t.accumulate = follows\n", "        pass\n"),),
+        ("tests/test_batch_size.py::test_a_global_batch_with_an_explicit_micro_batch_sets_accumulate",),
+    ),
 )

@@ -12,6 +12,7 @@ import torch
 from fabric_tram.config import Config, ConfigError, dump_yaml
 from fabric_tram.contracts import check_task, model_num_labels, model_sizes
 from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.engine.batch_size import resolve_batch_size
 from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
 from fabric_tram.engine.preflight import preflight_error
@@ -147,6 +148,9 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     if fabric is None:
         fabric = build_fabric(t, loggers=build_loggers(t.run_dir) if training else None)
     launch(fabric)
+    chosen = resolve_batch_size(config, fabric.world_size, fabric.device, agree=lambda micro: agreed_min(fabric, micro))
+    if chosen:
+        fabric.print(chosen)
     if training and t.preflight:  # before anything is built: a run that cannot fit says so now, with the numbers
         error = first_error_of_any_rank(fabric, preflight_error(config, fabric.world_size, fabric.device))
         if error:
@@ -182,6 +186,13 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         run.rule = build_update_rule(config.optimizer, model, run.optimizer)
     torch.manual_seed(t.seed + 1000 * fabric.global_rank)  # per-rank dropout streams
     return run
+
+
+def agreed_min(fabric, value: int) -> int:
+    """The smallest ``value`` of any rank, on every rank (a collective under several processes)."""
+    if fabric.world_size == 1:
+        return value
+    return int(fabric.all_reduce(torch.tensor(float(value), device=fabric.device), reduce_op="min").item())
 
 
 def compile_blocks(model: torch.nn.Module, backend: str) -> None:
