@@ -110,7 +110,13 @@ def test_gpu_suite_path_on_cpu(tmp_path):
     for name, r in result["rules"].items():
         fwd, nograd, _ = rule_class(name).passes
         assert r["floor"] == pytest.approx(fwd + nograd * t_f_over_t_fb, rel=1e-12), name
-    assert result["xl"]["adam"]["estimated_bytes"] > 0 and result["xl"]["tram_over_adam"] > 1
+    xl = result["xl"]
+    assert xl["tram_over_adam"] == pytest.approx(xl["tram-prev"]["seconds"] / xl["adam"]["seconds"], rel=1e-12)
+    for name in ("adam", "tram-prev"):  # one device, the micro-batch the estimator fits within the global batch 4
+        r = xl[name]
+        micro, accumulate, tokens = (int(x.replace(",", "")) for x in r["batch"].split(" x "))
+        assert micro * accumulate == 4 and tokens == 64 and r["activation_checkpointing"] is False
+        assert r["estimated_bytes"] > 0 and r["hfu"] == r["mfu"]  # nothing recomputed without checkpointing
 
 
 def test_profile_step_places_each_rules_time_by_kind(tmp_path):
@@ -151,3 +157,25 @@ def test_lora_cost_measures_full_and_lora_side_by_side(tmp_path):
     assert 0 < lora["trained_parameters"] < full["parameters"] / 50 < lora["parameters"]
     assert all(r["ms_per_step"] > 0 and r["peak_above_start_mib"] > 0 for r in (full, lora))
     assert "| adam | lora |" in stdout
+
+
+def test_hfu_adds_the_blocks_forward_once_per_backward_when_checkpointing():
+    """HFU = MFU + what activation checkpointing recomputes: each backward pass runs the blocks' forward again,
+    not the output head's (2·C·V per token). Figures made up so that each term differs."""
+    from types import SimpleNamespace
+
+    from fabric_tram.bench.gpu_suite import hfu, mfu
+    from fabric_tram.optim.update_rule import Passes
+
+    C, V, per_token, tokens, seconds, peak = 8, 100, 5000.0, 64, 0.5, 1e6
+    model = SimpleNamespace(sizes={"n_embd": C, "vocab_size": V}, forward_flops_per_token=lambda seq_len: per_token)
+    for checkpointing, passes in ((False, Passes(1, 0, 1)), (True, Passes(1, 0, 1)), (True, Passes(2, 1, 2))):
+        run = SimpleNamespace(
+            model=model,
+            rule=SimpleNamespace(passes=passes),
+            config=SimpleNamespace(trainer=SimpleNamespace(activation_checkpointing=checkpointing)),
+        )
+        model_flops = per_token * tokens * (passes.forward + passes.no_grad_forward + 2 * passes.backward)
+        assert mfu(run, seconds, tokens, 16, peak) == pytest.approx(model_flops / seconds / peak)
+        recomputed = (per_token - 2 * C * V) * tokens * passes.backward if checkpointing else 0.0
+        assert hfu(run, seconds, tokens, 16, peak) == pytest.approx((model_flops + recomputed) / seconds / peak)

@@ -57,8 +57,9 @@ def make_model(size: str, device: str, seed: int = 0) -> GPT2:
     return GPT2(config).to(device)
 
 
-def make_batch(size: str, device: str, seed: int = 0) -> dict:
+def make_batch(size: str, device: str, seed: int = 0, rows: int | None = None) -> dict:
     _, _, _, vocab, block, batch = SIZES[size]
+    batch = rows or batch
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, block + 1), generator=g)
     return {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device), "example_index": torch.arange(batch)}

@@ -4,16 +4,21 @@
     python benchmarks/gpu_suite.py --device cpu --size tiny --steps 2 --compile-backend aot_eager
                                                                      # the same code path on a CPU (the tests)
 
-Side by side, bf16-mixed, our GPT2 module, the bundled demo text (no download), random weights:
+Side by side, bf16-mixed, our GPT2 module, the bundled demo text (no download), random weights, at the micro-batch
+that fills the device (where users run): on a GPU, the largest of up to 64 rows for GPT-2 124M (llm.c's 64 x 1,024)
+and of up to 16 rows for GPT2-XL (llm.c's 16 x 1,024), as ``trainer.micro_batch_size=auto`` chooses it from the
+memory estimate; each row of the table names the batch it used.
 
 1. a bare eager loop and a bare compiled loop (fused AdamW on a GPU): tokens/s and MFU;
 2. the trainer's adam with strategy auto and fsdp, eager and compiled: tokens/s against the bare loop;
 3. every update rule's step against its pass floor (forward-with-gradient passes × T_fb + no-grad forwards × T_f);
 4. memory: the peak of tram-prev over adam, beside parameter bytes + one micro-batch's logits in bf16;
-5. GPT2-XL (4 × 1,024 tokens, fsdp, bf16-mixed, activation checkpointing), adam and tram-prev: tokens/s, MFU,
-   peak memory beside `fabric-tram estimate`'s.
+5. GPT2-XL on one device without FSDP, adam and tram-prev, global batch 16 x 1,024 tokens with the filling
+   micro-batch and no activation checkpointing where one row fits without it (with it otherwise): tokens/s, MFU,
+   HFU (the recomputed forwards counted), peak memory beside ``fabric-tram estimate``'s.
 
-MFU divides by our table of dense peaks (engine/monitor.py) and counts every pass a rule runs.
+MFU divides by our table of dense peaks (engine/monitor.py) and counts every pass a rule runs; HFU adds the
+forwards activation checkpointing recomputes (the blocks', not the output head's).
 """
 
 from __future__ import annotations
@@ -23,10 +28,21 @@ import time
 
 import torch
 
-from fabric_tram.bench.common import SIZES, loss_fn, make_batch, make_model, pass_floors, synchronize, table, write_json
+from fabric_tram.bench.common import (
+    SIZES,
+    loss_fn,
+    make_batch,
+    make_model,
+    pass_floor,
+    pass_floors,
+    synchronize,
+    table,
+    write_json,
+)
 from fabric_tram.bench.step_cost import RULES
-from fabric_tram.config import load_config
+from fabric_tram.config import ConfigError, load_config
 from fabric_tram.data.batching import StepSampler
+from fabric_tram.engine.batch_size import resolve_batch_size
 from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.estimate import estimate
 from fabric_tram.engine.monitor import available_flops, flops_per_step
@@ -42,7 +58,8 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="gpt2", choices=sorted(SIZES), help="the model of parts 1-4")
-    parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the size's)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default: the largest of up to 64 "
+                        "that the estimate fits on a GPU; the size's on a CPU)")  # fmt: skip
     parser.add_argument(
         "--xl", default=None, help="the GPT-2 preset of part 5 (default: gpt2-xl on a GPU, tiny on a CPU)"
     )
@@ -91,31 +108,67 @@ def bare_loop(args, batch: dict, compiled: bool) -> float:
     return timed_steps(step, args.steps, args.device)
 
 
-def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled: bool, xl: bool = False):
-    if xl:  # the paper's GPT2-XL setting: 4 rows of 1,024 tokens (64 on a CPU), activation checkpointing
+XL_GLOBAL_BATCH = 16  # llm.c's GPT2-XL batch per GPU (scripts/run_gpt2_1558M.sh), rows of 1,024 tokens
+FILLING_ROWS = 64  # llm.c's GPT-2 124M batch per GPU (scripts/run_gpt2_124M.sh)
+
+
+def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled: bool, xl: bool = False,
+                   rows: int | None = None, checkpointing: bool = False):  # fmt: skip
+    """The trainer's config for a measurement: ``rows`` per micro-batch; for GPT2-XL (``xl``) the micro-batch is
+    left to ``trainer.micro_batch_size=auto`` within a global batch of 16 rows (4 of 64 tokens on a CPU)."""
+    if xl:
         model = [f"model.preset={preset_or_size}", "model.dropout=0.0"]
-        block = 1024 if args.device.startswith("cuda") else 64
-        batch, extra = 4, ["trainer.activation_checkpointing=true"]
+        gpu = args.device.startswith("cuda")
+        block = 1024 if gpu else 64
+        batch = ["trainer.micro_batch_size=auto", f"trainer.global_batch_size={XL_GLOBAL_BATCH if gpu else 4}"]
     else:
-        n_layer, n_head, n_embd, vocab, block, batch = SIZES[preset_or_size]
+        n_layer, n_head, n_embd, vocab, block, default = SIZES[preset_or_size]
         model = ["model.preset=tiny", f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
                  f"model.n_positions={block}", "model.dropout=0.0"]  # fmt: skip
-        batch, extra = args.batch or batch, []
+        batch = [f"trainer.micro_batch_size={rows or default}"]
     settings = [
         "model.name=gpt2", *model, "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
         f"task.block_size={block}", f"optimizer.name={rule}", "optimizer.lr=1e-5", "trainer.grad_clip=1.0",
-        f"trainer.micro_batch_size={batch}", "trainer.precision=bf16-mixed", f"trainer.accelerator={args.device}",
+        *batch, "trainer.precision=bf16-mixed", f"trainer.accelerator={args.device}",
         "trainer.devices=1", f"trainer.strategy={strategy}", f"trainer.compile={compiled}",
         f"trainer.compile_backend={args.compile_backend}", "trainer.max_steps=1000000", "trainer.log_every=1000000",
-        "trainer.progress_bar=false", f"trainer.run_dir={args.out}/gpu_suite-run", *extra,
+        "trainer.progress_bar=false", f"trainer.run_dir={args.out}/gpu_suite-run",
+        f"trainer.activation_checkpointing={checkpointing}",
     ]  # fmt: skip
     return load_config(None, settings)
+
+
+def filling_rows(args) -> int:
+    """Rows per micro-batch for parts 1-4: ``--batch``, or on a GPU the largest of up to 64 that the trainer's
+    adam fits (the memory estimate at 90% of the free memory, as micro_batch_size=auto), or the size's on a CPU."""
+    if args.batch or not args.device.startswith("cuda"):
+        return args.batch or SIZES[args.size][5]
+    config = trainer_config(args, args.size, "adam", "auto", False)
+    config.trainer.micro_batch_size, config.trainer.global_batch_size = "auto", FILLING_ROWS
+    print(resolve_batch_size(config, 1, torch.device(args.device)), flush=True)
+    return config.trainer.micro_batch_size
+
+
+def xl_config(args, rule: str):
+    """GPT2-XL's measurement: without activation checkpointing where one row fits without it, with it otherwise;
+    the micro-batch then the largest that fits (its line printed)."""
+    for checkpointing in (False, True):
+        config = trainer_config(args, args.xl, rule, "auto", False, xl=True, checkpointing=checkpointing)
+        try:
+            print(resolve_batch_size(config, 1, torch.device(args.device)), flush=True)
+            return config
+        except ConfigError as err:
+            if checkpointing:
+                raise
+            print(f"GPT2-XL {rule} without activation checkpointing: {err}; measured with it", flush=True)
+    raise AssertionError("unreachable")
 
 
 def through_trainer(config, args) -> tuple[float, object]:
     """Seconds per step of the trainer's own step (data, the rule's passes, the base step), and the run."""
     run = setup(config, training=True)
-    sampler = StepSampler(len(run.task.train_set), config.trainer.micro_batch_size, 1, 1, 0)
+    t = config.trainer
+    sampler = StepSampler(len(run.task.train_set), t.micro_batch_size, t.accumulate, 1, 0)
     state = {"step": 0}
 
     def step():
@@ -130,13 +183,25 @@ def mfu(run, seconds: float, tokens: int, seq_len: int, peak: float | None) -> f
     return flops / seconds / peak if flops is not None and peak else None
 
 
+def hfu(run, seconds: float, tokens: int, seq_len: int, peak: float | None) -> float | None:
+    """MFU plus the forwards activation checkpointing recomputes: each backward pass runs the blocks' forward
+    again (the output head, 2·C·V per token, is not recomputed)."""
+    model_flops = mfu(run, seconds, tokens, seq_len, peak)
+    if model_flops is None or not run.config.trainer.activation_checkpointing:
+        return model_flops
+    model = getattr(run.model, "module", run.model)
+    head = 2.0 * model.sizes["n_embd"] * model.sizes["vocab_size"]
+    recomputed = (model.forward_flops_per_token(seq_len) - head) * tokens * run.rule.passes.backward
+    return model_flops + recomputed / seconds / peak
+
+
 def main() -> dict:
     args = arguments()
     n_layer, n_head, n_embd, vocab, block, default_batch = SIZES[args.size]
-    rows_per_step = args.batch or default_batch
-    batch = make_batch(args.size, args.device)
-    batch = {k: v[:rows_per_step] if v.dim() else v for k, v in batch.items()}
+    rows_per_step = filling_rows(args)
+    batch = make_batch(args.size, args.device, rows=rows_per_step)
     tokens = rows_per_step * block
+    shape = f"{rows_per_step} x {block:,}"
     peak = available_flops(torch.device(args.device), "bf16-mixed")
     with torch.device("meta"):
         model_flops = make_model(args.size, "meta").forward_flops_per_token(block) * tokens * 3  # fwd + bwd (2x)
@@ -153,15 +218,17 @@ def main() -> dict:
             "tokens_per_s": tokens / bare,
             "mfu": model_flops / bare / peak if peak else None,
         }
-        rows.append([f"bare loop, {name}", tokens / bare, results[f"bare_{name}"]["mfu"] or float("nan"), 1.0])
+        rows.append([f"bare loop, {name}", shape, tokens / bare, results[f"bare_{name}"]["mfu"] or float("nan"), 1.0])
         for strategy in ("auto", "fsdp"):
-            seconds, run = through_trainer(trainer_config(args, args.size, "adam", strategy, compiled), args)
+            config = trainer_config(args, args.size, "adam", strategy, compiled, rows=rows_per_step)
+            seconds, run = through_trainer(config, args)
             progress(f"trainer adam, {strategy}, {name}", seconds)
             results[f"trainer_{strategy}_{name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                                                      "over_bare": bare / seconds}  # fmt: skip
             rows.append(
                 [
                     f"trainer adam, {strategy}, {name}",
+                    shape,
                     tokens / seconds,
                     mfu(run, seconds, tokens, block, peak) or float("nan"),
                     bare / seconds,
@@ -184,7 +251,7 @@ def main() -> dict:
     rule_rows = []
     for name in RULES:
         passes: Passes = rule_class(name).passes
-        floor = (passes.forward * t_fb + passes.no_grad_forward * t_f) / t_fb
+        floor = pass_floor(passes.forward, passes.no_grad_forward, t_fb, t_f)
         ratio = steps[name] / steps["adam"]
         results.setdefault("rules", {})[name] = {"ratio_to_adam": ratio, "floor": floor, "over_floor": ratio / floor}
         rule_rows.append([name, ratio, floor, f"{100 * (ratio / floor - 1):+.1f}%"])
@@ -209,18 +276,22 @@ def main() -> dict:
         memory["budget"] = param_bytes + logits_bf16
     results["memory"] = memory
 
-    # 5. GPT2-XL
+    # 5. GPT2-XL on one device, the micro-batch that fills it
     xl = {}
     for name in ("adam", "tram-prev"):
-        config = trainer_config(args, args.xl, name, "fsdp", False, xl=True)
+        config = xl_config(args, name)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds, run = through_trainer(config, args)
         progress(f"GPT2-XL {name}", seconds)
-        xl_tokens = config.trainer.micro_batch_size * config.task.block_size
+        t = config.trainer
+        xl_tokens = t.micro_batch_size * t.accumulate * config.task.block_size
         xl[name] = {"seconds": seconds, "tokens_per_s": xl_tokens / seconds,
+                    "batch": f"{t.micro_batch_size} x {t.accumulate} x {config.task.block_size:,}",
+                    "activation_checkpointing": t.activation_checkpointing,
                     "mfu": mfu(run, seconds, xl_tokens, config.task.block_size, peak),
+                    "hfu": hfu(run, seconds, xl_tokens, config.task.block_size, peak),
                     "peak_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
                     "estimated_bytes": estimate(config, devices=1)["total_bytes"]}  # fmt: skip
         del run
@@ -230,15 +301,17 @@ def main() -> dict:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{device_name}, torch {torch.__version__}, bf16-mixed, {args.size} ({rows_per_step} x {block} tokens), "
           f"{args.steps} timed steps; peak {peak or float('nan'):.3g} FLOP/s")  # fmt: skip
-    print(table(["what", "tokens/s", "MFU", "vs bare eager loop"], rows))
+    print(table(["what", "rows x tokens", "tokens/s", "MFU", "vs bare eager loop"], rows))
     print(f"T_fb {t_fb * 1e3:.2f} ms, T_f {t_f * 1e3:.2f} ms, adam step {steps['adam'] * 1e3:.2f} ms")
     print(table(["rule", "step / adam", "floor", "over floor"], rule_rows))
     if memory:
         print(f"peak of one step above the memory before it: adam {memory['adam'] / 2**30:.2f} GiB, tram-prev "
               f"{memory['tram-prev'] / 2**30:.2f} GiB (+{(memory['tram-prev'] - memory['adam']) / 2**30:.2f} GiB; "
               f"budget: parameters + one micro-batch's bf16 logits = {memory['budget'] / 2**30:.2f} GiB)")  # fmt: skip
-    print(table(["GPT2-XL (" + args.xl + ")", "tokens/s", "MFU", "peak GiB", "estimate GiB"],
-                [[name, r["tokens_per_s"], r["mfu"] or float("nan"), (r["peak_bytes"] or float("nan")) / 2**30,
+    print(table(["GPT2-XL (" + args.xl + "), one device", "micro x accumulate x tokens", "checkpointing",
+                 "tokens/s", "MFU", "HFU", "peak GiB", "estimate GiB"],
+                [[name, r["batch"], "on" if r["activation_checkpointing"] else "off", r["tokens_per_s"],
+                  r["mfu"] or float("nan"), r["hfu"] or float("nan"), (r["peak_bytes"] or float("nan")) / 2**30,
                   r["estimated_bytes"] / 2**30] for name, r in xl.items() if isinstance(r, dict)]))  # fmt: skip
     print(f"GPT2-XL tram-prev / adam step: {xl['tram_over_adam']:.2f}x")
     results.update(device=device_name, size=args.size, batch=rows_per_step, block=block, steps=args.steps,
