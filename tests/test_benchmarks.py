@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
 from fabric_tram.bench.common import pass_floor
@@ -179,3 +180,18 @@ def test_hfu_adds_the_blocks_forward_once_per_backward_when_checkpointing():
         assert mfu(run, seconds, tokens, 16, peak) == pytest.approx(model_flops / seconds / peak)
         recomputed = (per_token - 2 * C * V) * tokens * passes.backward if checkpointing else 0.0
         assert hfu(run, seconds, tokens, 16, peak) == pytest.approx((model_flops + recomputed) / seconds / peak)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "gpt2", "many-tensors"])
+def test_the_trainer_and_the_bare_loop_run_one_model_at_every_size(size):
+    """A benchmark that sets the trainer beside a bare loop compares like with like: the same parameter shapes
+    (a tokenizer's vocabulary must not make the trainer's output head another size than the loop's)."""
+    from fabric_tram.bench.common import make_model, trainer_model_settings
+    from fabric_tram.config import load_config
+    from fabric_tram.models import build_model
+
+    config = load_config(None, [*trainer_model_settings(size), "optimizer.name=adam"])
+    with torch.device("meta"):
+        ours = {n: p.shape for n, p in build_model(config.model).named_parameters()}
+        bare = {n: p.shape for n, p in make_model(size, "meta").named_parameters()}
+    assert ours == bare

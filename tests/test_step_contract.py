@@ -86,3 +86,24 @@ def test_passes_count_every_forward_over_the_micro_batches():
     ctx.forward_backward(objective)
     ctx.forward_backward()
     assert ctx.passes == {"forward": 3, "no_grad_forward": 1, "backward": 3}  # 2 graphs, then 1
+
+
+def test_all_finite_is_false_for_any_non_finite_value_among_tensors_and_numbers():
+    """The step's one host decision: every value finite, tensors (any float dtype) and Python numbers alike; None
+    is no value. Opposite infinities (whose sum is nan) and a lone nan among finite values are caught."""
+    from fabric_tram.optim.step import all_finite
+
+    inf, nan = float("inf"), float("nan")
+    t = torch.tensor
+    assert all_finite(t(1.0), t(2.5, dtype=torch.float64), 0.5, None)
+    assert all_finite(None) and all_finite(3.0) and all_finite(t(65504.0, dtype=torch.float16), t(3e38))
+    for values in (
+        (t(inf), t(1.0)),
+        (t(1.0), t(nan)),
+        (t(inf), t(-inf)),
+        (t(1.0), nan),
+        (inf,),
+        (t(1.0, dtype=torch.float16) * 1e5, t(0.0)),
+        (t(2.0), None, t(-inf, dtype=torch.bfloat16)),
+    ):
+        assert not all_finite(*values), values  # fmt: skip

@@ -981,4 +981,23 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/batch_size.py", "        t.accumulate = follows\n", "        pass\n"),),
         ("tests/test_batch_size.py::test_a_global_batch_with_an_explicit_micro_batch_sets_accumulate",),
     ),
+    Mutation(
+        "bench-trainer-model-another-vocabulary",
+        "the benchmarks' trainer model takes its vocabulary from the tokenizer, not the size (another output head "
+        "than the bare loop's)",
+        (("fabric_tram/bench/common.py", 'f"model.vocab_size={vocab}", ', ""),),
+        ("tests/test_benchmarks.py::test_the_trainer_and_the_bare_loop_run_one_model_at_every_size",),
+    ),
+    Mutation(
+        "all-finite-ignores-numbers",
+        "the finiteness check reads the tensors but not the Python numbers among the values (a float radius)",
+        (
+            (
+                "fabric_tram/optim/step.py",
+                "    return math.isfinite(float(total)) and numbers_finite\n",
+                "    return math.isfinite(float(total))\n",
+            ),
+        ),
+        ("tests/test_step_contract.py::test_all_finite_is_false_for_any_non_finite_value_among_tensors_and_numbers",),
+    ),
 )

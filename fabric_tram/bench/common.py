@@ -15,12 +15,25 @@ from fabric_tram.loss import cross_entropy_sum
 from fabric_tram.models.gpt2 import GPT2, GPT2Config
 
 SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
-    "tiny": (2, 2, 64, 2048, 64, 4),
+    "tiny": (2, 2, 64, 4096, 64, 4),
     "small": (4, 4, 256, 8192, 256, 8),
     "gpt2": (12, 12, 768, 50257, 1024, 8),
     # a CPU stand-in for launch overhead: 580 small parameter tensors, where per-tensor Python work dominates
-    "many-tensors": (48, 2, 32, 2048, 64, 8),
+    "many-tensors": (48, 2, 32, 4096, 64, 8),
 }
+
+
+def trainer_model_settings(size: str) -> list[str]:
+    """The model and task keys under which the trainer builds ``make_model(size)``'s architecture on the bundled
+    demo text: GPT-2's tokenizer for GPT-2's vocabulary, else the demo's 4,096 tokens (so that a small size is not
+    a 50,257-word output head with a little model in front, and the bare loop and the trainer run one model)."""
+    n_layer, n_head, n_embd, vocab, block, _ = SIZES[size]
+    return [
+        "model.name=gpt2", "model.preset=tiny", f"model.n_layer={n_layer}", f"model.n_head={n_head}",
+        f"model.n_embd={n_embd}", f"model.n_positions={block}", f"model.vocab_size={vocab}", "model.dropout=0.0",
+        "task.name=lm", "task.data_dir=demo", f"task.tokenizer={'gpt2' if vocab == 50257 else 'demo'}",
+        f"task.block_size={block}",
+    ]  # fmt: skip
 
 
 def arguments(description: str, extra=None, timing: bool = False) -> argparse.Namespace:

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from fabric_tram.bench.common import SIZES, arguments, interleave, table, write_json
+from fabric_tram.bench.common import SIZES, arguments, interleave, table, trainer_model_settings, write_json
 from fabric_tram.config import load_config
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.engine.batches import StepBatches
@@ -20,21 +20,11 @@ TARGET = 0.97
 
 def main() -> dict:
     args = arguments(__doc__.splitlines()[0], timing=True)
-    n_layer, n_head, n_embd, _, block, batch = SIZES[args.size]
+    batch = SIZES[args.size][5]
     config = load_config(
         None,
         [
-            "model.name=gpt2",
-            "model.preset=tiny",
-            f"model.n_layer={n_layer}",
-            f"model.n_head={n_head}",
-            f"model.n_embd={n_embd}",
-            f"model.n_positions={block}",
-            "model.dropout=0.0",
-            "task.name=lm",
-            "task.data_dir=demo",
-            "task.tokenizer=gpt2",
-            f"task.block_size={block}",
+            *trainer_model_settings(args.size),
             "optimizer.name=adam",
             "optimizer.lr=1e-4",
             "trainer.grad_clip=0",

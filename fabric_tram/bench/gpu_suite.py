@@ -37,6 +37,7 @@ from fabric_tram.bench.common import (
     pass_floors,
     synchronize,
     table,
+    trainer_model_settings,
     write_json,
 )
 from fabric_tram.bench.step_cost import RULES
@@ -117,18 +118,16 @@ def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled
     """The trainer's config for a measurement: ``rows`` per micro-batch; for GPT2-XL (``xl``) the micro-batch is
     left to ``trainer.micro_batch_size=auto`` within a global batch of 16 rows (4 of 64 tokens on a CPU)."""
     if xl:
-        model = [f"model.preset={preset_or_size}", "model.dropout=0.0"]
-        gpu = args.device.startswith("cuda")
-        block = 1024 if gpu else 64
-        batch = ["trainer.micro_batch_size=auto", f"trainer.global_batch_size={XL_GLOBAL_BATCH if gpu else 4}"]
+        block = 1024 if args.device.startswith("cuda") else 64
+        global_batch = XL_GLOBAL_BATCH if args.device.startswith("cuda") else 4
+        model = ["model.name=gpt2", f"model.preset={preset_or_size}", "model.dropout=0.0", "task.name=lm",
+                 "task.data_dir=demo", "task.tokenizer=gpt2", f"task.block_size={block}"]  # fmt: skip
+        batch = ["trainer.micro_batch_size=auto", f"trainer.global_batch_size={global_batch}"]
     else:
-        n_layer, n_head, n_embd, vocab, block, default = SIZES[preset_or_size]
-        model = ["model.preset=tiny", f"model.n_layer={n_layer}", f"model.n_head={n_head}", f"model.n_embd={n_embd}",
-                 f"model.n_positions={block}", "model.dropout=0.0"]  # fmt: skip
-        batch = [f"trainer.micro_batch_size={rows or default}"]
+        model = trainer_model_settings(preset_or_size)
+        batch = [f"trainer.micro_batch_size={rows or SIZES[preset_or_size][5]}"]
     settings = [
-        "model.name=gpt2", *model, "task.name=lm", "task.data_dir=demo", "task.tokenizer=gpt2",
-        f"task.block_size={block}", f"optimizer.name={rule}", "optimizer.lr=1e-5", "trainer.grad_clip=1.0",
+        *model, f"optimizer.name={rule}", "optimizer.lr=1e-5", "trainer.grad_clip=1.0",
         *batch, "trainer.precision=bf16-mixed", f"trainer.accelerator={args.device}",
         "trainer.devices=1", f"trainer.strategy={strategy}", f"trainer.compile={compiled}",
         f"trainer.compile_backend={args.compile_backend}", "trainer.max_steps=1000000", "trainer.log_every=1000000",
