@@ -207,6 +207,19 @@ def rule_extra(rule: str) -> list[str]:
     return ["optimizer.base=sgd", *DIST_RULE_EXTRA.get(rule, [])]
 
 
+# a rule's schedule variants in the 1 vs 2 process tests: "RULE@VARIANT" -> the rule and what it adds
+DIST_VARIANTS = {
+    "tram-prev@ascent-every-2": ("tram-prev", ["optimizer.ascent_every=2"]),
+    "asam@momentum": ("asam", ["optimizer.ascent_direction=momentum", "optimizer.momentum=0.9"]),
+}
+
+
+def dist_rule(name: str) -> tuple[str, list[str]]:
+    """(optimizer.name, its overrides) of an entry of DIST_RULES or DIST_VARIANTS."""
+    rule, extra = DIST_VARIANTS.get(name, (name, []))
+    return rule, [*rule_extra(rule), *extra]
+
+
 def small_config(
     data_dir,
     run_dir,

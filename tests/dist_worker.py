@@ -16,8 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import (  # noqa: E402
     DIST_RULES,
+    DIST_VARIANTS,
     LLAMA_LORA,
     LLAMA_MODEL,
+    dist_rule,
     hf_checkpoints,
     measure_run,
     poisoned_forward_backward,
@@ -66,11 +68,10 @@ for optimizer in ("sgd", "adam"):
     results["world_size"] = run.fabric.world_size
     results[optimizer]["results_json_seen_by_rank"] = run.fabric.all_gather(seen).tolist()
 
-for rule in DIST_RULES:  # the update rules: norms, d and TRAM's calibrated scale all-reduced over ranks / shards
-    run = train(
-        small_config(data, out / f"rule-{rule}", rule, micro=2, accumulate=2, strategy=strategy, extra=rule_extra(rule))
-    )
-    results[rule] = {"history": run.history, "params": trajectory(run)["params"]}
+for name in (*DIST_RULES, *DIST_VARIANTS):  # norms, d and TRAM's calibrated scale all-reduced over ranks / shards
+    rule, extra = dist_rule(name)
+    run = train(small_config(data, out / f"rule-{name}", rule, micro=2, accumulate=2, strategy=strategy, extra=extra))
+    results[name] = {"history": run.history, "params": trajectory(run)["params"]}
 
 try:  # per-rank perturbations: allowed under DDP, refused under sharding, before any step
     run = train(

@@ -44,12 +44,15 @@ def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
 
 @pytest.mark.slow
 def test_step_cost(tmp_path):
-    text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", "sam,tram-prev,r3f")
+    variant = "tram-prev:ascent_every=2:radius_every=2"  # timed over blocks of 2 steps
+    rules = ["sam", "tram-prev", "r3f", variant, "asam:ascent_direction=momentum"]
+    text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", ",".join(rules))
     assert "| tram-prev |" in text
     assert result["allocator"] == ("glibc, freed memory kept (no mmap, no trim)" if GLIBC else "system")
     # the floors are the rules' declared passes priced at the recorded pass times: algebra, never a timed bound
     passes = {name: r["passes"] for name, r in result["rules"].items()}
-    assert passes == {"sam": [2, 0, 2], "tram-prev": [2, 1, 2], "r3f": [2, 0, 2]}  # r3f: one pass, two graphs
+    assert passes == {"sam": [2, 0, 2], "tram-prev": [2, 1, 2], "r3f": [2, 0, 2],  # r3f: one pass, two graphs
+                      variant: [1.5, 0.5, 1.5], "asam:ascent_direction=momentum": [1, 0, 1]}  # fmt: skip
     t_fb, t_f = result["fwd_bwd_seconds"], result["no_grad_fwd_seconds"]
     for name, r in result["rules"].items():
         fwd, nograd, _ = r["passes"]

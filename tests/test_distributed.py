@@ -7,11 +7,13 @@ import pytest
 import torch
 from conftest import (
     DIST_RULES,
+    DIST_VARIANTS,
     EXACT_ABS,
     EXACT_REL,
     LLAMA_LORA,
     LLAMA_MODEL,
     assert_histories_match,
+    dist_rule,
     hf_checkpoints,
     launch_two_processes,
     max_param_diff,
@@ -31,7 +33,7 @@ from fabric_tram.engine.trainer import train
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).parent / "dist_worker.py"
-RULES = DIST_RULES
+RULES = (*DIST_RULES, *DIST_VARIANTS)
 RULE_KEYS = ("n_targets", "loss", "Tg_norm", "e_norm", "radius", "d", "regulariser", "radius_scale")
 
 
@@ -49,9 +51,10 @@ def reference(tmp_path_factory):
     for opt in ("sgd", "adam"):
         run = train(small_config(corpus, root / f"ref-{opt}", opt, micro=2, accumulate=4))  # the ranks' batch size
         ref[opt] = {**trajectory(run), "results": run.results}
-    for rule in RULES:
-        run = train(small_config(corpus, root / f"ref-{rule}", rule, micro=8, accumulate=1, extra=rule_extra(rule)))
-        ref[rule] = {"history": run.history, "params": trajectory(run)["params"]}
+    for name in RULES:
+        rule, extra = dist_rule(name)
+        run = train(small_config(corpus, root / f"ref-{name}", rule, micro=8, accumulate=1, extra=extra))
+        ref[name] = {"history": run.history, "params": trajectory(run)["params"]}
     extra = rule_extra("tram-prev")
     run = train(small_config(corpus, root / "ref-llama", "tram-prev", micro=8, extra=extra, model=LLAMA_MODEL))
     ref["llama"] = {"history": run.history, "params": trajectory(run)["params"]}

@@ -1000,4 +1000,63 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_step_contract.py::test_all_finite_is_false_for_any_non_finite_value_among_tensors_and_numbers",),
     ),
+    Mutation(
+        "ascent-phase-counted-from-the-resume",
+        "ascent_every's phase counted from the steps this process ran, not from the step (a resume shifts it)",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        return self.geometry is not None and (step - 1) % self.ascent_every == 0",
+                "        self.seen = getattr(self, 'seen', 0) + 1\n"
+                "        return self.geometry is not None and (self.seen - 1) % self.ascent_every == 0",
+            ),
+        ),
+        (
+            "tests/test_ascent_schedule.py::test_a_schedule_is_the_same_with_accumulation_and_after_a_resume_mid_schedule",
+        ),
+    ),
+    Mutation(
+        "previous-iterate-stale-between-ascents",
+        "tram-prev's previous iterate not stored on the steps between perturbations (ascent_every)",
+        (
+            (
+                "fabric_tram/optim/targets.py",
+                "if not (self.is_restore_point and restored):",
+                "if not self.is_restore_point:",
+            ),
+        ),
+        (
+            "tests/test_ascent_schedule.py::test_tram_prev_every_2_keeps_its_previous_iterate_current_through_the_plain_steps",
+        ),
+    ),
+    Mutation(
+        "momentum-direction-up-the-momentum",
+        "the momentum direction moves the weights along +v (up the accumulated gradient), not the paper's -v",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "self.params, -radius / (norm + EPS))",
+                "self.params, radius / (norm + EPS))",
+            ),
+        ),
+        ("tests/test_ascent_schedule.py::test_the_momentum_direction_moves_against_v_before_the_base_step_updates_it",),
+    ),
+    Mutation(
+        "momentum-base-step-from-the-moved-weights",
+        "along the momentum the base step is taken from θ + e (the weights never restored before it)",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "        with perturbed(self.params, self.backup):  # backup ← θ here",
+                "        with torch.enable_grad():  # backup ← θ here",
+            ),
+        ),
+        ("tests/test_ascent_schedule.py::test_the_momentum_direction_moves_against_v_before_the_base_step_updates_it",),
+    ),
+    Mutation(
+        "momentum-from-the-second-moment",
+        "Adam's momentum direction read from exp_avg_sq instead of its first moment exp_avg",
+        (("fabric_tram/optim/momentum.py", '    "Adam": "exp_avg",', '    "Adam": "exp_avg_sq",'),),
+        ("tests/test_ascent_schedule.py::test_asam_along_adams_first_moment",),
+    ),
 )

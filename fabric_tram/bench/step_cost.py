@@ -3,11 +3,21 @@
 The floor of a rule is (forward-with-gradient passes × T_fb + no-grad forward passes × T_f) / T_fb, with T_fb
 (forward + backward) and T_f (no-grad forward) measured in the same run on the same model and batch; a forward
 with gradient counts its own backward, so r3f's backward through two graphs counts twice.
+
+A rule may carry settings, ``name:key=value:key=value`` (``tram-prev:ascent_every=4:radius_every=4``): it is then
+timed over blocks of as many steps as its schedules take to repeat, its floor from its passes averaged over a
+block. The TRAM rules run at a fixed ``radius_scale`` of 1 unless one is given (calibration would take d on
+every one of its steps, whatever ``radius_every`` says).
+
+    python benchmarks/step_cost.py --size small --rules tram-prev,tram-prev:ascent_every=4:radius_every=4
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import yaml
 
 from fabric_tram.bench.common import (
     arguments,
@@ -21,7 +31,7 @@ from fabric_tram.bench.common import (
     write_json,
 )
 from fabric_tram.optim.api import UpdateRuleLoop
-from fabric_tram.registry import OPTIMIZERS, load_builtins
+from fabric_tram.registry import load_builtins
 
 RULES = [
     "sam",
@@ -41,24 +51,37 @@ RULES = [
 TARGET = 1.05  # within 5% of the floor
 
 
+def parse_rule(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value:...`` -> (the rule's name, its settings), TRAM at a fixed scale of 1 unless set."""
+    name, *settings = spec.split(":")
+    hyper = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in settings)}
+    if name.startswith("tram-") and name != "tram-fisher":
+        hyper.setdefault("radius_scale", 1.0)
+    return name, hyper
+
+
 def main() -> dict:
     args = arguments(__doc__.splitlines()[0], lambda p: p.add_argument("--rules", default=",".join(RULES)), timing=True)
     load_builtins()
     rules = args.rules.split(",")
     batch = make_batch(args.size, args.device)
     loss = loss_fn(args.precision)
-    loops = {}
-    for name in ["adam", *rules]:
+    loops, blocks = {}, {}
+    for spec in ["adam", *rules]:
+        name, settings = parse_rule(spec)
         model = make_model(args.size, args.device)
-        loops[name] = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss)
+        loops[spec] = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss, **settings)
+        blocks[spec] = math.lcm(settings.get("ascent_every", 1), settings.get("radius_every", 1))
     candidates = pass_floors(args.size, args.device, loss, batch)
-    for name, loop in loops.items():
-        candidates[name] = (lambda rule_loop: lambda: rule_loop.step(batch))(loop)
-    median = interleave(candidates, args.device, args.repeats)
+    for spec, loop in loops.items():
+        candidates[spec] = (lambda rule_loop, n: lambda: [rule_loop.step(batch) for _ in range(n)])(loop, blocks[spec])
+    block_median = interleave(candidates, args.device, args.repeats)
+    median = {spec: block_median[spec] / blocks.get(spec, 1) for spec in block_median}  # seconds per step
     t_fb, t_f = median["fwd+bwd"], median["no-grad fwd"]
     rows, results = [], {}
     for name in rules:
-        fwd, nograd, bwd = OPTIMIZERS.get(name).target.passes
+        loop = loops[name]
+        fwd, nograd, bwd = type(loop.rule).mean_passes(loop.rule.config)
         floor = pass_floor(fwd, nograd, t_fb, t_f)
         ratio = median[name] / median["adam"]
         # the same floor in seconds, without adam as the unit (a noisy adam median moves every ratio at once)

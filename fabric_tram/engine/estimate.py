@@ -77,7 +77,11 @@ def rule_declarations(name: str, section=None) -> dict:
         "passes": tuple(
             mean_passes(section) if mean_passes and section is not None else getattr(target, "passes", (1, 0, 1))
         ),
-        "state_factor": getattr(target, "state_factor", 0),
+        "state_factor": (
+            target.state_factor_of(section)
+            if hasattr(target, "state_factor_of") and section is not None
+            else getattr(target, "state_factor", 0)
+        ),
         "fp32_state": getattr(target, "fp32_state", 0),
         "divergence_gradients": getattr(target, "divergence_gradients", 0),
         "graphs_per_pass": getattr(target, "graphs_per_pass", 1),

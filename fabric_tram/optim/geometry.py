@@ -114,10 +114,16 @@ def ascent_gradients(params, loss_scale: float = 1.0) -> list[tuple[list, list, 
 def scale_gradients(geometry: Geometry, params, loss_scale: float = 1.0) -> tuple[list, torch.Tensor]:
     """First sweep, in the ascent gradients' memory: g ← scaled(g); returns the groups and ‖scaled(g)‖ (‖g‖,
     ‖T g‖ or sqrt(Σ g²/f)) over every shard, a device tensor."""
-    parts = ascent_gradients(params, loss_scale)
+    return scale_parts(geometry, ascent_gradients(params, loss_scale), params)
+
+
+@torch.no_grad()
+def scale_parts(geometry: Geometry, parts: list, params) -> tuple[list, torch.Tensor]:
+    """The first sweep on any vectors e is formed from (the ascent gradients, or copies of the base optimizer's
+    momentum): v ← scaled(v) in place; returns the groups and ‖scaled(v)‖ over every shard."""
     total = torch.zeros((), dtype=torch.float64, device=local(params[0]).device)
-    for weights, grads, index in parts:
-        total += geometry.scale(weights, grads, index)
+    for weights, vectors, index in parts:
+        total += geometry.scale(weights, vectors, index)
     return parts, shard_sum(total, params).sqrt()
 
 

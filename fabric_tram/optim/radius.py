@@ -82,6 +82,15 @@ class TrustRegionRadius:
         """Whether optimizer step ``step`` (1-based) runs the target forward and takes d."""
         return self.calibrating(step) or (step - self.calibrated_after - 1) % self.every == 0
 
+    def lagged(self, step: int):
+        """The radius of step ``step`` when its d is taken only after it has perturbed (along the momentum): the
+        fixed ``radius_target`` while calibrating, then the last measured radius, capped; 0 before any."""
+        if self.calibrating(step):
+            return self.target if self.max_radius is None else min(self.target, self.max_radius)
+        if self.last is None:  # nothing measured yet (a numeric scale's first step, where the momentum is 0 anyway)
+            return 0.0
+        return self.last if self.max_radius is None else torch.clamp(self.last, max=self.max_radius)
+
     def __call__(self, step: int, d: torch.Tensor | None):
         """The radius of step ``step``; ``d`` is None on the steps that do not measure it."""
         if self.calibrating(step):
@@ -113,6 +122,9 @@ class TrustRegionRadius:
                     "number"
                 )
             self.scale = self.target / median
+            # the radius until the next measurement (what a lagged radius reads; a step that measures replaces it):
+            # the calibrated median, scale · median = radius_target
+            self.last = self.scale * median
 
     def logged(self) -> dict:
         """For the step's log after calibration: the scale in effect and whether the cap bit (1.0) or not (0.0)."""

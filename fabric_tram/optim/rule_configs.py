@@ -33,11 +33,51 @@ class Wrapped:
             raise ConfigError(f"optimizer.noise must be one of {', '.join(NOISE_KINDS)}, got {self.noise!r}")
         if not 0.0 <= getattr(self, "ema_decay", 0.0) <= 1.0:
             raise ConfigError(f"optimizer.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if isinstance(self, Perturbing):
+            self.check_ascent()
 
 
 @dataclass
 class PerRank:
     m_sharpness: bool = False  # per-rank perturbations (DDP only; refused under fsdp)
+
+
+ASCENT_DIRECTIONS = ("gradient", "momentum")
+
+
+@dataclass
+class Perturbing(PerRank):
+    """What every rule that perturbs the weights has: how often, and along what (docs/algorithms.md)."""
+
+    ascent_every: int = 1  # perturb on one step in N (from step 1); the others are the base step on the clean gradient
+    ascent_direction: str = "gradient"  # gradient: a fresh ascent pass | momentum: the base optimizer's first moment
+
+    def check_ascent(self) -> None:
+        if not isinstance(self.ascent_every, int) or self.ascent_every < 1:
+            raise ConfigError(f"optimizer.ascent_every must be an integer >= 1, got {self.ascent_every!r}")
+        if self.ascent_direction not in ASCENT_DIRECTIONS:
+            raise ConfigError(
+                f"optimizer.ascent_direction must be one of {', '.join(ASCENT_DIRECTIONS)}, got "
+                f"{self.ascent_direction!r}"
+            )
+        if self.ascent_direction != "momentum":
+            return
+        if isinstance(self, TRAMFisherConfig):
+            raise ConfigError(
+                "optimizer.ascent_direction=momentum is not defined for tram-fisher: its trust region is the noised "
+                "ascent pass that supplies g̃, which the momentum direction does without; use ascent_direction="
+                "gradient, or fsam"
+            )
+        if self.m_sharpness:
+            raise ConfigError(
+                "optimizer.m_sharpness=true with ascent_direction=momentum: the momentum is the same on every rank, "
+                "so there is no per-rank perturbation; set one of them back"
+            )
+        if self.base == "sgd" and not getattr(self, "momentum", 0):
+            raise ConfigError(
+                "optimizer.ascent_direction=momentum reads the base optimizer's first moment, and sgd without "
+                "momentum keeps none: set optimizer.momentum > 0 (e.g. 0.9), or use base adam or adamw"
+            )
 
 
 @dataclass
@@ -85,23 +125,23 @@ class RegulariserFields(DivergenceFields):
 
 
 @dataclass
-class SAMConfig(PerRank, Wrapped):
+class SAMConfig(Perturbing, Wrapped):
     rho: float = 0.05  # (paper)
 
 
 @dataclass
-class ASAMConfig(ASAMFields, PerRank, Wrapped):
+class ASAMConfig(ASAMFields, Perturbing, Wrapped):
     rho: float = 0.5  # (paper)
 
 
 @dataclass
-class FSAMConfig(PerRank, Wrapped):
+class FSAMConfig(Perturbing, Wrapped):
     gamma: float = 0.1  # (paper)
     eta: float = 0.1  # f = 1 + η g² (paper)
 
 
 @dataclass
-class TRAMConfig(TrustRegionFields, ASAMFields, PerRank, Wrapped):
+class TRAMConfig(TrustRegionFields, ASAMFields, Perturbing, Wrapped):
     pass
 
 

@@ -94,14 +94,23 @@ class TRAM(ASAM):
 
     @classmethod
     def mean_passes(cls, config) -> tuple[float, float, float]:
-        every = getattr(config, "radius_every", 1)
-        return cls.passes.forward, cls.passes.no_grad_forward / every, cls.passes.backward
+        forward, _, backward = super().mean_passes(config)
+        return forward, cls.passes.no_grad_forward / getattr(config, "radius_every", 1), backward  # d every N steps
 
     def measures_d(self, ctx):
         return self.trust_radius.measures(ctx.step)
 
     def radius(self, ctx, d):
         return self.trust_radius(ctx.step, d)  # a device tensor: never brought to the host
+
+    def keep_radius_current(self, ctx, d):
+        self.trust_radius(ctx.step, d)  # recorded (calibration, the last radius); this step does not perturb
+
+    def momentum_radius(self, ctx):
+        return self.trust_radius.lagged(ctx.step)
+
+    def measuring_objective(self, ctx):
+        return measuring(ctx.forwards, self.target, self.meter)
 
     def logged(self):
         return self.trust_radius.logged()
@@ -137,7 +146,15 @@ class TRAMPrev(TRAM):
 
     state_factor = 1
 
+    @classmethod
+    def state_factor_of(cls, config) -> int:
+        # along the momentum, the target forward runs while θ is perturbed: θ_{s−2} and the restore point θ_{s−1}
+        # are needed at once, so the previous iterate gets its own buffers
+        return 2 if getattr(config, "ascent_direction", "gradient") == "momentum" else 1
+
     def build_target(self):
+        if self.direction == "momentum":
+            return PreviousIterate(self.params, target_mode=self.config.target_mode)
         return PreviousIterate(
             self.params, buffers=self.backup, target_mode=self.config.target_mode, is_restore_point=True
         )

@@ -50,8 +50,9 @@ class Target:
     def output(self, fw, batch) -> LossOutput:
         raise NotImplementedError
 
-    def before_base_step(self) -> None:
-        """Runs with θ = θ_{s−1} restored, just before the base optimizer steps."""
+    def before_base_step(self, restored: bool = False) -> None:
+        """Runs with θ = θ_{s−1} restored, just before the base optimizer steps; ``restored``: the step perturbed
+        the weights along a fresh gradient, so the restore point already holds θ_{s−1}."""
 
     def after_base_step(self) -> None:
         """Runs after the base optimizer step."""
@@ -102,7 +103,8 @@ class PreviousIterate(WeightTarget):
     """θ_{s−2}: the buffers become θ_{s−1} before the base step (so at step 1 the target is θ_0 = θ_{s−1}).
 
     ``is_restore_point``: the buffers are also the sharpness-aware restore point (memory-optimal tram-prev),
-    which the perturbation block has already set to θ_{s−1}; nothing is left to store.
+    which the perturbation block has already set to θ_{s−1} on a step that perturbed along a fresh gradient;
+    nothing is left to store then (on the steps between perturbations, ``ascent_every``, it is stored here).
     """
 
     state_key = "previous_iterate"
@@ -111,8 +113,8 @@ class PreviousIterate(WeightTarget):
         super().__init__(params, buffers, target_mode=target_mode)
         self.is_restore_point = is_restore_point
 
-    def before_base_step(self) -> None:
-        if not self.is_restore_point:
+    def before_base_step(self, restored: bool = False) -> None:
+        if not (self.is_restore_point and restored):  # a step that did not perturb (ascent_every) stores θ_{s−1}
             store_weights(self.buffers, self.params)
 
 

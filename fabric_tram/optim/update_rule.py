@@ -26,7 +26,8 @@ import torch
 
 from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
-from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients
+from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients, scale_parts
+from fabric_tram.optim.momentum import direction_groups, momentum_key, momentum_vectors
 from fabric_tram.optim.noise import InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter
 from fabric_tram.optim.step import Objective, StepContext, all_finite
@@ -64,10 +65,15 @@ class UpdateRule:
                 "rank holds only a slice of θ; use ddp, or set optimizer.m_sharpness=false"
             )
         self.meter: DivergenceMeter | None = None  # the step's d, where the rule has one
+        self.ascent_every = getattr(config, "ascent_every", 1)  # perturb on one step in N (validated with the config)
+        self.direction = getattr(config, "ascent_direction", "gradient")
         # the parts, in one order for every rule: the perturbation's shape and its restore point, the input noise,
         # then the target (which may use the restore point as its state, or the noise)
         self.geometry = self.build_geometry()
         self.backup = clone_weights(self.params) if self.geometry is not None else None  # the restore point
+        # the state entry of the base optimizer's first moment, which the momentum direction reads (refused here
+        # for an optimizer that keeps none)
+        self.momentum_key = momentum_key(optimizer) if self.direction == "momentum" else None
         self.noise = self.build_noise()
         self.target = self.build_target()
 
@@ -92,6 +98,20 @@ class UpdateRule:
         """Whether this step takes d (a rule with a meter: every step, unless it amortises d)."""
         return self.meter is not None
 
+    def ascends(self, step: int) -> bool:
+        """Whether optimizer step ``step`` perturbs the weights: every step of a rule with a geometry, or one in
+        ``ascent_every`` (steps 1, 1 + N, 1 + 2N, ...: a function of the step, so a resumed run keeps the phase)."""
+        return self.geometry is not None and (step - 1) % self.ascent_every == 0
+
+    def keep_radius_current(self, ctx: StepContext, d: torch.Tensor) -> None:
+        """A step that measured d without using a radius (a step that does not perturb): what a rule whose radius
+        comes from d records of it (TRAM); nothing for the others."""
+
+    def momentum_radius(self, ctx: StepContext) -> float | torch.Tensor:
+        """The radius of a momentum-direction step, known before its one pass: the rule's own (ρ, γ); TRAM's
+        comes from the d of an earlier step (``optim/radius.py``)."""
+        return self.radius(ctx, None)
+
     def logged(self) -> dict:
         """Values of the rule's own state to log with each step (TRAM's calibrated scale)."""
         return {}
@@ -106,8 +126,23 @@ class UpdateRule:
 
     @classmethod
     def mean_passes(cls, config) -> tuple[float, float, float]:
-        """Passes per step on average over a run with ``config`` (``passes`` unless some steps skip some)."""
-        return tuple(cls.passes)
+        """Passes per step on average over a run with ``config``: a step that perturbs runs ``passes``; one that
+        does not (``ascent_every``), or that perturbs along the momentum, runs half of the gradient passes (one
+        pass where the perturbing step runs two: the regularisers' passes stay, asam+r3f's two graphs too) and
+        the same no-grad forwards per pass."""
+        p = cls.passes
+        if not getattr(config, "ascent_direction", None) and getattr(config, "ascent_every", 1) == 1:
+            return tuple(p)
+        plain = (p.forward / 2, p.no_grad_forward / 2, p.backward / 2)
+        every = getattr(config, "ascent_every", 1)
+        if getattr(config, "ascent_direction", "gradient") == "momentum":
+            return plain
+        return tuple(half + (full - half) / every for half, full in zip(plain, p, strict=True))
+
+    @classmethod
+    def state_factor_of(cls, config) -> int:
+        """Parameter copies held between steps with ``config`` (``state_factor``, unless the config changes it)."""
+        return cls.state_factor
 
     def ascent_objective(self, ctx: StepContext) -> Objective:
         return ctx.forwards.forward
@@ -148,6 +183,9 @@ class UpdateRule:
         """One optimizer step. Values stay device tensors (logged by the engine once, after the step); the host
         waits on the device only to decide whether a non-finite step is skipped: after the ascent pass of a
         sharpness-aware rule, and before the base step."""
+        ascending = self.ascends(ctx.step)
+        if ascending and self.momentum_key is not None:
+            return self.momentum_step(ctx)
         measured = self.measures_d(ctx)
         if measured:
             self.meter.reset()
@@ -156,7 +194,9 @@ class UpdateRule:
         stats = {"loss": ascent.loss} if d is None else {"loss": ascent.loss, "d": d}
         if ascent.regulariser is not None:
             stats["regulariser"] = ascent.regulariser
-        if self.geometry is not None:
+        if not ascending and d is not None:  # a step between perturbations: its base step is on this gradient
+            self.keep_radius_current(ctx, d)
+        if ascending:
             radius = self.radius(ctx, d)
             # e is formed in the ascent gradients' memory: first g ← scaled(g) and its norm over every shard
             parts, norm = scale_gradients(self.geometry, self.params, ctx.loss_scale())
@@ -168,12 +208,50 @@ class UpdateRule:
                 stats["e_norm"] = climb(self.geometry, parts, self.params, radius / (norm + EPS))
                 ctx.zero_grad()
                 ctx.forward_backward(self.descent_objective(ctx))  # the sharpness-aware gradient, at w + e(w)
-        self.target.before_base_step()
+        self.target.before_base_step(restored=ascending)
         # the base optimizer steps (unscaled, clipped) with the last gradient, unless something is not finite
         stats.update(ctx.clip_and_step(ascent.loss))
         if not stats["skipped"]:
             self.target.after_base_step()
         return {**stats, **self.logged()}
+
+    def momentum_step(self, ctx: StepContext) -> dict:
+        """A step along the base optimizer's momentum (``optim/momentum.py``): e = −radius · direction(v) /
+        ‖scaled(v)‖ from the first moment v after the previous step, one pass at θ + e (its gradient, loss and d),
+        θ restored exactly, the base step from θ. Before the optimizer has state (step 1), e = 0."""
+        radius = self.momentum_radius(ctx)
+        measured = self.measures_d(ctx)
+        if measured:
+            self.meter.reset()
+        objective = self.measuring_objective(ctx) if measured else self.descent_objective(ctx)
+        vectors = momentum_vectors(self.optimizer, self.params, self.momentum_key)
+        moved = vectors is not None
+        stats = {"radius": radius}
+        with perturbed(self.params, self.backup):  # backup ← θ here; θ ← backup on leaving, bit-exact
+            if not moved:  # no first moment yet: no direction, e = 0
+                stats.update(Tg_norm=0.0, e_norm=0.0)
+            else:
+                parts, norm = scale_parts(self.geometry, direction_groups(self.params, vectors), self.params)
+                # move against v, along the coming update (the paper's sign)
+                stats.update(Tg_norm=norm, e_norm=climb(self.geometry, parts, self.params, -radius / (norm + EPS)))
+                del parts, vectors
+            result = ctx.forward_backward(objective)  # the step's one pass, at θ + e
+        stats["loss"] = result.loss  # the loss at θ + e: there is no pass at θ
+        if result.regulariser is not None:
+            stats["regulariser"] = result.regulariser
+        if measured:
+            stats["d"] = self.meter.mean(ctx)
+            self.keep_radius_current(ctx, stats["d"])  # the radius of a later step
+        self.target.before_base_step(restored=False)
+        stats.update(ctx.clip_and_step(result.loss, stats["Tg_norm"] if moved else None))
+        if not stats["skipped"]:
+            self.target.after_base_step()
+        return {**stats, **self.logged()}
+
+    def measuring_objective(self, ctx: StepContext) -> Objective:
+        """The pass's objective on a step that measures d along the momentum direction (TRAM: the loss with d
+        taken against its target)."""
+        return self.descent_objective(ctx)
 
 
 def register_rule(name: str, config: type, what: str):
