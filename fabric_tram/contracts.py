@@ -44,6 +44,7 @@ MODEL_OPTIONAL = {
     "to_hf": "to_hf(labels) -> (config.json, state dict): fabric-tram export",
     "new_cache": "new_cache() with max_positions and forward(ids, cache=): fabric-tram generate",
     "adapter_layout": "where LoRA adapters go in transformers' names: export --adapter",
+    "lora_target_modules": "the modules LoRA adapts when model.lora.target_modules is empty (peft's default)",
 }
 
 

@@ -14,7 +14,8 @@ class LoraConfig:
     r: int = 8  # rank of each adapter: ΔW = (alpha / r) · B A, A: r × in, B: out × r (B starts at zero)
     alpha: float = 16.0  # scale numerator (peft's lora_alpha)
     dropout: float = 0.0  # dropout on the adapter's input (peft's lora_dropout)
-    target_modules: list = field(default_factory=list)  # module names (last dotted part), e.g. [q_proj, v_proj]
+    target_modules: list = field(default_factory=list)  # module names (last dotted part), e.g. [q_proj, v_proj];
+    # empty: peft's default for the architecture (q_proj, v_proj for Llama; c_attn for GPT-2; query, value for BERT)
     modules_to_save: list = field(default_factory=list)  # modules trained in full beside the adapters (a new head)
 
     def check(self) -> None:
@@ -22,9 +23,3 @@ class LoraConfig:
             raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError(
-                "model.lora.target_modules is empty: name the linear layers to adapt, e.g. "
-                "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] (Llama, hf models of its kind) or "
-                "[c_attn, c_proj, c_fc] (GPT-2); `fabric-tram list` does not know them, the model's module names do"
-            )

@@ -168,8 +168,7 @@ def test_lora_keys_are_checked_when_the_config_is_read():
     base = ["optimizer.name=adam", "task.name=lm", "model.name=gpt2"]
     with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'. Valid keys of model.lora: r, alpha"):
         load_config(None, [*base, "model.lora.rank=4"])
-    with pytest.raises(ConfigError, match="model.lora.target_modules is empty: name the linear layers"):
-        load_config(None, [*base, "model.lora.r=4"])
+    assert load_config(None, [*base, "model.lora.r=4"]).model.lora.target_modules == []  # peft's default, later
     with pytest.raises(ConfigError, match="model.lora.r must be >= 1"):
         load_config(None, [*base, "model.lora.r=0", "model.lora.target_modules=[c_attn]"])
     config = load_config(None, [*base, "model.lora.r=4", "model.lora.target_modules=[c_attn]"])
@@ -244,3 +243,58 @@ def test_a_module_to_save_that_names_no_module_is_refused(checkpoints):
         build_model(load_config(None, ["optimizer.name=adam", *native, *task_overrides, "model.lora.r=4",
                                        "model.lora.target_modules=[query]",
                                        "model.lora.modules_to_save=[classifier.out_proj]"]).model)  # fmt: skip
+
+
+def tiny_hf_folder(folder, model_type: str):
+    """A transformers checkpoint of ``model_type`` at a tiny size, written by transformers itself."""
+    config = transformers.AutoConfig.for_model(model_type, vocab_size=4096, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                               n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                               max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gpt2", "llama-ours", "gpt2-ours"])
+def test_lora_without_target_modules_adapts_pefts_default_for_the_architecture(tmp_path, model_type, capsys):
+    """No module list: peft's own per-model-type choice (q_proj, v_proj for Mistral, Qwen2, Llama; c_attn for
+    GPT-2), on transformers' models and on our families alike; what was adapted is said at the start."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from fabric_tram.engine.setup import setup
+    from fabric_tram.models.lora import adapted_modules
+
+    if model_type.endswith("-ours"):
+        family = model_type.removesuffix("-ours")
+        model, expected = [f"model.name={family}"], PEFT_DEFAULTS[family]
+    else:
+        folder = tiny_hf_folder(tmp_path / model_type, model_type)
+        model, expected = ["model.name=hf", f"model.pretrained={folder}"], PEFT_DEFAULTS[model_type]
+    config = load_config(None, ["optimizer.name=adam", "task.name=lm", "task.data_dir=demo", "task.block_size=16",
+                                "task.tokenizer=demo", "model.lora.r=2", *model, f"trainer.run_dir={tmp_path / 'run'}",
+                                "trainer.progress_bar=false", "trainer.preflight=false"])  # fmt: skip
+    run = setup(config, training=False)
+    assert adapted_modules(run.model) == sorted(expected)
+    printed = capsys.readouterr().out
+    assert f"model.lora: rank 2 adapters on {', '.join(sorted(expected))} (peft's default for this architecture)" in (
+        printed
+    )
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    assert f"{trained:,} trained parameters of {sum(p.numel() for p in run.model.parameters()):,}" in printed
+
+
+def test_lora_without_target_modules_on_an_architecture_peft_has_no_default_for_names_the_layers(checkpoints):
+    from fabric_tram.models.hf import HFModel
+
+    with pytest.raises(ValueError, match="target_modules is empty and .* has no default .*named c_attn, c_fc"):
+        from fabric_tram.models.lora import add_lora
+
+        class NoDefault(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c_attn, self.c_fc = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        add_lora(NoDefault(), load_config(None, ["optimizer.name=adam", "task.name=lm", "model.name=gpt2",
+                                                 "model.lora.r=2"]).model.lora)  # fmt: skip
+    assert HFModel.lora_target_modules  # declared on the hf family: read from peft's mapping by model type

@@ -1059,4 +1059,28 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/optim/momentum.py", '    "Adam": "exp_avg",', '    "Adam": "exp_avg_sq",'),),
         ("tests/test_ascent_schedule.py::test_asam_along_adams_first_moment",),
     ),
+    Mutation(
+        "lora-without-a-default",
+        "an empty model.lora.target_modules adapts nothing instead of peft's default for the architecture",
+        (
+            (
+                "fabric_tram/models/lora.py",
+                "targets = list(lora.target_modules) or default_target_modules(model, linear)",
+                "targets = list(lora.target_modules) or ['lm_head']",
+            ),
+        ),
+        ("tests/test_lora.py::test_lora_without_target_modules_adapts_pefts_default_for_the_architecture",),
+    ),
+    Mutation(
+        "hf-lora-default-of-another-architecture",
+        "an hf model's default LoRA targets read for llama whatever its model type",
+        (
+            (
+                "fabric_tram/models/hf.py",
+                "return DEFAULTS.get(self.hf.config.model_type)",
+                'return DEFAULTS.get("llama")',
+            ),
+        ),
+        ("tests/test_lora.py::test_lora_without_target_modules_adapts_pefts_default_for_the_architecture",),
+    ),
 )

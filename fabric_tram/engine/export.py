@@ -29,7 +29,7 @@ from fabric_tram.engine.token_ids import END_OF_TEXT, as_ids, base_checkpoint_fi
 from fabric_tram.models import build_model
 from fabric_tram.models.hf_folder import DTYPES, MAX_SHARD_BYTES, save_hf_folder
 from fabric_tram.models.hub import resolve_checkpoint_folder
-from fabric_tram.models.lora import adapter_config, adapter_state, merge_lora
+from fabric_tram.models.lora import adapted_modules, adapter_config, adapter_state, merge_lora
 
 SPECIAL_TOKENS = {  # tokenizer_config.json's roles, by the names the bundled and hub tokenizers use
     "eos_token": ("<|endoftext|>", "</s>", "[SEP]"),
@@ -124,8 +124,8 @@ def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
     tensors = adapter_state(model, strip=layout["strip"])
     cast = DTYPES.get(dtype)
     tensors = {k: v.to(cast) if cast is not None and v.is_floating_point() else v for k, v in tensors.items()}
-    settings = adapter_config(config.model.lora, base_model_path(config.model.pretrained), layout["fan_in_fan_out"],
-                              ADAPTER_TASKS.get(config.task.name))  # fmt: skip
+    settings = adapter_config(config.model.lora, adapted_modules(model), base_model_path(config.model.pretrained),
+                              layout["fan_in_fan_out"], ADAPTER_TASKS.get(config.task.name))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

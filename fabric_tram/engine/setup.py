@@ -18,6 +18,7 @@ from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
 from fabric_tram.engine.preflight import preflight_error
 from fabric_tram.engine.run_log import build_loggers
 from fabric_tram.models import build_model
+from fabric_tram.models.lora import lora_summary
 from fabric_tram.optim.update_rule import build_base_optimizer, build_update_rule
 from fabric_tram.registry import TASKS
 
@@ -162,6 +163,8 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         steps_from_epochs(t, len(task.train_set), fabric.world_size)
     with fabric.init_module(empty_init=False):
         model = build_model(config.model)
+    if getattr(config.model, "lora", None) is not None:  # what was adapted, and what trains of how much
+        fabric.print(lora_summary(model, config.model.lora))
     check_task_fits_model(task, model, config)
     per_block = {"trainer.strategy=fsdp": t.strategy == "fsdp", "trainer.compile": t.compile,
                  "trainer.activation_checkpointing": t.activation_checkpointing}  # fmt: skip

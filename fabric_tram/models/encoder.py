@@ -188,6 +188,7 @@ class Encoder(nn.Module):
     """``forward(input_ids, attention_mask=None, token_type_ids=None, input_noise=None) -> logits (B, labels)``."""
 
     block_class = EncoderLayer  # FSDP wraps and activation checkpointing applies per block
+    lora_target_modules = ("query", "value")  # peft's default for BERT and XLM-R
     activation_checkpointing = False
 
     def __init__(self, config: EncoderConfig):

@@ -119,6 +119,7 @@ class GPT2(nn.Module):
     """GPT-2 language model. ``forward(input_ids, input_noise=None) -> logits``."""
 
     block_class = Block  # FSDP wraps and activation checkpointing applies per block
+    lora_target_modules = ("c_attn",)  # peft's default for GPT-2
     activation_checkpointing = False
     # LoRA adapters in peft's layout: our names are Hugging Face's; its Conv1D stores weights transposed
     adapter_layout = {"strip": "", "fan_in_fan_out": True}

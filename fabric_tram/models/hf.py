@@ -220,6 +220,13 @@ class HFModel(nn.Module):
         return cls(config, build_transformers_model(config))
 
     @property
+    def lora_target_modules(self) -> list[str] | None:
+        """peft's default LoRA targets for this architecture (its per-model-type mapping), None where it has none."""
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        return DEFAULTS.get(self.hf.config.model_type)
+
+    @property
     def input_embedding(self) -> nn.Module:
         """The token (or patch) embedding module whose output input noise is added to."""
         return self.hf.get_input_embeddings()

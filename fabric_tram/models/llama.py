@@ -222,6 +222,7 @@ class Llama(nn.Module):
     """A Llama-architecture language model. ``forward(input_ids, input_noise=None) -> logits``."""
 
     block_class = LlamaBlock  # FSDP wraps and activation checkpointing applies per block
+    lora_target_modules = ("q_proj", "v_proj")  # peft's default for Llama, Mistral, Qwen2
     activation_checkpointing = False
     adapter_layout = {"strip": "", "fan_in_fan_out": False}  # LoRA in peft's layout: our names are HF's
 

@@ -32,7 +32,8 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
     ``lora.modules_to_save``. Unknown names are refused with the model's own linear-layer names."""
     peft = peft_module()
     linear = sorted(module_suffixes(model, nn.Linear) | conv1d_suffixes(model))
-    unknown = [name for name in lora.target_modules if name not in linear]
+    targets = list(lora.target_modules) or default_target_modules(model, linear)
+    unknown = [name for name in targets if name not in linear]
     if unknown:
         raise ValueError(
             f"model.lora.target_modules: {unknown} name no linear layer of this model; its linear layers are "
@@ -46,8 +47,7 @@ def add_lora(model: nn.Module, lora) -> nn.Module:
             f"path, as peft matches them: e.g. {', '.join(sorted(module_suffixes(model))[:6])})"
         )
     config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-        bias="none",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none",
     )  # fmt: skip
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
@@ -61,6 +61,36 @@ def in_saved_module(parameter: str, modules_to_save) -> bool:
     matches them."""
     path = "." + parameter.rpartition(".")[0] + "."
     return any(f".{name}." in path for name in modules_to_save)
+
+
+def default_target_modules(model: nn.Module, linear: list[str]) -> list[str]:
+    """What LoRA adapts when ``model.lora.target_modules`` is empty: the model's ``lora_target_modules`` (peft's
+    per-architecture default, or our families' same roles), refused where the model declares none."""
+    declared = getattr(model, "lora_target_modules", None)
+    if not declared:
+        raise ValueError(
+            f"model.lora.target_modules is empty and {type(model).__name__} has no default (peft knows none for its "
+            f"architecture): name the linear layers to adapt; this model's are named {', '.join(linear)}"
+        )
+    return list(declared)
+
+
+def adapted_modules(model: nn.Module) -> list[str]:
+    """The names (last dotted part) of the modules that carry adapters, sorted."""
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)})
+
+
+def lora_summary(model: nn.Module, lora) -> str:
+    """One line for the start of a LoRA run: what was adapted, and what trains, of how much."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    how = "as named" if lora.target_modules else "peft's default for this architecture"
+    saved = f"; trained in full: {', '.join(lora.modules_to_save)}" if lora.modules_to_save else ""
+    return (
+        f"model.lora: rank {lora.r} adapters on {', '.join(adapted_modules(model))} ({how}) in "
+        f"{len(lora_layers(model))} layers{saved}; {trained:,} trained parameters of {total:,} "
+        f"({100 * trained / max(total, 1):.2f}%)"
+    )
 
 
 def conv1d_suffixes(model: nn.Module) -> set[str]:
@@ -105,11 +135,11 @@ def adapter_state(model: nn.Module, strip: str = "") -> dict[str, torch.Tensor]:
     return state
 
 
-def adapter_config(lora, base: str, fan_in_fan_out: bool, task_type: str | None) -> dict:
-    """peft's ``adapter_config.json`` for these adapters on the checkpoint ``base``."""
+def adapter_config(lora, targets: list[str], base: str, fan_in_fan_out: bool, task_type: str | None) -> dict:
+    """peft's ``adapter_config.json`` for these adapters (on the modules ``targets``) on the checkpoint ``base``."""
     peft = peft_module()
     config = peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets),
         modules_to_save=list(lora.modules_to_save) or None, fan_in_fan_out=fan_in_fan_out, bias="none",
         base_model_name_or_path=base, task_type=task_type,
     )  # fmt: skip

@@ -139,6 +139,7 @@ class ViT(nn.Module):
     """``forward(pixel_values (B, 3, H, W), input_noise=None) -> logits (B, num_labels)``."""
 
     block_class = ViTBlock  # FSDP wraps and activation checkpointing applies per block
+    lora_target_modules = ("q_proj", "v_proj")  # the query and value projections, as for the text encoders
     activation_checkpointing = False
 
     def __init__(self, config: ViTConfig):
