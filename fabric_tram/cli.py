@@ -257,20 +257,24 @@ def sweep(source, grid, out, parallel, report_only, plugins):
         if "validation" not in configs[0].trainer.eval_splits:
             raise ValueError("a sweep selects on the validation split: add validation to trainer.eval_splits")
         if not report_only:
-            run_points(source, points, configs, out, parallel, plugins)
+            from fabric_tram.engine.tracking import sweep_overrides
+
+            tracked = sweep_overrides(configs[0], out.name, out)  # the tracking backends show the sweep together
+            configs = [load_config(source, point_overrides(p, out, tracked)) for p in points]
+            run_points(source, points, configs, out, parallel, plugins, tracked)
         click.echo(grid_search.summarise(points, out))
         selected = grid_search.selected_run_dirs(points, out)
         click.echo(make_report(selected, out / "sweep"))
     click.echo(f"written: {out / 'sweep'}/(selection.md, selected.md, sweep.png, report.md, figure2.png, curves.png)")
 
 
-def point_overrides(point, out: Path) -> list[str]:
+def point_overrides(point, out: Path, tracked: list[str] = ()) -> list[str]:
     run_dir = point.run_dir(out)
     resume = ["trainer.resume=auto"] if (run_dir / "config.yaml").is_file() else []  # interrupted: continue
-    return [*point.overrides, f"trainer.run_dir={run_dir}", *resume]
+    return [*point.overrides, *tracked, f"trainer.run_dir={run_dir}", *resume]
 
 
-def run_points(source, points, configs, out: Path, parallel: int, plugins) -> None:
+def run_points(source, points, configs, out: Path, parallel: int, plugins, tracked: list[str] = ()) -> None:
     """Train the points without results yet: in this process one after another, or ``parallel`` at a time in
     processes of their own (threads shared out among them); progress says how many remain."""
     finished = [(p, c) for p, c in zip(points, configs, strict=True) if (p.run_dir(out) / "results.json").is_file()]
@@ -294,7 +298,7 @@ def run_points(source, points, configs, out: Path, parallel: int, plugins) -> No
             point, _ = queue.pop(0)
             log = out / "logs" / f"{point.label}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "fabric_tram.cli", "train", source, *point_overrides(point, out)]
+            command = [sys.executable, "-m", "fabric_tram.cli", "train", source, *point_overrides(point, out, tracked)]
             with open(log, "w") as fh:
                 process = subprocess.Popen([*command, *plugin_args], stdout=fh, stderr=subprocess.STDOUT, env=env)
             running.append((point, process, log))

@@ -21,6 +21,7 @@ import yaml
 from fabric_tram.config_values import ConfigError, build_dataclass, unknown_key_message
 from fabric_tram.lora_config import LoraConfig
 from fabric_tram.registry import MODELS, OPTIMIZERS, SCHEDULES, TASKS, Registry, load_builtins
+from fabric_tram.tracking_config import MLflowSettings, WandbSettings, check_loggers
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -59,6 +60,10 @@ class TrainerConfig:
     peak_flops: float | None = None  # per device, for MFU (default: our table of A100/H100/H200 dense peaks)
     on_nonfinite: str = "stop"  # non-finite loss or gradient: stop (an error naming the step), or skip and count
     preflight: bool = True  # refuse a run whose estimated memory exceeds the device's free memory, before building it
+    loggers: list = field(default_factory=lambda: ["csv", "tensorboard"])  # + wandb, mlflow (csv always; tensorboard
+    # when installed); engine/tracking.py
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
 
 
 @dataclass
@@ -297,6 +302,10 @@ def validate_trainer(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.devices must be a positive integer or 'auto', got {t.devices!r}")
     if t.on_nonfinite not in NONFINITE_POLICIES:
         raise ConfigError(f"trainer.on_nonfinite={t.on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}")
+    try:
+        check_loggers(t.loggers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if t.strategy == "fsdp" and t.precision == "16-mixed":
         raise ConfigError(
             "trainer.precision=16-mixed is refused with trainer.strategy=fsdp (no all-reduced overflow check for "

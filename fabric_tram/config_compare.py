@@ -10,7 +10,9 @@ from fabric_tram.config import Config, ConfigError, _plain, to_dict
 
 # keys that change how a run is shown or driven, not what it computes: a finished run that differs only in them
 # is the same run
-PRESENTATION_KEYS = {"trainer.resume", "trainer.progress_bar", "trainer.log_every", "trainer.data_workers"}
+PRESENTATION_KEYS = {"trainer.resume", "trainer.progress_bar", "trainer.log_every", "trainer.data_workers",
+                     "trainer.loggers"}  # fmt: skip
+PRESENTATION_PREFIXES = ("trainer.wandb.", "trainer.mlflow.")  # where a run is tracked, not what it computes
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -38,7 +40,7 @@ def run_differences(run_dir: str | Path, config: Config, only: tuple[str, ...] =
         ignored |= {"trainer.micro_batch_size", "trainer.accumulate"}
     return [f"{key}: {saved.get(key, '(unset)')!r} there, {wanted.get(key, '(unset)')!r} here"
             for key in sorted(set(saved) & set(wanted))  # a key one side lacks is from another version
-            if key not in ignored and saved.get(key) != wanted.get(key)
+            if key not in ignored and not key.startswith(PRESENTATION_PREFIXES) and saved.get(key) != wanted.get(key)
             and (not only or key.startswith(only))]  # fmt: skip
 
 

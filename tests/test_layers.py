@@ -10,6 +10,7 @@ BOTTOM = {
     "registry",
     "contracts",
     "lora_config",
+    "tracking_config",
     "config",
     "config_values",
     "config_compare",
@@ -21,8 +22,9 @@ BOTTOM = {
 ALLOWED = {
     "registry": {"contracts"},
     "contracts": set(),
-    "config": {"registry", "config_values", "lora_config"},
+    "config": {"registry", "config_values", "lora_config", "tracking_config"},
     "lora_config": set(),
+    "tracking_config": set(),
     "config_values": set(),
     "config_compare": {"config", "config_values"},
     "loss": set(),

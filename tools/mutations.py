@@ -1083,4 +1083,36 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_lora.py::test_lora_without_target_modules_adapts_pefts_default_for_the_architecture",),
     ),
+    Mutation(
+        "tracking-on-every-rank",
+        "every rank builds its own W&B and MLflow loggers (two tracked runs, colliding SQLite stores)",
+        (
+            (
+                "fabric_tram/engine/tracking.py",
+                '    if getattr(rank_zero_only, "rank", 0) != 0:\n        return []\n',
+                "",
+            ),
+        ),
+        ("tests/test_tracking.py::test_two_processes_make_one_tracked_run_each",),
+    ),
+    Mutation(
+        "resume-opens-a-new-tracked-run",
+        "a resumed run starts a new W&B/MLflow run instead of continuing its own",
+        (
+            (
+                "fabric_tram/engine/tracking.py",
+                "return path.read_text().strip() if resuming and path.is_file() else None",
+                "return None",
+            ),
+        ),
+        (
+            "tests/test_tracking.py::test_both_backends_hold_the_config_and_every_metric_at_its_step_and_a_resume_continues_one_run",
+        ),
+    ),
+    Mutation(
+        "sweep-runs-not-grouped",
+        "a sweep's runs carry no W&B group",
+        (("fabric_tram/engine/tracking.py", 'out.append(f"trainer.wandb.group={name}")', "pass"),),
+        ("tests/test_tracking.py::test_a_sweep_groups_its_runs",),
+    ),
 )

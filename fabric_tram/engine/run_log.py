@@ -1,4 +1,5 @@
-"""A run's logs: CSV always (``RUN/logs/csv/metrics.csv``), TensorBoard when installed (``RUN/logs/tensorboard``).
+"""A run's logs: CSV always (``RUN/logs/csv/metrics.csv``), TensorBoard when installed (``RUN/logs/tensorboard``),
+and the tracking backends ``trainer.loggers`` names (W&B, MLflow: engine/tracking.py).
 
 The CSV file survives crashes and resumes: rows are flushed at every checkpoint and evaluation (and every 100
 steps), and a resumed run keeps the rows up to the step it resumed from, drops those the interrupted run logged
@@ -15,6 +16,8 @@ from pathlib import Path
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
+
+from fabric_tram.engine.tracking import tracking_loggers
 
 
 class KeptMetricsWriter(_ExperimentWriter):
@@ -60,8 +63,11 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def build_loggers(run_dir: str | Path) -> list:
-    loggers = [RunCSVLogger(run_dir)]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(root_dir=str(run_dir), name="logs", version="tensorboard"))
-    return loggers
+def build_loggers(t) -> list:
+    """The run's loggers from the trainer section: the CSV file always, TensorBoard when listed and installed, and
+    the tracking backends ``trainer.loggers`` names (engine/tracking.py; started later, on rank 0)."""
+    loggers = [RunCSVLogger(t.run_dir)]
+    tensorboard = importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    if "tensorboard" in t.loggers and tensorboard:
+        loggers.append(TensorBoardLogger(root_dir=str(t.run_dir), name="logs", version="tensorboard"))
+    return loggers + tracking_loggers(t)

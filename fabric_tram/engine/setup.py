@@ -17,6 +17,7 @@ from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
 from fabric_tram.engine.preflight import preflight_error
 from fabric_tram.engine.run_log import build_loggers
+from fabric_tram.engine.tracking import record_ids, start_tracking
 from fabric_tram.models import build_model
 from fabric_tram.models.lora import lora_summary
 from fabric_tram.optim.update_rule import build_base_optimizer, build_update_rule
@@ -80,12 +81,15 @@ def prepare_run_dir(fabric, config: Config) -> Path | None:
                 f"run folder {str(run_dir)!r} already holds a run (config.yaml); pass trainer.resume=auto to "
                 "continue it, or choose another trainer.run_dir. Nothing was written."
             )
+        if error is None:  # the tracking backends start before anything is written: one that cannot says so
+            error = start_tracking(fabric.loggers, config)
         if error is None:
             run_dir.mkdir(parents=True, exist_ok=True)
             target = run_dir / "config.yaml"
             if has_run and resume is not None:  # keep the original config; record what the resumed run used
                 target = run_dir / f"config.resumed-{resume.name}.yaml"
             dump_yaml(config, target)
+            record_ids(fabric.loggers, run_dir)
     agree(fabric, error)
     resume = fabric.broadcast(str(resume) if resume else None, src=0) if fabric.world_size > 1 else resume
     return Path(resume) if resume else None
@@ -147,7 +151,7 @@ def check_task_fits_model(task, model, config: Config) -> None:
 def setup(config: Config, training: bool = True, fabric=None) -> Run:
     t = config.trainer
     if fabric is None:
-        fabric = build_fabric(t, loggers=build_loggers(t.run_dir) if training else None)
+        fabric = build_fabric(t, loggers=build_loggers(t) if training else None)
     launch(fabric)
     chosen = resolve_batch_size(config, fabric.world_size, fabric.device, agree=lambda micro: agreed_min(fabric, micro))
     if chosen:

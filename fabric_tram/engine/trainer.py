@@ -27,6 +27,7 @@ from fabric_tram.engine.interrupt import StopRequest, TrainingInterrupted, stop_
 from fabric_tram.engine.monitor import Progress, available_flops, flops_per_step
 from fabric_tram.engine.run_log import RunCSVLogger
 from fabric_tram.engine.setup import Run, prepare_run_dir, setup
+from fabric_tram.engine.tracking import end_tracking
 from fabric_tram.jsonfile import write_json
 from fabric_tram.optim.schedules import lr_factor
 from fabric_tram.optim.step import StepContext, to_host
@@ -40,6 +41,18 @@ MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> Run:
     """Run a whole training job; ``callbacks(run, stats)`` are called after every step on every rank."""
     run = setup(config, training=True, fabric=fabric)
+    try:
+        train_run(run, callbacks)
+    except BaseException as err:  # the tracked runs end with the run: killed (to be resumed) or failed
+        stopped = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
+        end_tracking(run.fabric.loggers, "KILLED" if stopped else "FAILED")
+        raise
+    return run
+
+
+def train_run(run: Run, callbacks: tuple[Callback, ...]) -> None:
+    """From the run folder (a new run, or the checkpoint to resume) to the results."""
+    config = run.config
     resume_from = prepare_run_dir(run.fabric, config)
     if resume_from is not None:
         used = resume(run, resume_from, fallback=config.trainer.resume == "auto")
@@ -48,7 +61,8 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
         if run.start_step >= config.trainer.max_steps and finished.is_file():  # nothing left: no second evaluation
             run.results = json.loads(finished.read_text())["results"]
             run.fabric.print(f"{run.run_dir} finished at step {run.start_step} already ({finished}); nothing to do")
-            return run
+            end_tracking(run.fabric.loggers, "FINISHED")
+            return
         run.fabric.print(f"resumed from {used} at step {run.start_step}")
     elif config.trainer.resume == "auto":
         run.fabric.print(f"trainer.resume=auto: no complete checkpoint in {run.run_dir}, starting from step 0")
@@ -63,7 +77,6 @@ def train(config: Config, callbacks: tuple[Callback, ...] = (), fabric=None) -> 
     select_final_weights(run)
     run.results = {split: evaluate(run, split, config.trainer.eval_batches) for split in config.trainer.eval_splits}
     write_results(run)
-    return run
 
 
 def fit(run: Run, callbacks: tuple[Callback, ...] = (), stop: StopRequest | None = None) -> None:
@@ -293,4 +306,5 @@ def write_results(run: Run) -> None:
             fabric.print(run.rule.describe())
     for logger in fabric.loggers:
         logger.finalize("success")
+    end_tracking(fabric.loggers, "FINISHED")
     fabric.barrier()
