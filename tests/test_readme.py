@@ -2,6 +2,7 @@
 docs/extending.md as a script and as a plugin, --plugin and entry points; the user loop of docs/rules.md);
 .ci/run runs exactly the README's install and test commands."""
 
+import math
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ def run(cmd, cwd, env_extra=None):
 
 @pytest.mark.slow
 def test_readme_plugin_example_trains_and_registers(tmp_path):
-    block = python_block("register_task")
+    block = python_block('register_task("parity"')
     (tmp_path / "my_parity.py").write_text(block)
     out = run([sys.executable, "my_parity.py"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -61,7 +62,7 @@ def test_readme_plugin_example_trains_and_registers(tmp_path):
 
 
 def test_entry_point_plugins_load_without_flags(tmp_path):
-    block = python_block("register_task")
+    block = python_block('register_task("parity"')
     (tmp_path / "my_parity.py").write_text(block)
     dist = tmp_path / "my_parity-0.1.dist-info"
     dist.mkdir()
@@ -80,9 +81,28 @@ def test_ci_runs_exactly_the_readme_commands_in_a_new_virtual_environment():
         if line and not line.startswith(("#", "set ", "cd ", "export ", "trap ", "python3 -m venv ", "source "))
     ]
     assert 'python3 -m venv "$CI_VENV"' in ci_text and 'source "$CI_VENV/bin/activate"' in ci_text  # a new venv
-    setup_block = re.search(r"```bash\n(pip install torch.*?)```", README, flags=re.S).group(1).splitlines()
+    setup_block = re.search(r"```bash\n(pip install torch==.*?)```", README, flags=re.S).group(1).splitlines()
     readme_install_and_test = [c for c in setup_block if c.startswith("pip ") or "pytest" in c]
     assert ci == readme_install_and_test
+
+
+def test_the_readmes_first_screen_has_its_three_uses_and_the_public_install_first():
+    first_screen = README[: README.index("## The main job")]
+    for shown in ("fabric-tram estimate recipes/gpt2xl_s2orc.py", "fabric run --devices 4 recipes/gpt2xl_s2orc.py",
+                  "--num-nodes 2", "@register_task("):  # fmt: skip
+        assert shown in first_screen, shown
+    public, offline = (first_screen.index(line) for line in ("pip install torch --index-url", "pip install torch==2"))
+    assert public < offline
+
+
+@pytest.mark.slow
+def test_the_readmes_task_of_a_few_lines_trains_with_tram(tmp_path):
+    (tmp_path / "counting.py").write_text(python_block('register_task("counting"'))
+    out = run([sys.executable, "counting.py"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loss = float(out.stdout.strip().splitlines()[-1].split()[-1])
+    assert loss < 0.5 * math.log(16)  # it learned to count: half the loss of a uniform guess over 16 tokens
+    assert (tmp_path / "runs" / "counting" / "results.json").is_file()
 
 
 def test_readme_user_loop_example_runs_on_a_hugging_face_model(tmp_path):
