@@ -366,14 +366,26 @@ def list_registries(plugins, keys):
             click.echo(f"  {entry.name:<14} {entry.description}")
             if keys and entry.config is not None:
                 click.echo(f"  {'':<14}   {format_defaults(entry.config)}")
+    if keys:  # the sections every run has, whatever its entries
+        from fabric_tram.config import TrainerConfig
+        from fabric_tram.lora_config import LoraConfig
+
+        click.echo("every model (LoRA adapters, off unless model.lora.r is given):")
+        click.echo(f"  {'model.lora':<14}   {format_defaults(LoraConfig)}")
+        click.echo("trainer:")
+        click.echo(f"  {'trainer':<14}   {format_defaults(TrainerConfig)}")
 
 
-def format_defaults(config_cls) -> str:
-    """``key=default`` for every field of a config dataclass (factories called: lists show their items)."""
+def format_defaults(config_cls, prefix: str = "") -> str:
+    """``key=default`` for every field of a config dataclass (factories called: lists show their items; a nested
+    section as its own ``section.key=default``)."""
     parts = []
     for f in dataclasses.fields(config_cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        parts.append(f"{f.name}={'(required)' if default is dataclasses.MISSING else default}")
+        if dataclasses.is_dataclass(default):
+            parts.append(format_defaults(type(default), f"{prefix}{f.name}."))
+            continue
+        parts.append(f"{prefix}{f.name}={'(required)' if default is dataclasses.MISSING else default}")
     return " ".join(parts) or "(no keys)"
 
 

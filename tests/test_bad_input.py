@@ -125,6 +125,13 @@ def test_list_is_one_line_per_entry_and_keys_adds_each_entrys_defaults():
     assert any(line.split()[0] == "tram-prev" for line in lines)
     out = CliRunner().invoke(main, ["list", "--keys"]).output
     assert "rho=0.5" in out and "radius_scale=auto" in out and "betas=[0.9, 0.99]" in out and "warmup_steps=0" in out
+    assert "ascent_every=1 ascent_direction=gradient" in out  # every perturbing rule's schedule keys
+    lora = next(line for line in out.splitlines() if line.split()[:1] == ["model.lora"])
+    assert lora.split()[1:] == ["r=8", "alpha=16.0", "dropout=0.0", "target_modules=[]", "modules_to_save=[]"]
+    trainer = next(line for line in out.splitlines() if line.split()[:1] == ["trainer"]).split()
+    for key in ("micro_batch_size=8", "global_batch_size=None", "loggers=['csv', 'tensorboard']",
+                "wandb.project=None", "mlflow.tracking_uri=None"):  # fmt: skip
+        assert key in " ".join(trainer), key
 
 
 def test_plugin_may_come_before_the_subcommand(tmp_path):
