@@ -21,6 +21,7 @@ import click
 
 from fabric_tram.config import load_config, merge, parse_overrides, resolve
 from fabric_tram.config_compare import refuse_another_run
+from fabric_tram.contracts import headline_metric, train_domains
 from fabric_tram.engine.reporting import reported_errors
 from fabric_tram.registry import REGISTRIES, load_plugins
 
@@ -39,11 +40,11 @@ def train_job(config):
     from fabric_tram.engine.trainer import train
 
     run = train(config)
-    domains = list(getattr(run.task, "train_domains", []))
+    domains = train_domains(run.task)
     if run.fabric.is_global_zero and domains:
         from fabric_tram.analysis.results import write_run_results
 
-        metric = getattr(run.task, "headline_metric", "ppl")
+        metric = headline_metric(run.task)
         run.fabric.print(write_run_results(run.run_dir, run.results, domains, config.optimizer.name, metric))
     return run
 

@@ -3,7 +3,8 @@
 ``register_model`` and ``register_task`` check a class against these when it is registered, so a plugin that lacks
 a required member is refused at import with one message naming each missing member and what it is for, instead of
 an AttributeError deep in a run. Optional members change what the engine can do (FSDP per block, input noise by
-argument, the estimator's sizes, export); the engine reads them through the helpers below, one place each.
+argument, the estimator's sizes, export); the engine reads them through the accessors below, one each, with the
+default it assumes when a member is left out (a test holds every other module to them).
 
 A batch is a dict of tensors built by the task's ``collate``; the engine reads ``labels`` (the targets, padding
 ``IGNORE_INDEX``) where the task's loss and evaluation need them, and ``example_index`` (each example's global
@@ -105,12 +106,107 @@ def check_model_class(name: str, target) -> None:
         raise ContractError(f"model {name!r} ({where}) must " + "; ".join(problems) + " (docs/design.md, 'Contracts')")
 
 
+# ------------------------------------------------------------------------------------------- the wrappers
+
+WRAPPERS = ("_FabricModule", "DistributedDataParallel", "OptimizedModule")  # their wrapped module: .module/_orig_mod
+
+
+def unwrap(model):
+    """The user's module inside Fabric's wrapper, DDP's or ``torch.compile``'s (FSDP2 shards in place: the
+    sharded module itself)."""
+    while type(model).__name__ in WRAPPERS:
+        model = model._orig_mod if type(model).__name__ == "OptimizedModule" else model.module
+    return model
+
+
+def loss_scaler(fabric):
+    """The fp16 loss scaler of Fabric's precision plugin (``16-mixed``), or None."""
+    return getattr(fabric.strategy.precision, "scaler", None)
+
+
+# ------------------------------------------------------------------------------------------- a task's optional members
+# one accessor each, with the default the engine assumes when a task leaves the member out (TASK_OPTIONAL)
+
+
+def train_domains(task) -> list[str]:
+    return list(getattr(task, "train_domains", None) or [])
+
+
+def headline_metric(task) -> str:
+    return getattr(task, "headline_metric", "ppl")
+
+
+def task_num_labels(task) -> int | None:
+    return getattr(task, "num_labels", None)
+
+
+def label_names(task) -> list[str] | None:
+    return getattr(task, "label_names", None)
+
+
+def task_vocab_size(task) -> int | None:
+    return getattr(task, "vocab_size", None)
+
+
+def task_image_size(task) -> int | None:
+    return getattr(task, "image_size", None)
+
+
+def eval_sums(task):
+    """``eval_sums(model, batch, out) -> {name: sum}``, or None."""
+    return getattr(task, "eval_sums", None)
+
+
+# ------------------------------------------------------------------------------------------- a model's optional members
+# one accessor each, reading the unwrapped module (MODEL_OPTIONAL)
+
+
+def block_classes(model):
+    """The transformer block class (or a tuple of them), or None."""
+    return getattr(unwrap(model), "block_class", None)
+
+
+def input_embedding(model):
+    """The token-embedding module (a property of the class), or None."""
+    module = unwrap(model)
+    return module.input_embedding if isinstance(getattr(type(module), "input_embedding", None), property) else None
+
+
 def model_sizes(model) -> dict:
     """The architecture's sizes (``sizes``, a dict on every family); {} for a model that declares none."""
-    sizes = getattr(model, "sizes", None)
+    sizes = getattr(unwrap(model), "sizes", None)
     return sizes if isinstance(sizes, dict) else {}
 
 
 def model_num_labels(model) -> int | None:
     """A classifier's output count (the model's ``num_labels``, or its config's); None for a language model."""
-    return getattr(model, "num_labels", None) or getattr(getattr(model, "config", None), "num_labels", None)
+    module = unwrap(model)
+    return getattr(module, "num_labels", None) or getattr(getattr(module, "config", None), "num_labels", None)
+
+
+def forward_flops_per_token(model, seq_len: int) -> float | None:
+    method = getattr(unwrap(model), "forward_flops_per_token", None)
+    return None if method is None else method(seq_len)
+
+
+def activation_elements_per_token(model) -> float | None:
+    method = getattr(unwrap(model), "activation_elements_per_token", None)
+    return None if method is None else method()
+
+
+def tokens_per_example(model) -> int | None:
+    method = getattr(unwrap(model), "tokens_per_example", None)
+    return None if method is None else method()
+
+
+def is_decoder(model) -> bool:
+    """Whether the model generates text (``new_cache``)."""
+    return callable(getattr(unwrap(model), "new_cache", None))
+
+
+def adapter_layout(model) -> dict | None:
+    return getattr(unwrap(model), "adapter_layout", None)
+
+
+def lora_target_modules(model) -> list[str] | None:
+    return getattr(unwrap(model), "lora_target_modules", None)

@@ -18,6 +18,7 @@ import torch
 from fabric_tram.analysis.cka import StreamedLinearCKA
 from fabric_tram.analysis.sharpness import epsilon_sharpness
 from fabric_tram.config import load_config
+from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
@@ -100,7 +101,7 @@ def mean_loss(run: Run, fixed: list[dict], backward: bool) -> float:
 def representations(model, batch: dict) -> torch.Tensor:
     """(B, C): the first token's final state (encoders: what the head reads), or the mean over a sequence's
     target positions (decoders)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     forward_method(inner, "hidden_states")
     if "pixel_values" in batch:
         return inner.hidden_states(batch["pixel_values"])[:, 0]
@@ -128,8 +129,8 @@ def cka(pretrained: str, checkpoint, split: str = "validation", domains=(), batc
     the same architecture, built with the run's config) and the checkpoint's."""
     run, path = load_run(checkpoint, overrides)
     base, _ = load_run(checkpoint, [*overrides, f"model.pretrained={pretrained}"], with_weights=False)
-    ours = {k: tuple(v.shape) for k, v in getattr(run.model, "module", run.model).state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in getattr(base.model, "module", base.model).state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in unwrap(run.model).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in unwrap(base.model).state_dict().items()}
     if ours != theirs:
         differ = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k] != theirs[k]]
         raise ValueError(f"{pretrained} is not the checkpoint's architecture (differs at {', '.join(differ[:4])})")

@@ -120,3 +120,35 @@ def test_a_model_whose_block_class_tuple_holds_a_name_is_refused():
     assert "names-in-a-tuple" not in MODELS
     register_model("classes-in-a-tuple")(Classes)
     MODELS.unregister("classes-in-a-tuple")
+
+
+# reads of a contract member's name that are not of a model or a task: what each reads instead
+NOT_A_CONTRACT_READ = {
+    ("fabric_tram/distributed.py", "module", "module"): "DDP's wrapper, in the torch-only leaf below the contracts",
+    ("fabric_tram/engine/estimate.py", "model.config", "vocab_size"): "a model config's field",
+    ("fabric_tram/engine/export.py", "t", "train_domains"): "the task section of the run's config",
+    ("fabric_tram/models/hf.py", "text", "vocab_size"): "a transformers config's field",
+    ("fabric_tram/models/hf.py", "hf", "image_size"): "a transformers config's field",
+    ("fabric_tram/models/hf.py", "hf", "num_labels"): "a transformers config's field",
+}
+
+
+def test_optional_members_and_wrappers_are_read_through_one_accessor_each():
+    """An optional member of a model or a task, a wrapper's module or the loss scaler is read in contracts.py, one
+    accessor each with its default (unwrap, loss_scaler, train_domains, block_classes, ...), and nowhere else by a
+    raw getattr/hasattr: a new read of one elsewhere fails here until it goes through its accessor."""
+    import re
+    from pathlib import Path
+
+    from fabric_tram.contracts import MODEL_OPTIONAL, TASK_OPTIONAL
+
+    root = Path(__file__).resolve().parents[1]
+    members = {*TASK_OPTIONAL, *MODEL_OPTIONAL, "module", "scaler", "_orig_mod", "_original_module"}
+    raw = re.compile(r'(?:getattr|hasattr)\(([^,()]+(?:\([^()]*\))?),\s*"(' + "|".join(sorted(members)) + r')"')
+    found = set()
+    for path in sorted((root / "fabric_tram").rglob("*.py")):
+        if path.name == "contracts.py":
+            continue
+        for match in raw.finditer(path.read_text()):
+            found.add((str(path.relative_to(root)), match.group(1).strip(), match.group(2)))
+    assert found == set(NOT_A_CONTRACT_READ), sorted(found ^ set(NOT_A_CONTRACT_READ))

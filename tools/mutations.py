@@ -40,9 +40,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/update_rule.py",
-                "        if self.geometry is not None:\n            radius = self.radius(ctx, d)",
-                "        if self.geometry is not None:\n            ctx.clip_gradients()\n"
-                "            radius = self.radius(ctx, d)",
+                "        if ascending:\n            radius = self.radius(ctx, d)",
+                "        if ascending:\n            ctx.clip_gradients()\n            radius = self.radius(ctx, d)",
             ),
             (
                 "fabric_tram/optim/update_rule.py",
@@ -151,8 +150,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/targets.py",
-                "        if not self.is_restore_point:\n            store_weights",
-                "        if False:\n            store_weights",
+                "        if not (self.is_restore_point and restored):  # a step that did not perturb",
+                "        if False:  # a step that did not perturb",
             ),
         ),
         (CLOSED_FORM + "::test_regularisers_three_steps",),
@@ -381,8 +380,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/engine/estimate.py",
-                'T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None',
-                "T = None",
+                "    T = tokens_per_example(model)\n",
+                "    T = None\n",
             ),
         ),
         ("tests/test_vit.py::test_estimate_counts_patches_and_the_tensors_a_block_saves",),
@@ -411,8 +410,9 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "return self.last if self.max_radius is None else torch.clamp(self.last, max=self.max_radius)",
-                "return self.last",
+                "by default)\n        return self.last if self.max_radius is None else "
+                "torch.clamp(self.last, max=self.max_radius)",
+                "by default)\n        return self.last",
             ),
         ),
         (
@@ -426,8 +426,9 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "return self.target if self.max_radius is None else min(self.target, self.max_radius)",
-                "return self.target",
+                "like every other\n            return self.target if self.max_radius is None else "
+                "min(self.target, self.max_radius)",
+                "like every other\n            return self.target",
             ),
         ),
         ("tests/test_radius.py::test_a_cap_below_radius_target_holds_while_calibrating_too",),
@@ -730,8 +731,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/engine/checkpoint.py",
-                '"labels": getattr(run.task, "label_names", None),',
-                '"labels": sorted(getattr(run.task, "label_names", None) or []) or None,',
+                '"labels": label_names(run.task),',
+                '"labels": sorted(label_names(run.task) or []) or None,',
             ),
         ),
         ("tests/test_export.py::test_a_classifier_run_exports_its_own_label_order_and_tokenizer_roles",),
@@ -791,8 +792,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/engine/export.py",
-                "adapter_config(config.model.lora, base_model_path(config.model.pretrained),",
-                "adapter_config(config.model.lora, config.model.pretrained,",
+                "adapted_modules(model), base_model_path(config.model.pretrained),",
+                "adapted_modules(model), config.model.pretrained,",
             ),
         ),
         ("tests/test_lora.py::test_an_adapter_names_its_base_so_that_peft_finds_it_from_any_folder",),

@@ -9,6 +9,7 @@ import torch
 
 from fabric_tram.bench.common import SIZES, arguments, interleave, table, trainer_model_settings, write_json
 from fabric_tram.config import load_config
+from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.setup import setup
@@ -39,7 +40,7 @@ def main() -> dict:
     )
     run = setup(config, training=True)
     sampler = StepSampler(len(run.task.train_set), batch, 1, 1, 0)
-    model = copy.deepcopy(getattr(run.model, "module", run.model)).to(args.device)  # the same weights, no engine
+    model = copy.deepcopy(unwrap(run.model)).to(args.device)  # the same weights, no engine
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
     autocast = args.precision == "bf16-mixed"
     state = {"engine": 0, "loop": 0}

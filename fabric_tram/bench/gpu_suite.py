@@ -42,6 +42,7 @@ from fabric_tram.bench.common import (
 )
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.config import ConfigError, load_config
+from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.engine.batch_size import resolve_batch_size
 from fabric_tram.engine.batches import StepBatches
@@ -178,7 +179,7 @@ def through_trainer(config, args) -> tuple[float, object]:
 
 
 def mfu(run, seconds: float, tokens: int, seq_len: int, peak: float | None) -> float | None:
-    flops = flops_per_step(getattr(run.model, "module", run.model), tokens, seq_len, run.rule.passes)
+    flops = flops_per_step(unwrap(run.model), tokens, seq_len, run.rule.passes)
     return flops / seconds / peak if flops is not None and peak else None
 
 
@@ -188,7 +189,7 @@ def hfu(run, seconds: float, tokens: int, seq_len: int, peak: float | None) -> f
     model_flops = mfu(run, seconds, tokens, seq_len, peak)
     if model_flops is None or not run.config.trainer.activation_checkpointing:
         return model_flops
-    model = getattr(run.model, "module", run.model)
+    model = unwrap(run.model)
     head = 2.0 * model.sizes["n_embd"] * model.sizes["vocab_size"]
     recomputed = (model.forward_flops_per_token(seq_len) - head) * tokens * run.rule.passes.backward
     return model_flops + recomputed / seconds / peak

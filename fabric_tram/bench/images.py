@@ -17,6 +17,7 @@ import torch
 
 from fabric_tram.bench.common import synchronize, table, write_json
 from fabric_tram.config import load_config
+from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.data.images import to_tensor
 from fabric_tram.engine.batches import step_batches
@@ -68,7 +69,7 @@ def main() -> dict:
         run = setup(config, training=True)
         task = run.task
         sampler = StepSampler(len(task.train_set), args.batch, 1, 1, 0)
-        model = getattr(run.model, "module", run.model)
+        model = unwrap(run.model)
         bare_optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         device = str(next(model.parameters()).device)
         position = {"step": 0}

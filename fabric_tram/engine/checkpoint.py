@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fabric_tram.config import base_optimizer_name, to_dict
+from fabric_tram.contracts import label_names, train_domains
 from fabric_tram.engine.checkpoint_files import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -66,7 +67,7 @@ def save(run: Run, step: int) -> Path:
         "global_batch": global_batch(run)[0],
         "micro_batch_size": t.micro_batch_size,
         "accumulate": t.accumulate,
-        "labels": getattr(run.task, "label_names", None),  # a classifier's class names, for an exported model
+        "labels": label_names(run.task),  # a classifier's class names, for an exported model
     }
     return save_checkpoint(run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, t.keep_last)
 
@@ -131,7 +132,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def in_domain_loss(task, metrics: dict) -> float:
     """Token-weighted validation loss over the training domains (every domain when the task has none)."""
-    return token_weighted_loss(metrics, list(getattr(task, "train_domains", [])))
+    return token_weighted_loss(metrics, train_domains(task))
 
 
 def improves_best(run: Run, metrics: dict) -> bool:

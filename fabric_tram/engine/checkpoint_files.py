@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from fabric_tram.contracts import loss_scaler
 from fabric_tram.engine.checkpoint_state import load_state, load_weights, save_state
 from fabric_tram.jsonfile import write_json
 
@@ -113,7 +114,7 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
     save_state(tmp / "state", model, optimizer, rule)
     torch.save({"rng": rng_state()}, tmp / f"rank-{fabric.global_rank}.pt")
     if fabric.global_rank == 0:
-        scaler = getattr(fabric.strategy.precision, "scaler", None)
+        scaler = loss_scaler(fabric)
         shared = {"step": step, "rule": rule.global_state(), "scaler": scaler.state_dict() if scaler else None}
         torch.save(shared, tmp / "global.pt")
     fsync_tree(tmp)  # every rank flushes what it sees (its own shards among them)
@@ -336,6 +337,6 @@ def _restore(fabric, load_rule, file: Path, scaler_state: dict | None) -> None:
         load_rule()
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{file}: {err}") from None
-    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    scaler = loss_scaler(fabric)
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)

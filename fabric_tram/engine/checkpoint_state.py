@@ -33,7 +33,7 @@ WRAPPER_SEGMENTS = ("_forward_module.", "_orig_mod.", "_checkpoint_wrapped_modul
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module inside Fabric's wrapper (FSDP2 shards it in place, so it is the sharded one)."""
-    return getattr(model, "module", model) if type(model).__name__ == "_FabricModule" else model
+    return model.module if type(model).__name__ == "_FabricModule" else model
 
 
 def clean_name(name: str) -> str:

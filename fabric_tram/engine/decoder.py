@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fabric_tram.config import load_config
+from fabric_tram.contracts import is_decoder
 from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.engine.export import load_checkpoint_model
 from fabric_tram.engine.token_ids import base_checkpoint_file, read_json, stop_ids
@@ -39,7 +40,7 @@ def load_decoder(source: str | Path) -> Decoder:
                                else None)  # fmt: skip
         return Decoder(build_model(section).eval(), tokenizer, stop_ids(config, generation, tokenizer))
     model, config, _ = load_checkpoint_model(source)
-    if not callable(getattr(model, "new_cache", None)):
+    if not is_decoder(model):
         raise ValueError(
             f"{source}: model {config.model.name!r} with task {config.task.name!r} is not a decoder (generate needs "
             "a language model: task.name=lm)"

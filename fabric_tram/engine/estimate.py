@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, base_optimizer_name
-from fabric_tram.contracts import model_num_labels, model_sizes
+from fabric_tram.contracts import (
+    activation_elements_per_token,
+    forward_flops_per_token,
+    model_num_labels,
+    model_sizes,
+    tokens_per_example,
+)
 from fabric_tram.data.tokenizer import hub_file, is_hub_id
 from fabric_tram.models import build_model
 from fabric_tram.models.hub import resolve_checkpoint_folder
@@ -104,13 +110,13 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     L, C = sizes.get("n_layer", 0), sizes.get("n_embd", 0)
     B = t.micro_batch_size
     # tokens per sequence: the model's own count (a ViT's patches) or the task's sequence length
-    T = model.tokens_per_example() if hasattr(model, "tokens_per_example") else None
+    T = tokens_per_example(model)
     T = T or getattr(config.task, "block_size", None) or getattr(config.task, "max_length", 1)
     # output rows: one distribution per token over the vocabulary (LM), or per sequence over the labels (classifier)
     labels = model_num_labels(model)
     V = sizes.get("vocab_size") or getattr(model.config, "vocab_size", 0)
     outputs = B * labels if labels else B * T * V
-    per_token = model.activation_elements_per_token() if hasattr(model, "activation_elements_per_token") else 17 * C
+    per_token = activation_elements_per_token(model) or 17 * C
     block_full = B * T * per_token * act_bytes
     graphs = rule["graphs_per_pass"]  # forwards whose graphs are alive together in a pass (r3f: clean and noised)
     activations = {
@@ -127,7 +133,8 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
         + logits,
     }
     tokens = B * T * t.accumulate
-    flops_fwd = model.forward_flops_per_token(T) * tokens if hasattr(model, "forward_flops_per_token") else float("nan")
+    per_token_flops = forward_flops_per_token(model, T)
+    flops_fwd = float("nan") if per_token_flops is None else per_token_flops * tokens
     return {
         "world_size": world,
         "sharded_over": shards,

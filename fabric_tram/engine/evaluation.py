@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import load_config
+from fabric_tram.contracts import eval_sums
 from fabric_tram.data.batching import eval_batches
 from fabric_tram.distributed import all_reduce_sum, reshard_after_no_grad_forward
 from fabric_tram.engine import checkpoint as ckpt
@@ -23,7 +24,7 @@ def evaluate(run: Run, split: str, max_batches: int = 0) -> dict[str, dict[str, 
     model.eval()
     results = {}
     # besides the loss and its count, a task may add up more per batch (a classifier: its correct predictions)
-    extra_sums = getattr(task, "eval_sums", None)
+    extra_sums = eval_sums(task)
     for name, data in task.eval_sets(split).items():
         totals = None
         for idx in eval_batches(

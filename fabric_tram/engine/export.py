@@ -20,6 +20,7 @@ from pathlib import Path
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fabric_tram.config import load_config, to_dict
+from fabric_tram.contracts import adapter_layout
 from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.checkpoint_files import check_compatible, check_state_files, read_meta
@@ -110,7 +111,7 @@ def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
     checkpoint, which our families share with transformers where the layout is the same (GPT-2, Llama, hf)."""
     from safetensors.torch import save_file
 
-    layout = getattr(model, "adapter_layout", None)
+    layout = adapter_layout(model)
     if layout is None:
         raise ValueError(
             f"model {config.model.name!r} names its modules unlike transformers' checkpoint, so peft could not place "

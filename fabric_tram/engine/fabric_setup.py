@@ -11,6 +11,7 @@ from lightning.fabric.plugins.precision.double import DoublePrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from fabric_tram.config import ConfigError, TrainerConfig, validate_trainer
+from fabric_tram.contracts import block_classes
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 
 
@@ -40,7 +41,7 @@ def shard_per_block(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = device_mesh["data_parallel"]
-    block_class = getattr(model, "block_class", None)
+    block_class = block_classes(model)
     if block_class is not None:
         for module in model.modules():
             if isinstance(module, block_class):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import time
 
+from fabric_tram.contracts import forward_flops_per_token
+
 
 def flops_per_step(model, tokens: float, seq_len: int, passes) -> float | None:
     """FLOPs of one optimizer step on this device: forward = F, backward = 2F, for every pass the rule runs
     (``passes``: forward, no-grad forward, backward)."""
-    per_token = getattr(model, "forward_flops_per_token", None)
+    per_token = forward_flops_per_token(model, seq_len)
     if per_token is None:
         return None
-    forward = per_token(seq_len) * tokens
+    forward = per_token * tokens
     return forward * (passes.forward + passes.no_grad_forward) + 2 * forward * passes.backward
 
 

@@ -10,7 +10,17 @@ from pathlib import Path
 import torch
 
 from fabric_tram.config import Config, ConfigError, dump_yaml
-from fabric_tram.contracts import check_task, model_num_labels, model_sizes
+from fabric_tram.contracts import (
+    block_classes,
+    check_task,
+    input_embedding,
+    loss_scaler,
+    model_num_labels,
+    model_sizes,
+    task_image_size,
+    task_num_labels,
+    task_vocab_size,
+)
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.batch_size import resolve_batch_size
 from fabric_tram.engine.checkpoint import first_error_of_any_rank
@@ -46,7 +56,7 @@ class Run:
     @property
     def scaler(self):
         """The fp16 loss scaler of the precision plugin (None without one)."""
-        return getattr(self.fabric.strategy.precision, "scaler", None)
+        return loss_scaler(self.fabric)
 
 
 def launch(fabric) -> None:
@@ -122,7 +132,7 @@ def check_task_fits_model(task, model, config: Config) -> None:
     """A tokenizer with more ids than the model's embedding table has rows would index past it (a device-side
     assert on a GPU, hours in): refuse it now. Fewer is allowed: hub tables are often padded (Qwen2, GPT-2
     variants). A classifier must have one output per label of the task."""
-    labels = getattr(task, "num_labels", None)
+    labels = task_num_labels(task)
     outputs = model_num_labels(model)
     if labels is not None and outputs is not None and labels != outputs:
         names = getattr(config.task, "labels", None)
@@ -130,15 +140,15 @@ def check_task_fits_model(task, model, config: Config) -> None:
         raise ConfigError(
             f"the task has {labels} labels{listed} but model.num_labels={outputs}: set model.num_labels={labels}"
         )
-    size = getattr(task, "image_size", None)
+    size = task_image_size(task)
     model_size = model_sizes(model).get("image_size")
     if size is not None and model_size is not None and size != model_size:
         raise ConfigError(
             f"the task resizes images to {size}×{size} but the model takes {model_size}×{model_size} (its position "
             f"embeddings fix it): set task.image_size={model_size}, or task.processor to the checkpoint's folder"
         )
-    tokens = getattr(task, "vocab_size", None)
-    embedding = getattr(model, "input_embedding", None)
+    tokens = task_vocab_size(task)
+    embedding = input_embedding(model)
     rows = getattr(embedding, "num_embeddings", None)
     if tokens is not None and rows is not None and tokens > rows:
         raise ConfigError(
@@ -176,7 +186,7 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     if blocks_needed and getattr(model, "no_blocks_reason", None):  # an hf model whose layers we cannot find
         raise ConfigError(f"{' and '.join(blocks_needed)}: {model.no_blocks_reason}")
     if t.activation_checkpointing:
-        if not hasattr(model, "block_class"):
+        if block_classes(model) is None:
             raise ConfigError(
                 f"model {config.model.name!r} declares no block_class: trainer.activation_checkpointing is unsupported"
             )
@@ -207,7 +217,7 @@ def compile_blocks(model: torch.nn.Module, backend: str) -> None:
     before FSDP2 wraps them, as torchtitan does: the rules' weight swaps are in place, their noise is applied
     outside the blocks and their no-grad target forwards are a grad-mode variant compiled once, so nothing
     recompiles after the first step (a test counts it)."""
-    block_class = getattr(model, "block_class", None)
+    block_class = block_classes(model)
     blocks = [m for m in model.modules() if block_class is not None and isinstance(m, block_class)]
     for module in blocks or [model]:
         module.compile(backend=backend)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from fabric_tram.config import Config
+from fabric_tram.contracts import headline_metric, train_domains, unwrap
 from fabric_tram.data.batching import StepSampler
 from fabric_tram.distributed import all_reduce_sum
 from fabric_tram.engine import checkpoint as ckpt
@@ -201,7 +202,7 @@ def training_step(run: Run, micro_batches: list[dict], step: int) -> dict:
 def add_throughput(run: Run, entries: list[dict], seconds: float, peak: float | None) -> None:
     """Targets per second, and FLOPs per second (and MFU against ``peak``) counting every pass the rule ran,
     over ``entries``, the steps of the last ``seconds``; each entry gets the interval's rate."""
-    model = getattr(run.model, "module", run.model)
+    model = unwrap(run.model)
     targets = sum(e["n_targets"] for e in entries)
     flops = [flops_per_step(model, e["tokens_local"], e["seq_len"], counted_passes(e)) for e in entries]
     for entry in entries:
@@ -295,8 +296,8 @@ def write_results(run: Run) -> None:
             "evaluated_step": run.evaluated_step,
             "optimizer": config.optimizer.name,
             "seed": config.trainer.seed,
-            "train_domains": list(getattr(run.task, "train_domains", [])),
-            "metric": getattr(run.task, "headline_metric", "ppl"),  # what result tables report
+            "train_domains": train_domains(run.task),
+            "metric": headline_metric(run.task),  # what result tables report
             "results": run.results,
             "rule": run.rule.summary(),  # TRAM: its radius against the cap after calibration
         }

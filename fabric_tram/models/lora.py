@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fabric_tram.contracts import lora_target_modules
+
 ADAPTER = "default"  # peft's adapter name
 
 
@@ -66,7 +68,7 @@ def in_saved_module(parameter: str, modules_to_save) -> bool:
 def default_target_modules(model: nn.Module, linear: list[str]) -> list[str]:
     """What LoRA adapts when ``model.lora.target_modules`` is empty: the model's ``lora_target_modules`` (peft's
     per-architecture default, or our families' same roles), refused where the model declares none."""
-    declared = getattr(model, "lora_target_modules", None)
+    declared = lora_target_modules(model)
     if not declared:
         raise ValueError(
             f"model.lora.target_modules is empty and {type(model).__name__} has no default (peft knows none for its "

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from fabric_tram.contracts import loss_scaler
 from fabric_tram.loss import as_loss_output
 from fabric_tram.optim.step import StepContext, to_host
 from fabric_tram.optim.update_rule import UpdateRule, is_rule, rule_class
@@ -97,7 +98,7 @@ class UpdateRuleLoop:
             fabric = LocalFabric(next(model.parameters()).device, scaler)
             optimizer = _LocalOptimizer(optimizer, scaler)
         else:  # the precision plugin's loss scaler, if any (Fabric scales the loss in its backward)
-            scaler = getattr(fabric.strategy.precision, "scaler", None)
+            scaler = loss_scaler(fabric)
         self.fabric, self.model, self.optimizer, self.grad_clip, self.scaler = (
             fabric,
             model,

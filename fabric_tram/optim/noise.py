@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fabric_tram.contracts import input_embedding, unwrap
+
 NOISE_KINDS = ("normal", "uniform")
 _MASK64 = (1 << 64) - 1
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -87,10 +89,8 @@ def batch_example_index(batch: dict) -> torch.Tensor:
 
 
 def accepts_input_noise(model: torch.nn.Module) -> bool:
-    module = getattr(model, "module", model)
-    module = getattr(module, "_original_module", module)
     try:
-        return "input_noise" in inspect.signature(module.forward).parameters
+        return "input_noise" in inspect.signature(unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -105,10 +105,7 @@ def find_embedding(model: torch.nn.Module, name: str | None) -> torch.nn.Module 
             f"embedding module {name!r} not found in the model; pass the dotted name of its "
             "token-embedding module (e.g. 'embeddings.word_embeddings')"
         )
-    for candidate in (model, getattr(model, "module", None), getattr(model, "_original_module", None)):
-        if candidate is not None and isinstance(getattr(type(candidate), "input_embedding", None), property):
-            return candidate.input_embedding
-    return None
+    return input_embedding(model)
 
 
 class NoiseInjector:
