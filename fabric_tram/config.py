@@ -142,9 +142,12 @@ def _shared_keys(section: str, new_name: str, base) -> set:
 
 
 def _base_field(name: str) -> dataclasses.Field | None:
-    """The ``base`` field of an optimizer entry's config: present for update rules only."""
-    config_cls = OPTIMIZERS.get(name).config
-    return next((f for f in dataclasses.fields(config_cls) if f.name == "base"), None) if config_cls else None
+    """The ``base`` field (its default: the rule's default base) of an update rule's config; None for a base
+    optimizer (whether an entry is a rule is the registry's answer: its kind)."""
+    entry = OPTIMIZERS.get(name)
+    if entry.kind != "update rule":
+        return None
+    return next(f for f in dataclasses.fields(entry.config) if f.name == "base")
 
 
 def rule_base(name: str, values: dict) -> str | None:

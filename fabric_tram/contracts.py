@@ -63,7 +63,23 @@ def refusal(kind: str, name: str, target, missing: list[str], required: dict[str
     return f"{kind} {name!r} ({where}) lacks what the engine needs: {lines} (docs/design.md, 'Contracts')"
 
 
-def check_task_class(name: str, target) -> None:
+def check_optimizer_entry(name: str, target, kind: str, config) -> None:
+    """An update rule's config names the base optimizer it wraps (a ``base`` field); a base optimizer's has none:
+    so "is this an update rule?" has one answer, the entry's kind, and a config that says otherwise is refused."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    if kind == "update rule" and "base" not in fields:
+        raise ContractError(
+            f"update rule {name!r}: its config {getattr(config, '__name__', config)} has no base field (the base "
+            "optimizer it wraps, e.g. base: str = 'adam')"
+        )
+    if kind == "base optimizer" and "base" in fields:
+        raise ContractError(
+            f"optimizer {name!r}: its config has a base field, which only an update rule has; register a rule with "
+            "fabric_tram.optim.update_rule.register_rule"
+        )
+
+
+def check_task_class(name: str, target, kind: str = "", config=None) -> None:
     """A task registered as a class must have the required methods (a factory function is checked when built)."""
     if inspect.isclass(target):
         missing = missing_members(target, TASK_REQUIRED)
@@ -80,7 +96,7 @@ def check_task(name: str, task) -> None:
         raise ContractError(refusal("task", name, type(task), missing, required))
 
 
-def check_model_class(name: str, target) -> None:
+def check_model_class(name: str, target, kind: str = "", config=None) -> None:
     """A model registered as a class must be an ``nn.Module`` with its own forward; a ``block_class`` must be a
     class or a tuple of classes, an ``input_embedding`` a property (the noise reads it from the class)."""
     if not inspect.isclass(target):

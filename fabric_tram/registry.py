@@ -1,4 +1,4 @@
-"""One generic registry, filled by decorators (fairseq-style, without its silent-duplicate trap).
+"""One generic registry, filled by decorators (fairseq-style: a duplicate name raises, as in fairseq's registries).
 
     @register_model("gpt2", config=GPT2Config, description="GPT-2 (nanoGPT-style) ...")
     class GPT2(nn.Module): ...
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from fabric_tram.contracts import check_model_class, check_task_class
+from fabric_tram.contracts import check_model_class, check_optimizer_entry, check_task_class
 
 PLUGIN_ENTRY_POINT_GROUP = "fabric_tram.plugins"
 
@@ -29,24 +29,32 @@ class Entry:
     target: Any  # the registered class or function
     config: type | None  # its config dataclass (None: takes no options)
     description: str
+    kind: str = ""  # what the entry is, where a registry holds several kinds (optimizers: base or rule)
 
 
 class Registry:
     """Entries of one kind by name. ``builtins``: the module whose import registers our own entries, imported
     on the first lookup (so that ``import fabric_tram.optim.api`` never loads a task or a data module)."""
 
-    def __init__(self, kind: str, builtins: str | None = None, check: Callable | None = None):
+    def __init__(self, kind: str, builtins: str | None = None, check: Callable | None = None,
+                 kinds: tuple[str, ...] = ("",)):  # fmt: skip
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._builtins = builtins
-        self._check = check  # (name, target) -> None, raising what a registered entry lacks (contracts.py)
+        self._check = check  # (name, target[, entry kind, config]) -> None, raising what an entry lacks (contracts.py)
+        self.kinds = kinds  # the kinds of entry this registry holds; the first is the default
 
     def load_builtins(self) -> None:
         if self._builtins is not None:
             module, self._builtins = self._builtins, None  # first: a lookup during that import must not recurse
             importlib.import_module(module)
 
-    def register(self, name: str, config: type | None = None, description: str = "") -> Callable:
+    def register(self, name: str, config: type | None = None, description: str = "", kind: str | None = None
+                 ) -> Callable:  # fmt: skip
+        kind = self.kinds[0] if kind is None else kind
+        if kind not in self.kinds:
+            raise ValueError(f"{self.kind} {name!r}: kind {kind!r} is not one of {', '.join(self.kinds)}")
+
         def decorator(target):
             self.load_builtins()  # a plugin's duplicate of a built-in name is caught here, naming the plugin
             if name in self._entries:
@@ -56,9 +64,9 @@ class Registry:
                     f"{previous.__module__}.{getattr(previous, '__qualname__', previous)}; choose another name"
                 )
             if self._check is not None:
-                self._check(name, target)
+                self._check(name, target, kind, config)
             doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
-            self._entries[name] = Entry(name, target, config, description or (doc[0] if doc else ""))
+            self._entries[name] = Entry(name, target, config, description or (doc[0] if doc else ""), kind)
             return target
 
         return decorator
@@ -96,7 +104,8 @@ class Registry:
 
 MODELS = Registry("model", "fabric_tram.models", check_model_class)
 TASKS = Registry("task", "fabric_tram.tasks", check_task_class)
-OPTIMIZERS = Registry("optimizer", "fabric_tram.optim")
+# an optimizer is a base optimizer (builds a torch optimizer) or an update rule (wraps one: register_rule)
+OPTIMIZERS = Registry("optimizer", "fabric_tram.optim", check_optimizer_entry, kinds=("base optimizer", "update rule"))
 DIVERGENCES = Registry("divergence", "fabric_tram.optim.divergences")
 SCHEDULES = Registry("schedule", "fabric_tram.optim.schedules")
 REGISTRIES = {

@@ -55,3 +55,14 @@ def test_the_margin_and_the_share_of_a_nodes_memory_decide_exactly(corpus, tmp_p
     assert f"this run needs about {(0.9 * per_process + 1) / 2**30:.1f} GiB per device" in error
     assert "the CPU has 64.0 GiB of memory available" in error
     assert (f", shared by {sharing} processes" in error) == (sharing > 1)
+
+
+def test_a_run_the_estimator_cannot_size_says_the_preflight_was_skipped_and_why(corpus, tmp_path, monkeypatch, capsys):
+    def cannot(config, devices):
+        raise NotImplementedError("a plugin model without sizes")
+
+    monkeypatch.setattr(preflight, "estimate", cannot)
+    run = train(small_config(corpus, tmp_path / "run", "adam", steps=1))
+    assert len(run.history) == 1  # it still runs
+    assert ("the memory preflight was skipped: model 'gpt2' cannot be estimated (NotImplementedError: a plugin "
+            "model without sizes)") in capsys.readouterr().out  # fmt: skip

@@ -143,3 +143,33 @@ def test_the_docs_tables_and_descriptions_give_each_rule_the_passes_and_state_it
         cls = rule_class(name)
         assert rows[name] == " / ".join(map(str, cls.passes)), name
         assert OPTIMIZERS.get(name).description.endswith(cost(cls)), name
+
+
+def test_the_optimizer_registry_knows_each_entrys_kind_and_refuses_a_config_that_says_otherwise():
+    from dataclasses import dataclass
+
+    from fabric_tram.contracts import ContractError
+    from fabric_tram.optim.update_rule import UpdateRule, is_rule, register_rule, rule_class
+    from fabric_tram.registry import OPTIMIZERS, register_optimizer
+
+    kinds = {entry.name: entry.kind for entry in OPTIMIZERS.entries()}
+    assert {n for n, k in kinds.items() if k == "base optimizer"} == {"adam", "adamw", "sgd"}
+    assert len([k for k in kinds.values() if k == "update rule"]) == len(kinds) - 3 == 13
+    assert all(is_rule(n) == (kinds[n] == "update rule") for n in kinds)
+    assert rule_class("adam") is UpdateRule and rule_class("tram-prev").__name__ == "TRAMPrev"
+
+    @dataclass
+    class WithBase:
+        base: str = "adam"
+
+    @dataclass
+    class WithoutBase:
+        lr: float = 0.1
+
+    with pytest.raises(ContractError, match="optimizer 'disguised-rule': its config has a base field"):
+        register_optimizer("disguised-rule", config=WithBase)(lambda params, config: None)
+    with pytest.raises(ContractError, match="update rule 'baseless-rule': its config WithoutBase has no base field"):
+        register_rule("baseless-rule", WithoutBase, "no base")(type("Baseless", (UpdateRule,), {}))
+    with pytest.raises(ValueError, match="kind 'scheduler' is not one of base optimizer, update rule"):
+        register_optimizer("odd", kind="scheduler")
+    assert not {"disguised-rule", "baseless-rule", "odd"} & set(OPTIMIZERS.names())

@@ -1116,4 +1116,18 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/tracking.py", 'out.append(f"trainer.wandb.group={name}")', "pass"),),
         ("tests/test_tracking.py::test_a_sweep_groups_its_runs",),
     ),
+    Mutation(
+        "optimizer-kind-unchecked",
+        "a base optimizer registered with a config that has a base field (a rule in disguise) is accepted",
+        (("fabric_tram/contracts.py", 'if kind == "base optimizer" and "base" in fields:', "if False:"),),
+        (
+            "tests/test_registry_config.py::test_the_optimizer_registry_knows_each_entrys_kind_and_refuses_a_config_that_says_otherwise",
+        ),
+    ),
+    Mutation(
+        "preflight-skipped-in-silence",
+        "a run the estimator cannot size skips the memory preflight without saying so",
+        (("fabric_tram/engine/setup.py", "        if skipped:\n            fabric.print(skipped)\n", ""),),
+        ("tests/test_preflight.py::test_a_run_the_estimator_cannot_size_says_the_preflight_was_skipped_and_why",),
+    ),
 )

@@ -39,9 +39,22 @@ def available_bytes(device: torch.device, processes_on_node: int) -> tuple[float
     return available / processes_on_node, f"the CPU has {available / GIB:.1f} GiB of memory available{share}"
 
 
+def preflight_skipped(config, world_size: int) -> str | None:
+    """Why the preflight cannot judge this run (the estimator cannot size its model: a plugin without sizes, a
+    checkpoint config out of reach), said at start instead of skipping in silence; None when it can."""
+    try:
+        estimate(config, devices=world_size)
+    except (ValueError, KeyError, AttributeError, NotImplementedError, FileNotFoundError) as err:
+        return (
+            f"the memory preflight was skipped: model {config.model.name!r} cannot be estimated "
+            f"({type(err).__name__}: {err}); the run starts without knowing whether it fits"
+        )
+    return None
+
+
 def preflight_error(config, world_size: int, device: torch.device) -> str | None:
     """Why the run cannot fit on ``device`` (one line with the numbers and the remedies), or None. A model the
-    estimator cannot size (a plugin without sizes, an unreadable checkpoint config) is not refused here."""
+    estimator cannot size is not refused here (:func:`preflight_skipped` says so)."""
     t = config.trainer
     try:
         e = estimate(config, devices=world_size)

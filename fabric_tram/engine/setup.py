@@ -25,7 +25,7 @@ from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.batch_size import resolve_batch_size
 from fabric_tram.engine.checkpoint import first_error_of_any_rank
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
-from fabric_tram.engine.preflight import preflight_error
+from fabric_tram.engine.preflight import preflight_error, preflight_skipped
 from fabric_tram.engine.run_log import build_loggers
 from fabric_tram.engine.tracking import record_ids, start_tracking
 from fabric_tram.models import build_model
@@ -167,6 +167,9 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
     if chosen:
         fabric.print(chosen)
     if training and t.preflight:  # before anything is built: a run that cannot fit says so now, with the numbers
+        skipped = preflight_skipped(config, fabric.world_size)
+        if skipped:
+            fabric.print(skipped)
         error = first_error_of_any_rank(fabric, preflight_error(config, fabric.world_size, fabric.device))
         if error:
             raise ConfigError(error)

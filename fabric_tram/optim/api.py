@@ -118,7 +118,7 @@ class UpdateRuleLoop:
 
     @staticmethod
     def _config(entry, hyperparameters: dict):
-        if not is_rule(entry.target):
+        if not is_rule(entry.name):
             if hyperparameters:
                 raise TypeError(
                     f"{entry.name!r} is a base optimizer: it takes no hyperparameters here, "

@@ -259,7 +259,7 @@ def register_rule(name: str, config: type, what: str):
     its class declares — passes per step and state held between steps — so they are never written twice."""
 
     def decorator(cls: type[UpdateRule]) -> type[UpdateRule]:
-        register_optimizer(name, config=config, description=f"{what}; {cost(cls)}")(cls)
+        register_optimizer(name, config=config, description=f"{what}; {cost(cls)}", kind="update rule")(cls)
         return cls
 
     return decorator
@@ -276,22 +276,21 @@ def cost(cls: type[UpdateRule]) -> str:
     return f"{passes}; state {' + '.join(state) or '0'} (× parameter bytes)"
 
 
-def is_rule(target) -> bool:
-    return isinstance(target, type) and issubclass(target, UpdateRule)
+def is_rule(name: str) -> bool:
+    """Whether optimizer ``name`` is an update rule (the registry's answer: the entry's kind)."""
+    return OPTIMIZERS.get(name).kind == "update rule"
 
 
 def rule_class(name: str) -> type[UpdateRule]:
     """The class that runs ``optimizer.name``: the rule itself, or UpdateRule for a base optimizer."""
-    target = OPTIMIZERS.get(name).target
-    return target if is_rule(target) else UpdateRule
+    return OPTIMIZERS.get(name).target if is_rule(name) else UpdateRule
 
 
 def build_base_optimizer(section, params):
     name = base_optimizer_name(section)
-    target = OPTIMIZERS.get(name).target
-    if is_rule(target):
+    if is_rule(name):
         raise ValueError(f"optimizer.base={name!r} is an update rule; choose a base optimizer: adam, adamw, sgd")
-    return target(params, section)
+    return OPTIMIZERS.get(name).target(params, section)
 
 
 def build_update_rule(section, model, optimizer) -> UpdateRule:
