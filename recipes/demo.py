@@ -134,14 +134,18 @@ def main(
 
 def run_all(options: dict, overrides: list[str], recipe: dict, smoke: dict, selected: dict) -> str:
     base = merge(recipe, smoke) if options["smoke"] else recipe
-    base = merge(base, parse_overrides(overrides))
+    given = parse_overrides(overrides)
+    # optimizer.* overrides go to each rule after its own settings: a rule's key (optimizer.ascent_every, say) is
+    # unknown to the recipe's base optimizer, and the pre-trained row trains nothing
+    rule_settings = given.pop("optimizer", {})
+    base = merge(base, given)
     out = Path(options["out"])
     run_dirs = [pretrained_row(base, out)]
     for seed in range(options["seeds"]):
         for rule in options["rules"]:
             run_dir = out / f"{rule}-seed{seed}"
             run_dirs.append(run_dir)
-            optimizer = {"name": rule, **selected.get(rule, {})}
+            optimizer = {"name": rule, **selected.get(rule, {}), **rule_settings}
             settings = {"optimizer": optimizer, "trainer": {"seed": seed, "run_dir": str(run_dir)}}
             if (run_dir / "results.json").is_file():
                 refuse_another_run(run_dir, resolve(merge(base, settings)))  # the same run, or a clear stop

@@ -99,3 +99,19 @@ def test_a_smoke_writes_beside_the_real_runs_not_into_them():
     assert demo.parse(["--smoke"], {"out": "runs/demo"})[0]["out"] == "runs/demo-smoke"
     assert demo.parse(["--smoke", "--out", "x"], {"out": "runs/demo"})[0]["out"] == "x"
     assert demo.parse([], {"out": "runs/demo"})[0]["out"] == "runs/demo"
+
+
+def test_a_rules_key_given_to_the_demo_reaches_each_rule_after_its_own_settings(tmp_path):
+    """`--rules asam,tram-prev optimizer.ascent_every=2`: a key adam's section does not have goes to each rule's
+    (the recipe's base optimizer would refuse it), and the rule's selected settings are kept beside it."""
+    import yaml
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(out), "--rules",
+                           "asam,tram-prev", "optimizer.ascent_every=2", "trainer.max_steps=2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rule in ("asam", "tram-prev"):
+        optimizer = yaml.safe_load((out / f"{rule}-seed0" / "config.yaml").read_text())["optimizer"]
+        assert optimizer["ascent_every"] == 2 and optimizer["name"] == rule, rule
+    assert yaml.safe_load((out / "tram-prev-seed0" / "config.yaml").read_text())["optimizer"]["radius_target"] == 0.1
