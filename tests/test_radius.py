@@ -136,7 +136,7 @@ def test_no_positive_d_while_calibrating_is_a_clear_error():
         ("optimizer.calibration_steps=0", "calibration_steps must be an integer >= 1"),
         ("optimizer.radius_scale=big", "radius_scale must be auto or a number >= 0, got 'big'"),
         ("optimizer.radius_scale=-1", "radius_scale must be auto or a number >= 0"),
-        ("optimizer.radius_target=-0.5", "radius_target must be >= 0"),
+        ("optimizer.radius_target=-0.5", "radius_target must be > 0, got -0.5"),  # validated once, with one bound
         ("optimizer.radius_target=0", "radius_target must be > 0, got 0.0: a zero radius never perturbs"),
         ("optimizer.max_radius=big", "max_radius must be auto .* none, or a number >= 0; got 'big'"),
         ("optimizer.max_radius=-1", "max_radius must be auto"),
@@ -150,9 +150,14 @@ def test_bad_radius_settings_are_refused_at_config_time(tmp_path, override, mess
     assert not (tmp_path / "run").exists()  # before anything is written
 
 
-def test_calibration_start_warmup_is_the_schedules_warmup_and_max_radius_none_is_no_cap(tmp_path):
-    warm = small_config(tmp_path, tmp_path / "run", "tram-prev", extra=["schedule.warmup_steps=7"])
-    assert warm.optimizer.calibration_start == 7 and warm.optimizer.max_radius == "auto"
+def test_the_radius_sentinels_are_values_once_the_config_is_resolved(tmp_path):
+    """calibration_start=warmup is the schedule's warm-up, max_radius auto is radius_target under radius_scale=auto
+    and no cap under a numeric scale, none is no cap: numbers (or null) from config time on, in config.yaml too."""
+    warm = small_config(tmp_path, tmp_path / "run", "tram-prev", extra=["schedule.warmup_steps=7",
+                                                                        "optimizer.radius_target=0.3"])  # fmt: skip
+    assert warm.optimizer.calibration_start == 7 and warm.optimizer.max_radius == 0.3
+    numeric = small_config(tmp_path, tmp_path / "run", "tram-prev", extra=["optimizer.radius_scale=2"])
+    assert numeric.optimizer.max_radius is None
     assert small_config(tmp_path, tmp_path / "run", "tram-prev").optimizer.calibration_start == 0  # no warm-up
     set_ = small_config(tmp_path, tmp_path / "run", "tram-x", extra=["optimizer.calibration_start=3",
                                                                      "optimizer.max_radius=none"])  # fmt: skip

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fabric_tram.config import ConfigError
 from fabric_tram.optim.base import nonnegative
 from fabric_tram.optim.noise import NOISE_KINDS
-from fabric_tram.optim.radius import check_radius_fields
+from fabric_tram.optim.radius import check_radius_fields, radius_cap
 from fabric_tram.optim.targets import TARGET_MODES
 from fabric_tram.registry import DIVERGENCES
 
@@ -21,7 +21,7 @@ class Wrapped:
 
     def check(self) -> None:
         """Refuse bad values of any rule's fields at config time (run again by the rule itself, for the API)."""
-        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam", "radius_target")
+        nonnegative(self, "rho", "gamma", "eta", "sigma", "lam")  # radius_target: > 0, in check_radius_fields
         check_radius_fields(self)
         if getattr(self, "divergence", None) is not None and self.divergence not in DIVERGENCES:
             raise ConfigError(f"optimizer.divergence: {DIVERGENCES.describe_unknown(self.divergence)}")
@@ -105,10 +105,12 @@ class TrustRegionFields(DivergenceFields):
     max_radius: float | str | None = "auto"  # cap; auto: radius_target under radius_scale=auto (the paper's r <= ρ)
 
     def resolve_with(self, config) -> None:
-        """``calibration_start=warmup`` becomes the schedule's warm-up steps (the window then opens where d stops
-        growing with the learning rate; docs/algorithms.md, "TRAM's radius")."""
+        """The sentinels become values, once: ``calibration_start=warmup`` the schedule's warm-up steps (the window
+        then opens where d stops growing with the learning rate; docs/algorithms.md, "TRAM's radius"), and
+        ``max_radius`` auto/none the cap they stand for (a number, or null for none)."""
         if self.calibration_start == "warmup":
             self.calibration_start = int(getattr(config.schedule, "warmup_steps", 0))
+        self.max_radius = radius_cap(self)
 
 
 @dataclass
