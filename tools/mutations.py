@@ -684,7 +684,13 @@ MUTATIONS = (  # fmt: skip
     Mutation(
         "registry-skips-the-contract-check",
         "a registered model or task is not checked against contracts.py",
-        (("fabric_tram/registry.py", "                self._check(name, target)", "                pass"),),
+        (
+            (
+                "fabric_tram/registry.py",
+                "                self._check(name, target, kind, config)",
+                "                pass",
+            ),
+        ),
         ("tests/test_contracts.py",),
     ),
     Mutation(
