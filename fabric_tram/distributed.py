@@ -87,3 +87,18 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def first_error_of_any_rank(fabric, error: str | None) -> str | None:
+    """Every rank learns whether any rank failed (before a collective load that would hang on the others)."""
+    if fabric.world_size == 1:
+        return error
+    failed = fabric.all_reduce(torch.tensor(0.0 if error is None else 1.0, device=fabric.device), reduce_op="sum")
+    return error or (f"{int(failed)} other rank(s) could not read their part of the checkpoint" if failed > 0 else None)
+
+
+def agreed_min(fabric, value: int) -> int:
+    """The smallest ``value`` of any rank, on every rank (a collective under several processes)."""
+    if fabric.world_size == 1:
+        return value
+    return int(fabric.all_reduce(torch.tensor(float(value), device=fabric.device), reduce_op="min").item())

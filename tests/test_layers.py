@@ -76,3 +76,38 @@ def test_a_registry_loads_its_builtins_on_first_use():
     code = "from fabric_tram.registry import OPTIMIZERS; print('tram-prev' in OPTIMIZERS, 'adam' in OPTIMIZERS.names())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
+
+
+def test_no_two_modules_of_the_package_import_each_other():
+    """The import graph between the package's modules (packages' __init__ files, which fill the registries, aside;
+    imports for type checking counted: they are a dependency too) has no cycle: engine/setup.py and
+    engine/checkpoint.py once imported each other for a collective helper."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            modules["fabric_tram." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fabric_tram"):
+                targets |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}  # from x import module
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles

@@ -1136,4 +1136,16 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/engine/setup.py", "        if skipped:\n            fabric.print(skipped)\n", ""),),
         ("tests/test_preflight.py::test_a_run_the_estimator_cannot_size_says_the_preflight_was_skipped_and_why",),
     ),
+    Mutation(
+        "setup-and-checkpoint-import-each-other",
+        "engine/setup.py takes a helper from engine/checkpoint.py again, which imports setup's Run: a circle",
+        (
+            (
+                "fabric_tram/engine/setup.py",
+                "from fabric_tram.engine.checkpoint_files import latest_checkpoint\n",
+                "from fabric_tram.engine.checkpoint import latest_checkpoint\n",
+            ),
+        ),
+        ("tests/test_layers.py::test_no_two_modules_of_the_package_import_each_other",),
+    ),
 )

@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from fabric_tram.config import base_optimizer_name, to_dict
 from fabric_tram.contracts import label_names, train_domains
+from fabric_tram.distributed import first_error_of_any_rank
 from fabric_tram.engine.checkpoint_files import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -38,14 +37,6 @@ if TYPE_CHECKING:  # the run is built by engine/setup.py, which imports this mod
 
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "DamagedCheckpoint", "best_step", "checkpoint_path",
            "list_checkpoints", "step_of"]  # fmt: skip
-
-
-def first_error_of_any_rank(fabric, error: str | None) -> str | None:
-    """Every rank learns whether any rank failed (before a collective load that would hang on the others)."""
-    if fabric.world_size == 1:
-        return error
-    failed = fabric.all_reduce(torch.tensor(0.0 if error is None else 1.0, device=fabric.device), reduce_op="sum")
-    return error or (f"{int(failed)} other rank(s) could not read their part of the checkpoint" if failed > 0 else None)
 
 
 def global_batch(run: Run) -> tuple[int, str]:

@@ -21,9 +21,9 @@ from fabric_tram.contracts import (
     task_num_labels,
     task_vocab_size,
 )
-from fabric_tram.engine import checkpoint as ckpt
+from fabric_tram.distributed import agreed_min, first_error_of_any_rank
 from fabric_tram.engine.batch_size import resolve_batch_size
-from fabric_tram.engine.checkpoint import first_error_of_any_rank
+from fabric_tram.engine.checkpoint_files import latest_checkpoint
 from fabric_tram.engine.fabric_setup import build_fabric, launched_by_fabric_cli
 from fabric_tram.engine.preflight import preflight_error, preflight_skipped
 from fabric_tram.engine.run_log import build_loggers
@@ -85,7 +85,7 @@ def prepare_run_dir(fabric, config: Config) -> Path | None:
             if not (resume / "meta.json").is_file():
                 error = f"trainer.resume={t.resume!r} is not a complete checkpoint folder (no meta.json)"
         elif t.resume == "auto":
-            resume = ckpt.latest_checkpoint(run_dir)
+            resume = latest_checkpoint(run_dir)
         elif has_run:
             error = (
                 f"run folder {str(run_dir)!r} already holds a run (config.yaml); pass trainer.resume=auto to "
@@ -206,13 +206,6 @@ def setup(config: Config, training: bool = True, fabric=None) -> Run:
         run.rule = build_update_rule(config.optimizer, model, run.optimizer)
     torch.manual_seed(t.seed + 1000 * fabric.global_rank)  # per-rank dropout streams
     return run
-
-
-def agreed_min(fabric, value: int) -> int:
-    """The smallest ``value`` of any rank, on every rank (a collective under several processes)."""
-    if fabric.world_size == 1:
-        return value
-    return int(fabric.all_reduce(torch.tensor(float(value), device=fabric.device), reduce_op="min").item())
 
 
 def compile_blocks(model: torch.nn.Module, backend: str) -> None:
