@@ -136,3 +136,26 @@ def test_a_base_optimizer_named_with_another_base_is_refused():
 
     with pytest.raises(ConfigError, match="optimizer.base='sgd' applies to update rules.*'adam' is a base optimizer"):
         load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adam", "optimizer.base=sgd"])
+
+
+def test_the_long_horizon_demo_smoke_evaluates_along_the_way_and_reports_forgetting(tmp_path):
+    """recipes/demo_long.py --smoke: each run evaluates every domain at each tenth of its steps (here every step),
+    the report's curves start at the pre-trained model and end at the final evaluation; finished runs are reused."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "long"
+    command = [sys.executable, str(ROOT / "recipes" / "demo_long.py"), "--smoke", "--out", str(out), "--seeds", "0,1",
+               "--variants", "adam,tram-init r=0.5"]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((out / "report" / "forgetting.json").read_text())
+    assert set(data) == {"adam", "tram-init r=0.5"}
+    assert data["adam"]["zero-shot"]["steps"] == [0, 1, 2, 3, 4]
+    config = json.loads(
+        json.dumps(__import__("yaml").safe_load((out / "tram-init-r0.5-seed1" / "config.yaml").read_text()))
+    )
+    assert config["optimizer"]["radius_target"] == 0.5 and config["trainer"]["eval_every"] == 1
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 4

@@ -127,3 +127,51 @@ def test_the_sweep_figure_explains_its_star_and_bars(tmp_path, monkeypatch):
     plot_selection({"asam": {"rho=0.1": results, "rho=0.5": results[:1]}}, {"asam": "rho=0.1"}, tmp_path / "s.png")
     labels = [t.get_text() for t in figures["s.png"].axes[0].get_legend().get_texts()]
     assert set(labels) == {"selected (lowest mean)", "mean over seeds, 95% CI"}
+
+
+def test_forgetting_curves_average_the_seeds_at_each_evaluation_and_start_at_the_pretrained_model(tmp_path):
+    """Run folders made here: two seeds of one setting, evaluated at steps 5 and 10 (and finally), three domains
+    of which `a` is trained: each point is the mean over seeds with the t-interval of the mean, step 0 is the
+    pre-trained model; the table's numbers are the runs' final test scores."""
+    import csv as csv_module
+    import json
+    import math
+
+    import pytest
+
+    from fabric_tram.analysis.forgetting import forgetting_report
+
+    def run(folder, rows, test):
+        (folder / "logs" / "csv").mkdir(parents=True)
+        keys = sorted({k for r in rows for k in r})
+        with open(folder / "logs" / "csv" / "metrics.csv", "w", newline="") as fh:
+            writer = csv_module.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        results = {"test": {d: {"ppl": v} for d, v in test.items()}, "validation": {d: {"ppl": 1.0} for d in test}}
+        (folder / "results.json").write_text(json.dumps({"results": results, "train_domains": ["a"],
+                                                          "optimizer": "adam"}))  # fmt: skip
+
+    def evaluation(step, a, b, c, final=False):
+        prefix = "final/validation" if final else "validation"
+        return {"step": step, f"{prefix}/a/ppl": a, f"{prefix}/b/ppl": b, f"{prefix}/c/ppl": c}
+
+    run(tmp_path / "s0", [{"step": 1, "loss": 2.0}, evaluation(5, 10.0, 20.0, 30.0), evaluation(10, 8.0, 22.0, 34.0,
+                                                                                                  final=True)],
+        {"a": 7.0, "b": 21.0, "c": 35.0})  # fmt: skip
+    run(tmp_path / "s1", [evaluation(5, 12.0, 24.0, 28.0), evaluation(10, 10.0, 26.0, 30.0, final=True)],
+        {"a": 9.0, "b": 23.0, "c": 33.0})  # fmt: skip
+    (tmp_path / "pre").mkdir()
+    pretrained = {"validation": {"a": {"ppl": 15.0}, "b": {"ppl": 18.0}, "c": {"ppl": 24.0}},
+                  "test": {"a": {"ppl": 16.0}, "b": {"ppl": 19.0}, "c": {"ppl": 25.0}}}  # fmt: skip
+    (tmp_path / "pre" / "results.json").write_text(json.dumps({"results": pretrained}))
+    text = forgetting_report({"adam": [tmp_path / "s0", tmp_path / "s1"]}, tmp_path / "pre", tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "forgetting.json").read_text())["adam"]
+    assert data["zero-shot"]["steps"] == [0, 5, 10]
+    # zero-shot = mean of b and c per run: (25, 26) at step 5, (28, 28) at step 10; step 0: (18 + 24) / 2
+    assert data["zero-shot"]["mean"] == pytest.approx([21.0, 25.5, 28.0])
+    assert data["in-domain"]["mean"] == pytest.approx([15.0, 11.0, 9.0])
+    half = 12.706 * math.sqrt(0.5) / math.sqrt(2)  # t(1) · std of (25, 26) / √2
+    assert data["zero-shot"]["ci"] == pytest.approx([0.0, half, 0.0])
+    assert "| adam (n=2) | 8.00 ± 1.41" in text and "| pre-trained | 16.00 | 19.00 | 25.00 | 22.00 |" in text
+    assert (tmp_path / "out" / "forgetting.png").is_file()
