@@ -146,7 +146,7 @@ def test_the_long_horizon_demo_smoke_evaluates_along_the_way_and_reports_forgett
     import sys
 
     out = tmp_path / "long"
-    command = [sys.executable, str(ROOT / "recipes" / "demo_long.py"), "--smoke", "--out", str(out), "--seeds", "0,1",
+    command = [sys.executable, str(ROOT / "recipes" / "demo_long.py"), "--smoke", "--out", str(out), "--seeds", "0",
                "--variants", "adam,tram-init r=0.5"]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -158,4 +158,4 @@ def test_the_long_horizon_demo_smoke_evaluates_along_the_way_and_reports_forgett
     )
     assert config["optimizer"]["radius_target"] == 0.5 and config["trainer"]["eval_every"] == 1
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 4
+    assert again.returncode == 0 and again.stdout.count("reusing") == 2
