@@ -5,8 +5,6 @@ RNG matters), and the FSDP2 facts of docs/design.md (mesh size, shard sizes, res
 """
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,6 @@ from fabric_tram.distributed import (  # noqa: E402
     reshard_after_no_grad_forward,
 )
 from fabric_tram.engine.evaluation import evaluate  # noqa: E402
-from fabric_tram.engine.interrupt import TrainingInterrupted  # noqa: E402
 from fabric_tram.engine.trainer import train  # noqa: E402
 
 strategy, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -244,19 +241,6 @@ if strategy == "fsdp":
     evaluate(b, "validation", 1)
     results["sharded_after_evaluate"] = all(is_dtensor(p) for p in model.parameters())
 
-
-def signal_rank_1(run, stats):  # one rank's scheduler signal during step 2: every rank must stop after step 2
-    if run.fabric.global_rank == 1 and stats["step"] == 2:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-try:
-    train(small_config(data, out / "signal", "sgd", micro=2, accumulate=2, steps=5, strategy=strategy,
-                       extra=["trainer.save_every=0"]), callbacks=(signal_rank_1,))  # fmt: skip
-    stopped = "not stopped"
-except TrainingInterrupted as err:
-    stopped = str(err)
-(out / f"signal-rank-{b.fabric.global_rank}.txt").write_text(stopped)
 
 if b.fabric.global_rank == 0:
     torch.save(results, out / "results.pt")

@@ -1,5 +1,7 @@
 """Scale equivalence (c) on one process, atomic writes, keep-last-N, refusals; the run folder is never lost."""
 
+import os
+
 import pytest
 import torch
 from conftest import EXACT_ABS, assert_histories_match, max_param_diff, small_config, trajectory
@@ -427,3 +429,27 @@ def test_meta_json_holds_each_field_resume_and_export_read_and_resume_compares_r
     resumed = train(small_config(corpus, tmp_path / "b6", "tram-prev", micro=3, accumulate=2, steps=3,
                                  extra=[*extra, f"trainer.resume={step2}"]))  # fmt: skip
     assert resumed.start_step == 2
+
+
+@pytest.mark.distributed
+def test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step(corpus, tmp_path, monkeypatch):
+    """SIGTERM to rank 1 alone, during step 2 of 5 (2 processes): the ranks agree on it where the host waits
+    anyway, both save step 2 and stop, each saying how to continue; nothing after step 2 is written."""
+    from pathlib import Path
+
+    from conftest import launch_two_processes
+
+    tests = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("SIGNAL_AT_STEP", "2")
+    monkeypatch.setenv("SIGNAL_RANK", "1")
+    run_dir = tmp_path / "run"
+    args = [str(tests.parent / "recipes" / "tiny_sample.py"), "--plugin", "signal_one_rank", f"task.data_dir={corpus}",
+            "trainer.max_steps=5", "trainer.save_every=0", "trainer.progress_bar=false", "trainer.strategy=ddp",
+            f"trainer.run_dir={run_dir}"]  # fmt: skip
+    proc = launch_two_processes(args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    # the launcher's summary holds each rank's own line: both stopped after step 2
+    assert output.count("traceback : stopped: stopped by SIGTERM after step 2 of 5: ") == 2, output[-3000:]
+    assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(run_dir)] == [2]

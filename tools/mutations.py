@@ -808,7 +808,7 @@ MUTATIONS = (  # fmt: skip
         "stop-signal-agreed-by-min",
         "ranks agree on a stop signal by its minimum: a signal that reached one rank stops none",
         (("fabric_tram/engine/interrupt.py", 'reduce_op="max"', 'reduce_op="min"'),),
-        ("tests/test_distributed.py::test_two_processes_match_one[ddp]",),
+        ("tests/test_checkpoint.py::test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step",),
     ),
     Mutation(
         "preflight-without-its-margin",
