@@ -32,6 +32,9 @@ TASK_OPTIONAL = {
     "vocab_size": "the tokenizer's size, checked against the model's embedding rows",
     "image_size": "the side images are resized to, checked against the model's",
     "eval_sums": "extra per-batch sums evaluation accumulates (accuracy's correct count)",
+    "hf_head": "a class attribute: the transformers head its outputs need (causal-lm, ...): model.name=hf's Auto class",
+    "peft_task_type": "a class attribute: peft's task type (CAUSAL_LM, SEQ_CLS, or None): export --adapter",
+    "export_files": "export_files(task_config, model, folder, ids) -> files: what export writes beside the weights",
 }
 MODEL_REQUIRED = {"forward": "forward(*batch inputs, input_noise=None) -> logits: every pass"}
 MODEL_OPTIONAL = {
@@ -171,6 +174,21 @@ def task_image_size(task) -> int | None:
 def eval_sums(task):
     """``eval_sums(model, batch, out) -> {name: sum}``, or None."""
     return getattr(task, "eval_sums", None)
+
+
+def task_hf_head(task) -> str | None:
+    """The transformers head a task (its class or an instance) reads outputs from, or None where it says none."""
+    return getattr(task, "hf_head", None)
+
+
+def task_peft_type(task) -> str | None:
+    return getattr(task, "peft_task_type", None)
+
+
+def task_export_files(task):
+    """``export_files(task_config, model, folder, ids) -> [file names]``, or None (the export then writes the
+    weights and config.json alone)."""
+    return getattr(task, "export_files", None)
 
 
 # ------------------------------------------------------------------------------------------- a model's optional members

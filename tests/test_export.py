@@ -320,3 +320,32 @@ def test_generate_stops_on_the_end_token_and_prints_it(corpus, tmp_path):
                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == "hello<|endoftext|>\n"
+
+
+def test_a_task_of_ones_own_declares_its_export_files_and_head_without_touching_the_engine(corpus, tmp_path):
+    """A task registered in a plugin carries what export and model.name=hf need (``export_files``, ``hf_head``;
+    contracts.py): its writer's files land beside the weights, and head=auto reads its head."""
+    from fabric_tram.models.hf import HFConfig
+    from fabric_tram.registry import TASKS, register_task
+    from fabric_tram.tasks.language_modeling import LanguageModelingTask, LMConfig
+
+    def notes(task_config, model, folder, ids):
+        (folder / "notes.txt").write_text(f"trained on {task_config.data_dir}")
+        return ["notes.txt"]
+
+    @register_task("lm-with-notes", config=LMConfig, description="lm, exported with a notes file")
+    class WithNotes(LanguageModelingTask):
+        export_files = staticmethod(notes)
+
+    try:
+        config = small_config(corpus, tmp_path / "run", "sgd", steps=1, precision="32-true")
+        config.task.name = "lm-with-notes"
+        train(config)
+        files = export(tmp_path / "run", tmp_path / "hf")
+        assert "notes.txt" in files and "tokenizer.json" not in files  # its own writer, not the lm task's
+        assert (tmp_path / "hf" / "notes.txt").read_text() == f"trained on {corpus}"
+        head = HFConfig(pretrained="x")
+        head.resolve_with(type("C", (), {"task": type("T", (), {"name": "lm-with-notes", "labels": None})})())
+        assert head.head == "causal-lm"  # declared by the class it derives from
+    finally:
+        TASKS.unregister("lm-with-notes")

@@ -20,27 +20,18 @@ from pathlib import Path
 from torch.distributed.checkpoint.api import CheckpointException
 
 from fabric_tram.config import load_config, to_dict
-from fabric_tram.contracts import adapter_layout
+from fabric_tram.contracts import adapter_layout, task_export_files, task_hf_head, task_peft_type
 from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine.checkpoint_files import check_compatible, check_state_files, read_meta
 from fabric_tram.engine.checkpoint_state import load_weights
 from fabric_tram.engine.estimate import sized_section
-from fabric_tram.engine.token_ids import END_OF_TEXT, as_ids, base_checkpoint_file, base_token_ids
+from fabric_tram.engine.token_ids import END_OF_TEXT, base_checkpoint_file, base_token_ids
 from fabric_tram.models import build_model
 from fabric_tram.models.hf_folder import DTYPES, MAX_SHARD_BYTES, save_hf_folder
 from fabric_tram.models.hub import resolve_checkpoint_folder
 from fabric_tram.models.lora import adapted_modules, adapter_config, adapter_state, merge_lora
-
-SPECIAL_TOKENS = {  # tokenizer_config.json's roles, by the names the bundled and hub tokenizers use
-    "eos_token": ("<|endoftext|>", "</s>", "[SEP]"),
-    "bos_token": ("<|endoftext|>", "<s>", "[CLS]"),
-    "pad_token": ("<pad>", "[PAD]"),
-    "unk_token": ("<unk>", "[UNK]"),
-    "cls_token": ("<s>", "[CLS]"),
-    "sep_token": ("</s>", "[SEP]"),
-    "mask_token": ("<mask>", "[MASK]"),
-}
+from fabric_tram.registry import TASKS
 
 
 def load_checkpoint_model(path: str | Path):
@@ -88,7 +79,8 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
             if getattr(config.model, "lora", None) is not None:
                 merge_lora(model)  # W + (alpha / r) B A: a plain model of the base architecture
             files = save_hf_folder(model, tmp, dtype, meta.get("labels"), ids, max_shard_bytes)
-        files += write_preprocessing(config, model, tmp, ids)
+        writer = task_export_files(task_class(config))  # the task's own: its tokenizer or image processor
+        files += writer(config.task, model, tmp, ids) if writer is not None else []
         generation = base_checkpoint_file(getattr(config.model, "pretrained", None), "generation_config.json")
         if generation is not None and not adapter:  # the base's sampling defaults and stop ids, as they were
             shutil.copyfile(generation, tmp / "generation_config.json")
@@ -101,9 +93,6 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32",
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
-
-
-ADAPTER_TASKS = {"lm": "CAUSAL_LM", "nli": "SEQ_CLS"}  # peft's task types (none for images)
 
 
 def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
@@ -126,7 +115,7 @@ def save_adapter_folder(model, config, folder: Path, dtype: str) -> list[str]:
     cast = DTYPES.get(dtype)
     tensors = {k: v.to(cast) if cast is not None and v.is_floating_point() else v for k, v in tensors.items()}
     settings = adapter_config(config.model.lora, adapted_modules(model), base_model_path(config.model.pretrained),
-                              layout["fan_in_fan_out"], ADAPTER_TASKS.get(config.task.name))  # fmt: skip
+                              layout["fan_in_fan_out"], task_peft_type(task_class(config)))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -138,11 +127,16 @@ def token_ids(config) -> dict:
     eos, kept), else a decoder's end-of-text token as bos and eos (what generation stops on)."""
     ids = base_token_ids(getattr(config.model, "pretrained", None))
     name = getattr(config.task, "tokenizer", None)
-    if config.task.name == "lm" and name is not None:
+    if task_hf_head(task_class(config)) == "causal-lm" and name is not None:  # a decoder's task
         eot = load_tokenizer(name).token_to_id(END_OF_TEXT)
         if eot is not None:
             ids = {"bos_token_id": eot, "eos_token_id": eot, **ids}
     return ids
+
+
+def task_class(config):
+    """The registered task entry of the run (a class declares its export knowledge; a factory, none)."""
+    return TASKS.get(config.task.name).target
 
 
 def base_model_path(pretrained: str | None) -> str | None:
@@ -151,45 +145,6 @@ def base_model_path(pretrained: str | None) -> str | None:
     if pretrained and (pretrained.startswith("bundled:") or Path(pretrained).expanduser().is_dir()):
         return str(resolve_checkpoint_folder(pretrained).resolve())
     return pretrained
-
-
-def write_preprocessing(config, model, folder: Path, ids: dict) -> list[str]:
-    """The tokenizer (text tasks) or the image processor (images) the model was trained with; the tokenizer's
-    bos/eos/pad tokens are those of config.json's ids (``ids``) where it sets them."""
-    task = config.task
-    if task.name == "image":
-        from fabric_tram.data.images import processor_settings
-
-        settings = processor_settings(task.processor)
-        size = task.image_size or model.sizes["image_size"]
-        processor = {
-            "image_processor_type": "ViTImageProcessor",
-            "do_resize": True,
-            "size": {"height": size, "width": size},
-            "resample": 2,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(settings["mean"]),
-            "image_std": list(settings["std"]),
-        }
-        (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-        return ["preprocessor_config.json"]
-    tokenizer = load_tokenizer(task.tokenizer)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    vocab = tokenizer.get_vocab()
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    for role, names in SPECIAL_TOKENS.items():
-        found = next((n for n in names if n in vocab), None)
-        if found is not None:
-            settings[role] = found
-    for role in ("bos_token", "eos_token", "pad_token"):
-        given = as_ids(ids.get(f"{role}_id"))  # an int, or a list (Llama 3.1 Instruct's eos ids): its first
-        token = tokenizer.id_to_token(given[0]) if given else None
-        if token is not None:  # the token config.json's id names (a chat model's end of turn as its eos)
-            settings[role] = token
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
-    return ["tokenizer.json", "tokenizer_config.json"]
 
 
 def model_card(config, checkpoint: Path, meta: dict, dtype: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fabric_tram.data.tokenizer import hub_file, is_hub_id
 from fabric_tram.models.hub import resolve_checkpoint_folder
+from fabric_tram.tasks.export_files import as_ids
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 END_OF_TEXT = "<|endoftext|>"
@@ -34,13 +35,6 @@ def base_checkpoint_file(name: str | None, filename: str) -> Path | None:
 
 def read_json(path: Path | None) -> dict:
     return json.loads(path.read_text()) if path is not None else {}
-
-
-def as_ids(value) -> tuple[int, ...]:
-    """A config's token id field (an int, a list of ints, or null) as a tuple."""
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def base_token_ids(pretrained: str | None) -> dict:

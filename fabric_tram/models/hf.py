@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from fabric_tram.contracts import task_hf_head
 from fabric_tram.models.hub import resolve_checkpoint_folder, safetensors_files
-from fabric_tram.registry import register_model
+from fabric_tram.registry import TASKS, register_model
 
 HEADS = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
 }
-TASK_HEADS = {"lm": "causal-lm", "nli": "sequence-classification", "image": "image-classification"}
 # the positional inputs each head takes from the tasks (language_modeling, pair_classification, image_classification)
 HEAD_INPUTS = {
     "causal-lm": ("input_ids",),
@@ -67,16 +67,17 @@ class HFConfig:
     def resolve_with(self, config) -> None:
         """``head: auto`` becomes the task's head; an nli classifier gets the task's label count."""
         task = config.task.name
+        needed = task_hf_head(TASKS.get(task).target) if task in TASKS else None  # the task says which head
         if self.head == "auto":
-            if task not in TASK_HEADS:
+            if needed is None:
                 raise ValueError(
                     f"model.head=auto does not know task {task!r}: set model.head to one of {', '.join(HEADS)}"
                 )
-            self.head = TASK_HEADS[task]
-        elif task in TASK_HEADS and self.head != TASK_HEADS[task]:  # its outputs would not fit the task's targets
+            self.head = needed
+        elif needed is not None and self.head != needed:  # its outputs would not fit the task's targets
             raise ValueError(
-                f"model.head={self.head} does not fit task {task!r}, whose loss reads a {TASK_HEADS[task]} head's "
-                f"outputs: set model.head={TASK_HEADS[task]} (or auto)"
+                f"model.head={self.head} does not fit task {task!r}, whose loss reads a {needed} head's outputs: set "
+                f"model.head={needed} (or auto)"
             )
         labels = getattr(config.task, "labels", None)
         if self.num_labels is None and self.head == "sequence-classification" and labels:

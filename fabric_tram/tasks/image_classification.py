@@ -26,6 +26,7 @@ from fabric_tram.data.images import (
 from fabric_tram.data.text import DataError
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.classification import ClassificationTask
+from fabric_tram.tasks.export_files import image_processor_files
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ImageConfig:
 
 @register_task("image", config=ImageConfig, description="image classification; top-1 accuracy (ViT transfer)")
 class ImageClassificationTask(ClassificationTask):
+    hf_head, peft_task_type = "image-classification", None  # model.name=hf; peft has no task type for images
+    export_files = staticmethod(image_processor_files)
+
     def __init__(self, config: ImageConfig):
         self.config = config
         settings = processor_settings(config.processor)

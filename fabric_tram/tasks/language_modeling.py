@@ -20,6 +20,7 @@ from fabric_tram.data.token_cache import tokenize_split
 from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer
 from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
 from fabric_tram.registry import register_task
+from fabric_tram.tasks.export_files import tokenizer_files
 
 IGNORE = IGNORE_INDEX
 
@@ -97,6 +98,8 @@ class Concatenation:
 
 @register_task("lm", config=LMConfig, description="causal language modelling over text domains; perplexity per domain")
 class LanguageModelingTask:
+    hf_head, peft_task_type = "causal-lm", "CAUSAL_LM"  # what model.name=hf and export --adapter need to know
+    export_files = staticmethod(tokenizer_files)
     """Causal LM over text domains (token-weighted loss; perplexity per domain on evaluation)."""
 
     def __init__(self, config: LMConfig):

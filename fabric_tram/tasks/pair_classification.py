@@ -19,6 +19,7 @@ from fabric_tram.data.text import DataError
 from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.classification import ClassificationTask
+from fabric_tram.tasks.export_files import tokenizer_files
 
 
 @dataclass
@@ -81,6 +82,9 @@ def pair_encoder(name: str, max_length: int):
 
 @register_task("nli", config=PairConfig, description="sentence-pair classification (NLI); accuracy per language (XNLI)")
 class PairClassificationTask(ClassificationTask):
+    hf_head, peft_task_type = "sequence-classification", "SEQ_CLS"  # model.name=hf and export --adapter
+    export_files = staticmethod(tokenizer_files)
+
     def __init__(self, config: PairConfig):
         self.config = config
         self.encoder = pair_encoder(config.tokenizer, config.max_length)
