@@ -14,6 +14,8 @@ index, so input noise is a function of the example) where the task provides it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from typing import NamedTuple
 
 # member: what it is for (the engine's caller). Required members must be methods of the class.
 TASK_REQUIRED = {
@@ -49,6 +51,7 @@ MODEL_OPTIONAL = {
     "new_cache": "new_cache() with max_positions and forward(ids, cache=): fabric-tram generate",
     "adapter_layout": "where LoRA adapters go in transformers' names: export --adapter",
     "lora_target_modules": "the modules LoRA adapts when model.lora.target_modules is empty (peft's default)",
+    "sizing": "a classmethod -> Sizing(presets, hub_ids, from_hf): model.pretrained sized without its weights",
 }
 
 
@@ -244,3 +247,18 @@ def adapter_layout(model) -> dict | None:
 
 def lora_target_modules(model) -> list[str] | None:
     return getattr(unwrap(model), "lora_target_modules", None)
+
+
+class Sizing(NamedTuple):
+    """How a model family is sized without reading weights (the estimator, the preflight, export): its presets'
+    sizes by name, the hub ids that stand for presets, and ``from_hf(section, config_json) -> section``."""
+
+    presets: dict
+    hub_ids: dict
+    from_hf: Callable
+
+
+def model_sizing(model_class) -> Sizing | None:
+    """A registered model class's ``sizing()``, or None for a family that declares none."""
+    method = getattr(model_class, "sizing", None)
+    return None if method is None else method()

@@ -152,3 +152,32 @@ def test_optional_members_and_wrappers_are_read_through_one_accessor_each():
         for match in raw.finditer(path.read_text()):
             found.add((str(path.relative_to(root)), match.group(1).strip(), match.group(2)))
     assert found == set(NOT_A_CONTRACT_READ), sorted(found ^ set(NOT_A_CONTRACT_READ))
+
+
+def test_every_family_declares_its_sizing_and_one_without_is_told_why_it_cannot_be_sized():
+    from dataclasses import dataclass
+
+    from fabric_tram.contracts import Sizing, model_sizing
+    from fabric_tram.engine.estimate import sized_section
+
+    for name in ("gpt2", "llama", "encoder", "vit"):
+        sizing = model_sizing(MODELS.get(name).target)
+        assert isinstance(sizing, Sizing) and "tiny" in sizing.presets and callable(sizing.from_hf), name
+    gpt2 = model_sizing(MODELS.get("gpt2").target)
+    assert {hub: preset for preset, hub in gpt2.hub_ids.items()}["gpt2-xl"] == "gpt2-xl"
+
+    @dataclass
+    class Section:
+        name: str = "no-sizing"
+        pretrained: str = "my/checkpoint"
+
+    class NoSizing(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    register_model("no-sizing", config=Section)(NoSizing)
+    try:
+        with pytest.raises(ValueError, match="model 'no-sizing' declares no sizing .*model.pretrained='my/checkpoint'"):
+            sized_section(Section())
+    finally:
+        MODELS.unregister("no-sizing")

@@ -12,7 +12,6 @@ divergence's output-sized gradients for the regularisers; r3f holds two graphs.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from fabric_tram.contracts import (
     forward_flops_per_token,
     model_num_labels,
     model_sizes,
+    model_sizing,
     tokens_per_example,
 )
 from fabric_tram.data.tokenizer import hub_file, is_hub_id
@@ -43,9 +43,14 @@ def sized_section(section):
         return replace(section, init="random")
     if not name:
         return section
-    family = sys.modules[MODELS.get(section.name).target.__module__]  # its PRESETS, HF_IDS, config_from_hf
-    preset = {hub_id: preset for preset, hub_id in family.HF_IDS.items()}.get(name, name)
-    if preset in family.PRESETS:
+    family = model_sizing(MODELS.get(section.name).target)  # its presets, hub ids and config.json reader
+    if family is None:
+        raise ValueError(
+            f"model {section.name!r} declares no sizing (a classmethod returning contracts.Sizing), so "
+            f"model.pretrained={name!r} cannot be sized without loading it"
+        )
+    preset = {hub_id: preset for preset, hub_id in family.hub_ids.items()}.get(name, name)
+    if preset in family.presets:
         return replace(section, pretrained=None, preset=preset)
     config_file = None
     if name.startswith("bundled:") or Path(name).expanduser().is_dir():
@@ -57,7 +62,7 @@ def sized_section(section):
             config_file = None
     if config_file is None or not config_file.is_file():
         raise ValueError(f"cannot size model.pretrained={name!r} offline: use a preset name or a local folder")
-    return family.config_from_hf(replace(section, pretrained=None), json.loads(config_file.read_text()))
+    return family.from_hf(replace(section, pretrained=None), json.loads(config_file.read_text()))
 
 
 def meta_model(config: Config) -> torch.nn.Module:

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.contracts import Sizing
 from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
 from fabric_tram.registry import register_model
 
@@ -190,6 +191,11 @@ class Encoder(nn.Module):
     block_class = EncoderLayer  # FSDP wraps and activation checkpointing applies per block
     lora_target_modules = ("query", "value")  # peft's default for BERT and XLM-R
     activation_checkpointing = False
+
+    @classmethod
+    def sizing(cls) -> Sizing:
+        """What the estimator sizes this family by without reading weights (contracts.py)."""
+        return Sizing(PRESETS, HF_IDS, config_from_hf)
 
     def __init__(self, config: EncoderConfig):
         super().__init__()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.contracts import Sizing
 from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained
 from fabric_tram.models.kv_cache import KVCache, LayerCache, cached_attention
@@ -123,6 +124,11 @@ class GPT2(nn.Module):
     activation_checkpointing = False
     # LoRA adapters in peft's layout: our names are Hugging Face's; its Conv1D stores weights transposed
     adapter_layout = {"strip": "", "fan_in_fan_out": True}
+
+    @classmethod
+    def sizing(cls) -> Sizing:
+        """What the estimator sizes this family by without reading weights (contracts.py)."""
+        return Sizing(PRESETS, HF_IDS, config_from_hf)
 
     def __init__(self, config: GPT2Config):
         super().__init__()

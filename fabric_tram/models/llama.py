@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.contracts import Sizing
 from fabric_tram.models.head import lm_logits
 from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
 from fabric_tram.models.kv_cache import KVCache, LayerCache, cached_attention
@@ -225,6 +226,11 @@ class Llama(nn.Module):
     lora_target_modules = ("q_proj", "v_proj")  # peft's default for Llama, Mistral, Qwen2
     activation_checkpointing = False
     adapter_layout = {"strip": "", "fan_in_fan_out": False}  # LoRA in peft's layout: our names are HF's
+
+    @classmethod
+    def sizing(cls) -> Sizing:
+        """What the estimator sizes this family by without reading weights (contracts.py)."""
+        return Sizing(PRESETS, HF_IDS, config_from_hf)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fabric_tram.contracts import Sizing
 from fabric_tram.models.hub import build_pretrained, mismatches, refuse_conflicting_sizes
 from fabric_tram.registry import register_model
 
@@ -141,6 +142,11 @@ class ViT(nn.Module):
     block_class = ViTBlock  # FSDP wraps and activation checkpointing applies per block
     lora_target_modules = ("q_proj", "v_proj")  # the query and value projections, as for the text encoders
     activation_checkpointing = False
+
+    @classmethod
+    def sizing(cls) -> Sizing:
+        """What the estimator sizes this family by without reading weights (contracts.py)."""
+        return Sizing(PRESETS, HF_IDS, config_from_hf)
 
     def __init__(self, config: ViTConfig):
         super().__init__()
