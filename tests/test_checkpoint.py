@@ -9,6 +9,7 @@ from conftest import EXACT_ABS, assert_histories_match, max_param_diff, small_co
 from fabric_tram.config import ConfigError
 from fabric_tram.engine import checkpoint as ckpt
 from fabric_tram.engine import checkpoint_files as ckpt_files
+from fabric_tram.engine import checkpoint_parts as ckpt_parts
 from fabric_tram.engine.evaluation import evaluate_checkpoint
 from fabric_tram.engine.trainer import train
 
@@ -309,7 +310,7 @@ def write_format_1(run, folder):
 
     folder.mkdir(parents=True)
     run.fabric.save(folder / "state", {"model": run.model, "optimizer": run.optimizer, "step": 2})
-    torch.save({"rng": ckpt_files.rng_state(), "rule": run.rule.state_dict(), "scaler": None}, folder / "rank-0.pt")
+    torch.save({"rng": ckpt_parts.rng_state(), "rule": run.rule.state_dict(), "scaler": None}, folder / "rank-0.pt")
     meta = json.loads((ckpt.checkpoint_path(run.run_dir, 2) / "meta.json").read_text())
     meta = {k: v for k, v in meta.items() if k not in ("format", "global_batch", "micro_batch_size", "accumulate")}
     (folder / "meta.json").write_text(json.dumps(meta))
@@ -320,7 +321,7 @@ def test_a_checkpoint_of_the_first_format_still_resumes(corpus, tmp_path):
     first = train(small_config(corpus, tmp_path / "a", "tram-prev", steps=2, extra=extra))
     old = tmp_path / "old" / "checkpoints" / "step-00000002"
     # the RNG as the step-2 save saw it (training ended there; the evaluation after it draws nothing in eval mode)
-    ckpt_files.set_rng_state(torch.load(ckpt.checkpoint_path(first.run_dir, 2) / "rank-0.pt")["rng"])
+    ckpt_parts.set_rng_state(torch.load(ckpt.checkpoint_path(first.run_dir, 2) / "rank-0.pt")["rng"])
     write_format_1(first, old)
     new = ckpt.checkpoint_path(first.run_dir, 2)
     from_old = train(

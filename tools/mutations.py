@@ -1148,4 +1148,28 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_layers.py::test_no_two_modules_of_the_package_import_each_other",),
     ),
+    Mutation(
+        "shared-parts-not-restored",
+        "a resume reads the sharded parts but not global.pt's (the rule's global state: TRAM's calibrated radius)",
+        (
+            (
+                "fabric_tram/engine/checkpoint_files.py",
+                '(SHARED, path / "global.pt", checked.shared)',
+                '(SHARED, path / "global.pt", None)',
+            ),
+        ),  # fmt: skip
+        ("tests/test_checkpoint.py::test_a_checkpoint_of_the_first_format_still_resumes",),
+    ),
+    Mutation(
+        "rng-part-restored-into-nothing",
+        "the per-rank part (each rank's RNG) is not restored on the same number of processes: dropout differs",
+        (
+            (
+                "fabric_tram/engine/checkpoint_files.py",
+                'global_rank}.pt", checked.per_rank)',
+                'global_rank}.pt", None)',
+            ),
+        ),  # fmt: skip
+        ("tests/test_checkpoint.py::test_stop_after_step_2_and_resume_equals_uninterrupted",),
+    ),
 )

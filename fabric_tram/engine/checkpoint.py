@@ -2,8 +2,9 @@
 one (a run folder's newest complete checkpoint, the best on validation), loading a checkpoint's weights (for
 evaluation, analysis and export), and the ranks' agreement about all of it.
 
-The files themselves — layout, atomic write, what each holds — are engine/checkpoint_files.py; the resharding
-state is engine/checkpoint_state.py.
+What a checkpoint holds, part by part, is engine/checkpoint_parts.py; the files — layout, atomic write, checks —
+engine/checkpoint_files.py; the resharding state engine/checkpoint_state.py; the first format's reader
+engine/checkpoint_format1.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fabric_tram.engine.checkpoint_files import (
     step_of,
 )
 from fabric_tram.engine.checkpoint_files import record_best as write_best
+from fabric_tram.engine.checkpoint_parts import RunState
 from fabric_tram.loss import token_weighted_loss
 
 if TYPE_CHECKING:  # the run is built by engine/setup.py, which imports this module
@@ -60,7 +62,8 @@ def save(run: Run, step: int) -> Path:
         "accumulate": t.accumulate,
         "labels": label_names(run.task),  # a classifier's class names, for an exported model
     }
-    return save_checkpoint(run.fabric, run.run_dir, step, run.model, run.optimizer, run.rule, meta, t.keep_last)
+    state = RunState(run.model, run.optimizer, run.rule, run.fabric, step)
+    return save_checkpoint(run.fabric, run.run_dir, state, meta, t.keep_last)
 
 
 # ------------------------------------------------------------------------------------------- resuming
@@ -83,10 +86,10 @@ def resume(run: Run, path: Path, fallback: bool = False) -> Path:
             error = str(err)
         error = first_error_of_any_rank(run.fabric, error)
         if error is None:
-            run.start_step = load_checkpoint(run.fabric, candidate, run.model, run.optimizer, run.rule,
-                                             model_section, optimizer_section, checked)  # fmt: skip
-            if checked["rank"] is None:
-                run.fabric.print(resharded_note(checked["meta"]["world_size"], run.fabric.world_size))
+            state = RunState(run.model, run.optimizer, run.rule, run.fabric)
+            run.start_step = load_checkpoint(run.fabric, state, checked)
+            if not checked.same_world:
+                run.fabric.print(resharded_note(checked.meta["world_size"], run.fabric.world_size))
             return candidate
         if not fallback:
             raise DamagedCheckpoint(error)
@@ -145,4 +148,5 @@ def record_best(run: Run, step: int, metrics: dict) -> None:
 
 def load_weights(run: Run, path: str | Path) -> int:
     """Put checkpoint ``path``'s weights into ``run.model`` (written by any number of processes); its step."""
-    return load_checkpoint(run.fabric, Path(path), run.model, None, None, to_dict(run.config)["model"])
+    checked = check_checkpoint(run.fabric, Path(path), to_dict(run.config)["model"])
+    return load_checkpoint(run.fabric, RunState(run.model), checked)

@@ -20,28 +20,27 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from fabric_tram.contracts import loss_scaler
-from fabric_tram.engine.checkpoint_state import load_state, load_weights, save_state
+from fabric_tram.engine.checkpoint_errors import CheckpointError, DamagedCheckpoint
+from fabric_tram.engine.checkpoint_format1 import (
+    FORMAT_1_RANK_KEYS,
+    check_format_1,
+    load_format_1,
+    written_in_format_1,
+)
+from fabric_tram.engine.checkpoint_parts import PER_RANK, SHARDED, SHARED, Part, RunState
+from fabric_tram.engine.checkpoint_state import load_sharded, save_sharded
 from fabric_tram.jsonfile import write_json
 
 CHECKPOINT_DIR = "checkpoints"
 PREFIX = "step-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
-class DamagedCheckpoint(CheckpointError):
-    """A checkpoint file is missing, empty, truncated or corrupt (``resume=auto`` falls back to an older one)."""
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -70,20 +69,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -102,8 +87,14 @@ def fsync_tree(folder: Path) -> None:
 FORMAT = 2
 
 
-def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, rule, meta: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` (every rank calls it: the state is a collective write) and prune old ones."""
+def _states(parts: list[Part], place: str) -> dict:
+    return {part.key: part.state_dict() for part in parts if part.place == place}
+
+
+def save_checkpoint(fabric, run_dir: str | Path, state: RunState, meta: dict, keep_last: int) -> Path:
+    """Write checkpoint ``state.step`` (every rank calls it: the state is a collective write), part by part into
+    the file each part names, and prune old ones."""
+    step = state.step
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if fabric.global_rank == 0:
@@ -111,12 +102,11 @@ def save_checkpoint(fabric, run_dir: str | Path, step: int, model, optimizer, ru
             shutil.rmtree(tmp)  # left by a crashed save: never complete, safe to drop
         tmp.mkdir(parents=True)
     fabric.barrier()
-    save_state(tmp / "state", model, optimizer, rule)
-    torch.save({"rng": rng_state()}, tmp / f"rank-{fabric.global_rank}.pt")
+    parts = state.parts()
+    save_sharded(tmp / "state", _states(parts, SHARDED))
+    torch.save(_states(parts, PER_RANK), tmp / f"rank-{fabric.global_rank}.pt")
     if fabric.global_rank == 0:
-        scaler = loss_scaler(fabric)
-        shared = {"step": step, "rule": rule.global_state(), "scaler": scaler.state_dict() if scaler else None}
-        torch.save(shared, tmp / "global.pt")
+        torch.save(_states(parts, SHARED), tmp / "global.pt")
     fsync_tree(tmp)  # every rank flushes what it sees (its own shards among them)
     fabric.barrier()
     if fabric.global_rank == 0:
@@ -206,11 +196,6 @@ def _read(file: Path, what: str, required: set[str]) -> dict:
     return state
 
 
-def read_rank_file(path: Path, rank: int, format_: int = FORMAT) -> dict:
-    """This rank's part of a checkpoint (its RNG; in format 1 also the rule state and the loss scaler)."""
-    return _read(path / f"rank-{rank}.pt", "per-rank state", {"rng"} if format_ >= 2 else {"rng", "rule"})
-
-
 def check_state_files(path: Path) -> None:
     """Cheap checks of the model/optimizer state before the (collective) load: present, not empty, and for a
     single file a complete zip archive (torch.save's format keeps its directory at the end of the file)."""
@@ -258,57 +243,69 @@ def check_global_batch(meta: dict, global_batch: int, layout: str, path: Path) -
     )
 
 
-def check_checkpoint(fabric, path: Path, model_section: dict, optimizer_section: dict | None,
-                     global_batch: tuple[int, str] | None = None) -> dict:  # fmt: skip
-    """Everything that can be checked without loading, on this rank; returns what this rank will read from the
-    small files: ``{"meta", "rank" (None when the process count changed), "global"}``."""
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """What :func:`check_checkpoint` read from a checkpoint's small files, for :func:`load_checkpoint`."""
+
+    path: Path
+    meta: dict
+    per_rank: dict | None  # this rank's file; None when the number of processes changed (or weights only)
+    shared: dict | None  # global.pt (format 2, training)
+
+    @property
+    def same_world(self) -> bool:
+        return self.per_rank is not None
+
+
+def check_checkpoint(fabric, path: Path, model_section: dict, optimizer_section: dict | None = None,
+                     global_batch: tuple[int, str] | None = None) -> CheckedCheckpoint:  # fmt: skip
+    """Everything that can be checked without loading, on this rank. ``optimizer_section`` None: only the weights
+    will be read (evaluation, export), so the optimizer and the data position are not compared."""
     meta = read_meta(path)
     check_compatible(meta, model_section, path)
-    format_ = meta.get("format", 1)
-    same_world = meta["world_size"] == fabric.world_size
-    if format_ < 2 and not same_world:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {meta['world_size']} processes in fabric_tram's first checkpoint "
-            f"format, which does not reshard; this run has {fabric.world_size}. Resume it with --devices/"
-            "--num-nodes as it was written (its next checkpoints are then in the resharding format)"
-        )
-    if optimizer_section is not None:
-        check_same_optimizer(meta, optimizer_section, path)
-        if global_batch is not None:
-            check_global_batch(meta, *global_batch, path)
-    check_state_files(path)
-    rank = read_rank_file(path, fabric.global_rank, format_) if same_world else None
-    shared = _read(path / "global.pt", "global state", {"step", "rule"}) if format_ >= 2 else None
-    return {"meta": meta, "rank": rank, "global": shared}
-
-
-def load_checkpoint(fabric, path: str | Path, model, optimizer, rule, model_section: dict, optimizer_section=None,
-                    checked: dict | None = None) -> int:  # fmt: skip
-    """Restore model, optimizer, rule state, loss scaler and (on the same number of processes) this rank's RNG;
-    return the step to continue from. With ``optimizer`` None only the model's weights are read.
-
-    Every file is checked before anything is loaded (a :class:`CheckpointError` names the file), unless
-    ``checked`` holds what :func:`check_checkpoint` read.
-    """
-    path = Path(path)
-    if optimizer is None:
-        meta = read_meta(path)
-        check_compatible(meta, model_section, path)
+    if optimizer_section is None:
         check_state_files(path)
-        if meta.get("format", 1) >= 2:
-            _loading(path, lambda: load_weights(path / "state", model))
-        else:
-            _loading(path, lambda: fabric.load(path / "state", {"model": model}, strict=False))
-        return int(meta["step"])
-    checked = checked or check_checkpoint(fabric, path, model_section, optimizer_section)
-    if checked["meta"].get("format", 1) < 2:
-        return _load_format_1(fabric, path, model, optimizer, rule, checked["rank"])
-    _loading(path, lambda: load_state(path / "state", model, optimizer, rule))
-    shared = checked["global"]
-    _restore(fabric, lambda: rule.load_global_state(shared["rule"]), path / "global.pt", shared.get("scaler"))
-    if checked["rank"] is not None:
-        set_rng_state(checked["rank"]["rng"])
-    return int(shared["step"])
+        return CheckedCheckpoint(path, meta, None, None)
+    format_1 = written_in_format_1(meta)
+    if format_1:
+        check_format_1(fabric, path, meta)
+    check_same_optimizer(meta, optimizer_section, path)
+    if global_batch is not None:
+        check_global_batch(meta, *global_batch, path)
+    check_state_files(path)
+    per_rank = None
+    if meta["world_size"] == fabric.world_size:
+        required = FORMAT_1_RANK_KEYS if format_1 else {"rng"}
+        per_rank = _read(path / f"rank-{fabric.global_rank}.pt", "per-rank state", required)
+    shared = None if format_1 else _read(path / "global.pt", "global state", {"step", "rule"})
+    return CheckedCheckpoint(path, meta, per_rank, shared)
+
+
+def load_checkpoint(fabric, target: RunState, checked: CheckedCheckpoint) -> int:
+    """Restore ``target``'s parts from the checkpoint ``checked`` describes (the model alone when ``target`` is
+    weights only; this rank's RNG only on the same number of processes); return the step it holds."""
+    path = checked.path
+    if written_in_format_1(checked.meta):
+        return load_format_1(fabric, path, checked.meta, target, checked.per_rank, lambda load: _loading(path, load),
+                             _restore)  # fmt: skip
+    parts = target.parts()
+    sharded = [part for part in parts if part.place == SHARDED]
+    state = _states(parts, SHARDED)
+
+    def read_sharded() -> None:
+        load_sharded(path / "state", state, {part.key for part in sharded if part.complete})
+        for part in sharded:
+            part.load_state_dict(state[part.key])
+
+    _loading(path, read_sharded)
+    if target.weights_only:
+        return int(checked.meta["step"])
+    for place, file, saved in ((SHARED, path / "global.pt", checked.shared),
+                               (PER_RANK, path / f"rank-{fabric.global_rank}.pt", checked.per_rank)):  # fmt: skip
+        for part in parts:
+            if part.place == place and saved is not None and part.key in saved:
+                _restore(file, lambda part=part, saved=saved: part.load_state_dict(saved[part.key]))
+    return target.step
 
 
 def _loading(path: Path, load) -> None:
@@ -321,22 +318,9 @@ def _loading(path: Path, load) -> None:
         ) from err
 
 
-def _load_format_1(fabric, path: Path, model, optimizer, rule, per_rank: dict) -> int:
-    """A checkpoint of the first format (same number of processes: checked)."""
-    remainder = {}
-    _loading(path, lambda: remainder.update(fabric.load(path / "state", {"model": model, "optimizer": optimizer})))
-    set_rng_state(per_rank["rng"])
-    rank_file = path / f"rank-{fabric.global_rank}.pt"
-    _restore(fabric, lambda: rule.load_state_dict(per_rank["rule"]), rank_file, per_rank.get("scaler"))
-    return int(remainder.get("step", read_meta(path)["step"]))
-
-
-def _restore(fabric, load_rule, file: Path, scaler_state: dict | None) -> None:
-    """The rule's state (an error naming ``file`` if it does not fit) and the loss scaler's."""
+def _restore(file: Path, load) -> None:
+    """One part's state from ``file`` (an error naming the file if it does not fit)."""
     try:
-        load_rule()
+        load()
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{file}: {err}") from None
-    scaler = loss_scaler(fabric)
-    if scaler is not None and scaler_state:
-        scaler.load_state_dict(scaler_state)

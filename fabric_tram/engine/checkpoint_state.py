@@ -1,5 +1,5 @@
-"""What a checkpoint's ``state/`` holds: one ``torch.distributed.checkpoint`` (DCP) of the model, the base
-optimizer and the update rule's per-parameter buffers, so that it reshards on load.
+"""A checkpoint's ``state/``: one ``torch.distributed.checkpoint`` (DCP) of its sharded parts (the model, the base
+optimizer and the update rule's per-parameter buffers: engine/checkpoint_parts.py), so that it reshards on load.
 
 Every tensor is saved with its global shape, by parameter name: under FSDP2 each rank writes its shard (the
 rule's buffers — TRAM's θ_{t−1}, θ_0, MESA's EMA — as DTensors placed exactly like their parameters), otherwise
@@ -18,13 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from fabric_tram.distributed import is_dtensor
 
@@ -71,11 +64,8 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def save_state(path: Path, model, optimizer, rule) -> None:
-    """Write model, optimizer and rule buffers into the DCP folder ``path`` (a collective: every rank calls it)."""
-    module = unwrapped(model)
-    model_state, optimizer_state = get_state_dict(module, getattr(optimizer, "optimizer", optimizer))
-    state = {"model": model_state, "optim": optimizer_state, "rule": rule_tensors(rule, model)}
+def save_sharded(path: Path, state: dict) -> None:
+    """Write ``{part key: state}`` as the DCP folder ``path`` (a collective: every rank calls it)."""
     with warnings.catch_warnings():  # one process: DCP says it assumes so
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=str(path), no_dist=_no_dist())
@@ -86,8 +76,10 @@ def saved_keys(path: Path) -> set[str]:
     return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
-def _load(path: Path, state: dict, expected: set[str]) -> None:
-    """``dcp.load`` into ``state`` in place, refusing first (with the names) what the checkpoint lacks."""
+def load_sharded(path: Path, state: dict, complete: set[str]) -> None:
+    """Read the DCP folder ``path`` into ``state`` (``{part key: its state}``, each tensor filled in place, in this
+    rank's layout), refusing first, with the names, what the checkpoint lacks of the parts in ``complete``."""
+    expected = {f"{key}.{name}" for key in complete for name in state[key]}
     missing = sorted(expected - saved_keys(path))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -95,33 +87,7 @@ def _load(path: Path, state: dict, expected: set[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         # partial: an optimizer here may hold state (initialised for loading) for parameters that never had a
-        # gradient, which the checkpoint rightly lacks; every model and rule key was checked above
+        # gradient, which the checkpoint rightly lacks; every key of the complete parts was checked above
         dcp.load(
             state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=_no_dist()
         )
-
-
-def _flat(prefix: str, state: dict) -> set[str]:
-    return {f"{prefix}.{k}" for k in state}
-
-
-def load_state(path: Path, model, optimizer, rule) -> None:
-    """Read model, optimizer and rule buffers from the DCP folder ``path``, resharded to this run's layout."""
-    module = unwrapped(model)
-    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
-    model_state, optimizer_state = get_state_dict(module, torch_optimizer)
-    rule_state = rule_tensors(rule, model)
-    state = {"model": model_state, "optim": optimizer_state, "rule": rule_state}
-    _load(path, state, _flat("model", model_state) | _flat("rule", rule_state))
-    set_state_dict(module, torch_optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    # the rule's buffers were read in place (through the DTensor views under FSDP2)
-
-
-def load_weights(path: Path, model) -> None:
-    """Only the model's weights (evaluation, export), from any number of processes' checkpoint."""
-    module = unwrapped(model)
-    options = StateDictOptions(strict=True)
-    model_state = get_model_state_dict(module, options=options)
-    state = {"model": model_state}
-    _load(path, state, _flat("model", model_state))
-    set_model_state_dict(module, state["model"], options=options)

@@ -17,14 +17,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from torch.distributed.checkpoint.api import CheckpointException
-
 from fabric_tram.config import load_config, to_dict
 from fabric_tram.contracts import adapter_layout, task_export_files, task_hf_head, task_peft_type
 from fabric_tram.data.tokenizer import load_tokenizer
 from fabric_tram.engine import checkpoint as ckpt
-from fabric_tram.engine.checkpoint_files import check_compatible, check_state_files, read_meta
-from fabric_tram.engine.checkpoint_state import load_weights
+from fabric_tram.engine.checkpoint_files import check_checkpoint, load_checkpoint, read_meta
+from fabric_tram.engine.checkpoint_format1 import refuse_format_1_export
+from fabric_tram.engine.checkpoint_parts import RunState
 from fabric_tram.engine.estimate import sized_section
 from fabric_tram.engine.token_ids import END_OF_TEXT, base_checkpoint_file, base_token_ids
 from fabric_tram.models import build_model
@@ -39,22 +38,13 @@ def load_checkpoint_model(path: str | Path):
     checkpoint = ckpt.find_checkpoint(path)
     run_dir = checkpoint.parent.parent
     config = load_config(run_dir / "config.yaml", ["trainer.progress_bar=false"])
-    meta = read_meta(checkpoint)
-    check_compatible(meta, to_dict(config)["model"], checkpoint)
-    check_state_files(checkpoint)
-    if meta.get("format", 1) < 2:
-        raise ckpt.CheckpointError(
-            f"{checkpoint} is a checkpoint of fabric_tram's first format; resume the run for one step with this "
-            "version (its next checkpoint is in the current format), then export that one"
-        )
+    checked = check_checkpoint(None, checkpoint, to_dict(config)["model"])  # the weights alone: no process group
+    refuse_format_1_export(checkpoint, checked.meta)
     section = sized_section(config.model)
     if hasattr(section, "new_head"):  # the classifier's weights come from the checkpoint
         section = replace(section, new_head=False)
     model = build_model(section).double() if config.trainer.precision == "64-true" else build_model(section)
-    try:
-        load_weights(checkpoint / "state", model)
-    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
-        raise ckpt.CheckpointError(f"{checkpoint / 'state'} cannot be loaded into this model ({err})") from err
+    load_checkpoint(None, RunState(model), checked)
     return model.eval(), config, checkpoint
 
 
