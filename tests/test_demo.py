@@ -85,11 +85,23 @@ def test_demo_command_on_a_cut_down_setting_continues_after_an_interruption(tmp_
     assert set(summary["results"]["test"]) == {"bible", "jargon", "python-manual", "wordnet"}
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert rerun.returncode == 0 and rerun.stdout.count("reusing") == 2  # finished runs are reused
-    other = subprocess.run([*args, "trainer.max_steps=4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert other.returncode != 0 and "Traceback" not in other.stderr  # another setting never reuses them
-    assert "holds a finished run of other settings" in other.stderr and "trainer.max_steps: 3 there, 4 here" in (
-        other.stderr
-    )
+    # (another setting never reuses them: test_a_finished_run_of_other_settings_is_never_reused, in-process)
+
+
+def test_a_finished_run_of_other_settings_is_never_reused(tmp_path, capsys):
+    """In-process (the planted bug's cheap check): a rerun with another setting stops on the finished run, naming
+    the key that differs, instead of putting the old result into the new table."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import demo
+
+    args = ["--smoke", "--out", str(tmp_path / "demo"), "--rules", "adam", "--seeds", "1"]
+    demo.main(args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        demo.main([*args, "trainer.max_steps=4"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "holds a finished run of other settings" in err
+    assert "trainer.max_steps: 3 there, 4 here" in err
 
 
 def test_a_smoke_writes_beside_the_real_runs_not_into_them():
@@ -106,11 +118,12 @@ def test_a_rules_key_given_to_the_demo_reaches_each_rule_after_its_own_settings(
     (the recipe's base optimizer would refuse it), and the rule's selected settings are kept beside it."""
     import yaml
 
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import demo
+
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "demo.py"), "--smoke", "--out", str(out), "--rules",
-                           "asam,tram-prev", "optimizer.ascent_every=2", "trainer.max_steps=2"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    demo.main(["--smoke", "--out", str(out), "--rules", "asam,tram-prev", "--seeds", "1", "optimizer.ascent_every=2",
+               "trainer.max_steps=2"])  # fmt: skip
     for rule in ("asam", "tram-prev"):
         optimizer = yaml.safe_load((out / f"{rule}-seed0" / "config.yaml").read_text())["optimizer"]
         assert optimizer["ascent_every"] == 2 and optimizer["name"] == rule, rule
