@@ -1035,7 +1035,39 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         (
-            "tests/test_ascent_schedule.py::test_tram_prev_every_2_keeps_its_previous_iterate_current_through_the_plain_steps",
+            "tests/test_ascent_schedule.py::test_tram_prev_between_perturbations_keeps_its_previous_iterate_and_takes_"
+            "only_the_d_it_reads[2-1-5-takes_d0]",
+        ),
+    ),
+    Mutation(
+        "unread-d-taken-between-ascents",
+        "a step between perturbations takes its scheduled d though a later one overwrites it unread (the target "
+        "forward paid for nothing)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "    if not scheduled(step) or (step - 1) % ascent_every == 0:",
+                "    if True:",
+            ),
+        ),
+        (
+            "tests/test_ascent_schedule.py::test_tram_prev_between_perturbations_keeps_its_previous_iterate_and_takes_"
+            "only_the_d_it_reads[2-1-5-takes_d0]",
+        ),
+    ),
+    Mutation(
+        "read-d-skipped-between-ascents",
+        "a step between perturbations skips a d that the next perturbing step reads (the radius of an older step)",
+        (
+            (
+                "fabric_tram/optim/radius.py",
+                "    return not any(scheduled(t) for t in range(step + 1, next_ascent + 1))",
+                "    return False",
+            ),
+        ),
+        (
+            "tests/test_ascent_schedule.py::test_tram_prev_between_perturbations_keeps_its_previous_iterate_and_takes_"
+            "only_the_d_it_reads[4-3-13-takes_d1]",
         ),
     ),
     Mutation(

@@ -11,7 +11,9 @@ median. ``max_radius`` caps the radius (``auto``: at ``radius_target`` under ``r
 neighbourhood never leaves ASAM's ρ-ball, the paper's bound; no cap with a numeric scale).
 
 ``radius_every=N`` amortises d: the target forward runs, and d is taken, only on every N-th step (counted from
-the first step after calibration; until then on every step); the steps in between reuse the last radius.
+the first step after calibration; until then on every step); the steps in between reuse the last radius. With
+``ascent_every=k`` (the gradient direction) a step that does not perturb skips its scheduled d when a later one
+is scheduled before the next perturbing step uses a radius: its d would never be read (:func:`takes_d`).
 
 Everything here is a function of the optimizer step and of d, which is all-reduced: every rank holds the same
 scale and radius. Both are device tensors (no host synchronisation, except one check when calibration ends),
@@ -53,6 +55,40 @@ def calibration_start(config) -> int:
     return start if isinstance(start, int) else 0
 
 
+def takes_d(step: int, calibrated_after: int, every: int, ascent_every: int = 1) -> bool:
+    """Whether optimizer step ``step`` runs the target forward and takes d: every step while calibrating, then one
+    in ``every``. A step that does not perturb (``ascent_every``: steps other than 1, 1 + k, ...) only records
+    the radius the next perturbing step reuses, so when another d is scheduled before or on that step, its own
+    would be overwritten unread and it is skipped: the trajectory is the same, the target forward is saved
+    (docs/algorithms.md, "The ascent every k steps"). Along the momentum every recorded d is read later (the
+    radius is lagged): pass ``ascent_every=1`` there."""
+    if step <= calibrated_after:
+        return True
+
+    def scheduled(t: int) -> bool:
+        return (t - calibrated_after - 1) % every == 0
+
+    if not scheduled(step) or (step - 1) % ascent_every == 0:
+        return scheduled(step)
+    next_ascent = step + ascent_every - (step - 1) % ascent_every
+    return not any(scheduled(t) for t in range(step + 1, next_ascent + 1))
+
+
+def unread_d_schedule(config) -> int:
+    """The ascent schedule :func:`takes_d` skips unread d by: ``ascent_every`` along the gradient; 1 (skip nothing)
+    along the momentum, whose radius is lagged, so every recorded d is read by a later step."""
+    if getattr(config, "ascent_direction", "gradient") == "momentum":
+        return 1
+    return int(getattr(config, "ascent_every", 1))
+
+
+def measured_share(every: int, ascent_every: int = 1) -> float:
+    """The share of the steps after calibration that take d (:func:`takes_d`), over one period of both
+    schedules: ``1/every`` when the ascent is on every step, ``1/k`` for ``ascent_every=k`` with ``every=1``."""
+    period = math.lcm(every, ascent_every)
+    return sum(takes_d(step, 0, every, ascent_every) for step in range(1, period + 1)) / period
+
+
 class TrustRegionRadius:
     """The radius of a TRAM rule at each step, and whether the step measures d (``measures``)."""
 
@@ -63,6 +99,7 @@ class TrustRegionRadius:
         self.start = calibration_start(config) if self.auto else 0
         self.calibration_steps = int(config.calibration_steps) if self.auto else 0
         self.every = int(config.radius_every)
+        self.ascent_every = unread_d_schedule(config)  # a d taken between perturbations can go unread
         self.transform = config.radius_transform
         self.max_radius = radius_cap(config)
         self.samples: torch.Tensor | None = None  # t(d) of each calibration step (NaN: left out)
@@ -79,8 +116,8 @@ class TrustRegionRadius:
         return step <= self.calibrated_after
 
     def measures(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (1-based) runs the target forward and takes d."""
-        return self.calibrating(step) or (step - self.calibrated_after - 1) % self.every == 0
+        """Whether optimizer step ``step`` (1-based) runs the target forward and takes d (:func:`takes_d`)."""
+        return takes_d(step, self.calibrated_after, self.every, self.ascent_every)
 
     def lagged(self, step: int):
         """The radius of step ``step`` when its d is taken only after it has perturbed (along the momentum): the

@@ -101,7 +101,7 @@ class TrustRegionFields(DivergenceFields):
     calibration_steps: int = 20  # auto: optimizer steps that calibrate the scale
     calibration_start: int | str = "warmup"  # auto: steps before the calibration window; warmup: the lr warm-up's
     radius_transform: str = "linear"  # t(d): linear (d) or sqrt (√(2d), a distance like ρ)
-    radius_every: int = 1  # take d (the target forward) every N optimizer steps, reuse the radius in between
+    radius_every: int = 1  # take d (the target forward) every N steps where a perturbing step reads it; reuse it
     max_radius: float | str | None = "auto"  # cap; auto: radius_target under radius_scale=auto (the paper's r <= ρ)
 
     def resolve_with(self, config) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fabric_tram.optim.geometry import FisherGeometry, SAMGeometry, asam_geometry
 from fabric_tram.optim.noise import InputNoise
 from fabric_tram.optim.objectives import DivergenceMeter, measuring, noise_penalty, on_noised, penalised
-from fabric_tram.optim.radius import TrustRegionRadius
+from fabric_tram.optim.radius import TrustRegionRadius, measured_share, unread_d_schedule
 from fabric_tram.optim.rule_configs import (
     ASAMConfig,
     ASAMMESAConfig,
@@ -85,7 +85,7 @@ class TRAM(ASAM):
     pass's own, measured on the ascent pass: e = r T²g/‖Tg‖ with r = min(scale · t(d), max_radius)
     (``optim/radius.py``: the calibrated scale, the transform, d every N steps)."""
 
-    passes = Passes(2, 1, 2)  # on a step that measures d; Passes(2, 0, 2) on the others (radius_every > 1)
+    passes = Passes(2, 1, 2)  # on a step that measures d; Passes(2, 0, 2) on the others (radius_every, ascent_every)
 
     def __init__(self, config, model, optimizer):
         super().__init__(config, model, optimizer)
@@ -95,7 +95,8 @@ class TRAM(ASAM):
     @classmethod
     def mean_passes(cls, config) -> tuple[float, float, float]:
         forward, _, backward = super().mean_passes(config)
-        return forward, cls.passes.no_grad_forward / getattr(config, "radius_every", 1), backward  # d every N steps
+        share = measured_share(getattr(config, "radius_every", 1), unread_d_schedule(config))
+        return forward, cls.passes.no_grad_forward * share, backward  # d on the steps that take it
 
     def measures_d(self, ctx):
         return self.trust_radius.measures(ctx.step)
