@@ -109,16 +109,16 @@ train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every
 
 
 TWO_CTRL_C_AT_STEP_3 = """
-import os, signal, sys
+import signal, sys
 sys.path.insert(0, {tests!r})
 from conftest import small_config
 from fabric_tram.engine.reporting import reported_errors
 from fabric_tram.engine.trainer import train
 
-def ctrl_c_twice(run, stats):  # the second arrives before the first is acted on: a user who will not wait
-    if stats["step"] == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+def ctrl_c_twice(run, stats):  # the second arrives before the step loop acts on the first: a user who will not wait
+    if stats["step"] == 3:  # raise_signal: to this thread, handled before it returns (os.kill may reach another
+        signal.raise_signal(signal.SIGINT)  # thread, and two pending SIGINTs then reach Python as one)
+        signal.raise_signal(signal.SIGINT)
 
 with reported_errors():
     train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every=2"]), callbacks=(ctrl_c_twice,))
