@@ -100,12 +100,23 @@ def test_divergence_chunked_equals_naive_with_less_memory(tmp_path):
     assert chunked["extra_peak_bytes"] < naive["extra_peak_bytes"]
 
 
+def test_cross_entropy_chunked_equals_plain_with_less_memory(tmp_path):
+    """Each in its own process at (2, 256, 50257) bf16 logits (50 MiB): the same loss; the plain one builds a float32
+    log-softmax (100 MiB) that the chunked one never does."""
+    args = ["--batch", "2", "--seq", "256", "--repeats", "1"]
+    _, result = bench(tmp_path, "cross_entropy", *args)
+    plain, chunked = result["results"]["plain"], result["results"]["chunked"]
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert plain["extra_peak_bytes"] - chunked["extra_peak_bytes"] > result["logits_mib"] * 2**20
+
+
 @pytest.mark.slow
 def test_gpu_suite_path_on_cpu(tmp_path):
     """The GPU suite's code path on a CPU (the figures mean nothing here): every part runs and is reported."""
     args = ["--device", "cpu", "--size", "tiny", "--steps", "1", "--compile-backend", "aot_eager"]  # XL: tiny on CPU
     text, result = bench(tmp_path, "gpu_suite", *args)
     assert "| bare loop, compiled |" in text and "| trainer adam, fsdp, compiled |" in text
+    assert "| trainer adam, auto, eager, chunked CE |" in text and "trainer_auto_compiled_chunked_ce" in result
     assert set(result["rules"]) == set(RULES)
     # every floor is forward passes + no-grad forwards × T_f/T_fb, with one measured T_f/T_fb for all rules (its
     # value is timing noise on a tiny CPU model; the formula is not)

@@ -278,8 +278,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "(step - self.calibrated_after - 1) % self.every == 0",
-                "(step - self.calibrated_after) % self.every == 0",
+                "        return (t - calibrated_after - 1) % every == 0",
+                "        return (t - calibrated_after) % every == 0",
             ),
         ),
         ("tests/test_radius.py::test_measurement_schedule_of_radius_every",),
@@ -1037,6 +1037,45 @@ MUTATIONS = (  # fmt: skip
         (
             "tests/test_ascent_schedule.py::test_tram_prev_between_perturbations_keeps_its_previous_iterate_and_takes_"
             "only_the_d_it_reads[2-1-5-takes_d0]",
+        ),
+    ),
+    Mutation(
+        "chunked-ce-padding-has-gradient",
+        "the chunked cross-entropy's backward forgets the padding mask: padded positions get softmax − one-hot",
+        (
+            (
+                "fabric_tram/loss.py",
+                "            p *= (valid[rows].to(p.dtype) * grad_total.to(p.dtype))[:, None]",
+                "            p *= grad_total.to(p.dtype)",
+            ),
+        ),
+        ("tests/test_chunked_cross_entropy.py::test_chunked_cross_entropy_equals_the_plain_one_in_float64[5]",),
+    ),
+    Mutation(
+        "chunked-ce-last-chunk-dropped",
+        "the chunked cross-entropy's forward stops before a last, shorter chunk",
+        (
+            (
+                "fabric_tram/loss.py",
+                "        for s in range(0, logits.size(0), chunk):\n            x = logits[s : s + chunk].to(dtype)",
+                "        for s in range(0, logits.size(0) - chunk + 1, chunk):\n"
+                "            x = logits[s : s + chunk].to(dtype)",
+            ),
+        ),
+        ("tests/test_chunked_cross_entropy.py::test_chunked_cross_entropy_equals_the_plain_one_in_float64[5]",),
+    ),
+    Mutation(
+        "task-cross-entropy-ignored",
+        "the language-modelling task computes the plain cross-entropy whatever task.cross_entropy says",
+        (
+            (
+                "fabric_tram/tasks/language_modeling.py",
+                "        loss = CROSS_ENTROPY[self.config.cross_entropy]",
+                "        loss = cross_entropy_sum",
+            ),
+        ),
+        (
+            "tests/test_chunked_cross_entropy.py::test_the_language_modelling_task_uses_the_cross_entropy_its_config_names",
         ),
     ),
     Mutation(

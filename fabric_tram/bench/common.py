@@ -17,6 +17,8 @@ from fabric_tram.models.gpt2 import GPT2, GPT2Config
 SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
     "tiny": (2, 2, 64, 4096, 64, 4),
     "small": (4, 4, 256, 8192, 256, 8),
+    # small with GPT-2's vocabulary: the output head and the loss over 50,257 words dominate, as at a large batch
+    "small-50k": (4, 4, 256, 50257, 256, 8),
     "gpt2": (12, 12, 768, 50257, 1024, 8),
     # a CPU stand-in for launch overhead: 580 small parameter tensors, where per-tensor Python work dominates
     "many-tensors": (48, 2, 32, 4096, 64, 8),

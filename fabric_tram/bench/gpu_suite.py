@@ -10,7 +10,8 @@ and of up to 16 rows for GPT2-XL (llm.c's 16 x 1,024), as ``trainer.micro_batch_
 memory estimate; each row of the table names the batch it used.
 
 1. a bare eager loop and a bare compiled loop (fused AdamW on a GPU): tokens/s and MFU;
-2. the trainer's adam with strategy auto and fsdp, eager and compiled: tokens/s against the bare loop;
+2. the trainer's adam with strategy auto and fsdp, eager and compiled, and with the chunked cross-entropy
+   (``task.cross_entropy=chunked``, strategy auto): tokens/s against the bare loop;
 3. every update rule's step against its pass floor (forward-with-gradient passes × T_fb + no-grad forwards × T_f);
 4. memory: the peak of tram-prev over adam, beside parameter bytes + one micro-batch's logits in bf16;
 5. GPT2-XL on one device without FSDP, adam and tram-prev, global batch 16 x 1,024 tokens with the filling
@@ -115,7 +116,7 @@ FILLING_ROWS = 64  # llm.c's GPT-2 124M batch per GPU (scripts/run_gpt2_124M.sh)
 
 
 def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled: bool, xl: bool = False,
-                   rows: int | None = None, checkpointing: bool = False):  # fmt: skip
+                   rows: int | None = None, checkpointing: bool = False, extra: tuple = ()):  # fmt: skip
     """The trainer's config for a measurement: ``rows`` per micro-batch; for GPT2-XL (``xl``) the micro-batch is
     left to ``trainer.micro_batch_size=auto`` within a global batch of 16 rows (4 of 64 tokens on a CPU)."""
     if xl:
@@ -133,7 +134,7 @@ def trainer_config(args, preset_or_size: str, rule: str, strategy: str, compiled
         "trainer.devices=1", f"trainer.strategy={strategy}", f"trainer.compile={compiled}",
         f"trainer.compile_backend={args.compile_backend}", "trainer.max_steps=1000000", "trainer.log_every=1000000",
         "trainer.progress_bar=false", f"trainer.run_dir={args.out}/gpu_suite-run",
-        f"trainer.activation_checkpointing={checkpointing}",
+        f"trainer.activation_checkpointing={checkpointing}", *extra,
     ]  # fmt: skip
     return load_config(None, settings)
 
@@ -219,15 +220,18 @@ def main() -> dict:
             "mfu": model_flops / bare / peak if peak else None,
         }
         rows.append([f"bare loop, {name}", shape, tokens / bare, results[f"bare_{name}"]["mfu"] or float("nan"), 1.0])
-        for strategy in ("auto", "fsdp"):
-            config = trainer_config(args, args.size, "adam", strategy, compiled, rows=rows_per_step)
+        # the chunked cross-entropy (task.cross_entropy=chunked): kept as a default only if it is measured to help
+        for strategy, cross_entropy in (("auto", "plain"), ("fsdp", "plain"), ("auto", "chunked")):
+            config = trainer_config(args, args.size, "adam", strategy, compiled, rows=rows_per_step,
+                                    extra=(f"task.cross_entropy={cross_entropy}",))  # fmt: skip
             seconds, run = through_trainer(config, args)
-            progress(f"trainer adam, {strategy}, {name}", seconds)
-            results[f"trainer_{strategy}_{name}"] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
-                                                     "over_bare": bare / seconds}  # fmt: skip
+            label = f"{strategy}, {name}" + (", chunked CE" if cross_entropy == "chunked" else "")
+            progress(f"trainer adam, {label}", seconds)
+            key = f"trainer_{strategy}_{name}" + ("_chunked_ce" if cross_entropy == "chunked" else "")
+            results[key] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "over_bare": bare / seconds}
             rows.append(
                 [
-                    f"trainer adam, {strategy}, {name}",
+                    f"trainer adam, {label}",
                     shape,
                     tokens / seconds,
                     mfu(run, seconds, tokens, block, peak) or float("nan"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fabric_tram.loss import chunk_rows
 from fabric_tram.registry import DIVERGENCES, register_divergence
 
 
@@ -134,16 +135,6 @@ class ChunkedKL(torch.autograd.Function):
 def check_divergence(name: str) -> None:
     """Raise at set-up for an unknown divergence name (the message lists the valid ones)."""
     DIVERGENCES.get(name)
-
-
-# positions × classes per chunk. CPU: 4 MiB per float32 temporary, so a chunk's few temporaries stay in a
-# last-level cache (measured: 1<<22 was ~15% slower on a 32 MiB L3); GPU: 64 MiB, few enough chunks at a
-# 50,257-token vocabulary (~25 for 8,192 positions) that kernel launches do not dominate.
-CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
-
-
-def chunk_rows(classes: int, device: torch.device) -> int:
-    return max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // classes)
 
 
 def divergence_sum(

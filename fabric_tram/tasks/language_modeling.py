@@ -18,11 +18,12 @@ from fabric_tram.data.batching import pad_sequences
 from fabric_tram.data.text import DataError, discover_domains, split_file
 from fabric_tram.data.token_cache import tokenize_split
 from fabric_tram.data.tokenizer import end_of_text_id, load_tokenizer
-from fabric_tram.loss import IGNORE_INDEX, LossOutput, count_targets, cross_entropy_sum
+from fabric_tram.loss import IGNORE_INDEX, LossOutput, chunked_cross_entropy_sum, count_targets, cross_entropy_sum
 from fabric_tram.registry import register_task
 from fabric_tram.tasks.export_files import tokenizer_files
 
 IGNORE = IGNORE_INDEX
+CROSS_ENTROPY = {"plain": cross_entropy_sum, "chunked": chunked_cross_entropy_sum}  # task.cross_entropy
 
 
 def bundled_data_dir(name: str = "sample") -> Path:
@@ -42,12 +43,20 @@ class LMConfig:
     doc_format: str = "paragraphs"  # .txt documents: separated by blank lines (paragraphs) or one per line (lines)
     cache_dir: str | None = None  # where tokenised splits are cached (default ~/.cache/fabric_tram/tokens)
     revision: str | None = None  # hub revision for hf:// data
+    # plain: one float32 log-softmax, shared with the divergences; chunked: rows a chunk at a time, no float32
+    # tensor the size of the logits (memory at a 50k vocabulary; the divergences then read the logits)
+    cross_entropy: str = "plain"
 
     def check(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"task.block_size must be >= 1, got {self.block_size}")
         if self.doc_format not in ("paragraphs", "lines"):
             raise ValueError(f"task.doc_format must be paragraphs or lines, got {self.doc_format!r}")
+        if self.cross_entropy not in CROSS_ENTROPY:
+            raise ValueError(
+                f"task.cross_entropy must be one of {', '.join(CROSS_ENTROPY)} (chunked: no float32 tensor the size "
+                f"of the logits), got {self.cross_entropy!r}"
+            )
 
 
 class PackedBlocks:
@@ -169,7 +178,8 @@ class LanguageModelingTask:
         return {"input_ids": inputs, "labels": labels, "example_index": torch.tensor(indices, dtype=torch.long)}
 
     def loss(self, model, batch: dict, **forward_kwargs) -> LossOutput:
-        return cross_entropy_sum(model(batch["input_ids"], **forward_kwargs), batch["labels"], IGNORE)
+        loss = CROSS_ENTROPY[self.config.cross_entropy]
+        return loss(model(batch["input_ids"], **forward_kwargs), batch["labels"], IGNORE)
 
     @staticmethod
     def count_targets(batch: dict) -> torch.Tensor:
