@@ -110,6 +110,8 @@ train(small_config({data!r}, {run!r}, "sgd", steps=6, extra=["trainer.save_every
 
 TWO_CTRL_C_AT_STEP_3 = """
 import signal, sys
+# a terminal's Ctrl-C handling, whatever the test process passed on (an ignored SIGINT is inherited across exec)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from conftest import small_config
 from fabric_tram.engine.reporting import reported_errors
