@@ -456,3 +456,30 @@ def test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step(corp
     # the launcher's summary holds each rank's own line: both stopped after step 2
     assert output.count("traceback : stopped: stopped by SIGTERM after step 2 of 5: ") == 2, output[-3000:]
     assert [ckpt.step_of(c) for c in ckpt.list_checkpoints(run_dir)] == [2]
+
+
+class TwoRankFabric:
+    """A stand-in for two processes' all_reduce: this rank's value against the other rank's."""
+
+    world_size, device = 2, torch.device("cpu")
+
+    def __init__(self, other: float):
+        self.other = other
+
+    def all_reduce(self, tensor, reduce_op):
+        both = torch.stack([tensor, torch.tensor(self.other)])
+        return {"max": both.max(), "min": both.min(), "sum": both.sum()}[reduce_op]
+
+
+def test_ranks_agree_to_stop_when_any_of_them_was_signalled():
+    """The in-process rule behind the 2-process launch test: the signal any rank received (the largest number), so a
+    SIGTERM that reached one rank stops both; none received, none stops."""
+    import signal
+
+    from fabric_tram.engine.interrupt import StopRequest
+
+    for mine, other, agreed in ((0, 0, 0), (signal.SIGTERM, 0, signal.SIGTERM), (0, signal.SIGTERM, signal.SIGTERM),
+                                (signal.SIGINT, signal.SIGTERM, signal.SIGTERM)):  # fmt: skip
+        request = StopRequest()
+        request.signum = int(mine)
+        assert request.agreed(TwoRankFabric(float(other))) == int(agreed), (mine, other)

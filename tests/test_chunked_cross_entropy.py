@@ -61,7 +61,7 @@ def test_chunked_cross_entropy_of_bf16_logits_gives_a_bf16_gradient_close_to_the
     torch.testing.assert_close(grads[1].float(), grads[0].float(), rtol=0, atol=2e-3)  # bf16 rounding of both
 
 
-@pytest.mark.parametrize("rule", ["adam", "tram-prev", "asam+trpo", "r3f"])
+@pytest.mark.parametrize("rule", ["tram-prev", "asam+trpo", "r3f"])  # d, a regulariser, two graphs
 def test_every_rule_trains_the_same_with_the_chunked_cross_entropy(corpus, tmp_path, rule):
     """float64, three steps with accumulation over two micro-batches: the loss, d and the regulariser (the
     divergences reading the logits, not the loss's log-probabilities) and the weights as with the plain loss."""

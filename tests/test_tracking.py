@@ -225,3 +225,19 @@ def test_unknown_backends_and_modes_are_refused_with_the_config(corpus, tmp_path
         small_config(corpus, tmp_path / "r", extra=["trainer.loggers=[csv,neptune]"])
     with pytest.raises(ConfigError, match="trainer.wandb.mode must be online, offline or disabled"):
         small_config(corpus, tmp_path / "r", extra=["trainer.wandb.mode=dryrun"])
+
+
+def test_only_rank_0_builds_tracking_loggers(corpus, tmp_path, monkeypatch):
+    """The in-process rule behind the 2-process test: a rank other than 0 builds no W&B or MLflow logger (two
+    would make two tracked runs and collide on MLflow's SQLite store); rank 0 builds both."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    from fabric_tram.engine.tracking import tracking_loggers
+
+    config = small_config(corpus, tmp_path / "run", "adam",
+                          extra=[*TRACKED, f"trainer.mlflow.tracking_uri={store(tmp_path)}"])  # fmt: skip
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    assert tracking_loggers(config.trainer) == []
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
+    assert [type(x) for x in tracking_loggers(config.trainer)] == [WandbLogger, MLFlowLogger]

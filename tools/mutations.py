@@ -808,7 +808,7 @@ MUTATIONS = (  # fmt: skip
         "stop-signal-agreed-by-min",
         "ranks agree on a stop signal by its minimum: a signal that reached one rank stops none",
         (("fabric_tram/engine/interrupt.py", 'reduce_op="max"', 'reduce_op="min"'),),
-        ("tests/test_checkpoint.py::test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step",),
+        ("tests/test_checkpoint.py::test_ranks_agree_to_stop_when_any_of_them_was_signalled",),
     ),
     Mutation(
         "preflight-without-its-margin",
@@ -1173,7 +1173,7 @@ MUTATIONS = (  # fmt: skip
                 "",
             ),
         ),
-        ("tests/test_tracking.py::test_two_processes_make_one_tracked_run_each",),
+        ("tests/test_tracking.py::test_only_rank_0_builds_tracking_loggers",),
     ),
     Mutation(
         "resume-opens-a-new-tracked-run",
