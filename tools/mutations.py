@@ -526,7 +526,7 @@ MUTATIONS = (  # fmt: skip
                 "signum = 0",
             ),
         ),
-        ("tests/test_checkpoint.py::test_sigterm_saves_a_checkpoint_and_resume_continues_exactly",),
+        ("tests/test_stop_signals.py::test_sigterm_saves_a_checkpoint_and_resume_continues_exactly",),
     ),
     Mutation(
         "finished-run-reused-unchecked",
@@ -808,7 +808,7 @@ MUTATIONS = (  # fmt: skip
         "stop-signal-agreed-by-min",
         "ranks agree on a stop signal by its minimum: a signal that reached one rank stops none",
         (("fabric_tram/engine/interrupt.py", 'reduce_op="max"', 'reduce_op="min"'),),
-        ("tests/test_checkpoint.py::test_ranks_agree_to_stop_when_any_of_them_was_signalled",),
+        ("tests/test_stop_signals.py::test_ranks_agree_to_stop_when_any_of_them_was_signalled",),
     ),
     Mutation(
         "preflight-without-its-margin",
@@ -933,7 +933,7 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         (
-            "tests/test_checkpoint.py::test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_a_resume_starts_from",
+            "tests/test_stop_signals.py::test_a_second_ctrl_c_stops_at_once_and_says_which_checkpoint_a_resume_starts_from",
         ),
     ),
     Mutation(
