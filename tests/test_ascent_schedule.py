@@ -66,6 +66,14 @@ def test_sam_every_3_is_sam_on_steps_1_and_4_and_sgd_between():
         assert a == pytest.approx(b, abs=1e-12), step
 
 
+def test_the_ascent_phase_is_a_function_of_the_step_so_a_resumed_run_keeps_it():
+    """ascent_every=3 perturbs on steps 1, 4, 7, ...: a rule first asked about step 5 (a run resumed there) answers
+    as the uninterrupted run does, whatever it was asked before."""
+    _, rule, _ = loop("sam", rho=RHO, ascent_every=3)
+    steps = [5, 6, 7, 4, 10, 2]
+    assert [rule.rule.ascends(s) for s in steps] == [False, False, True, True, True, False]
+
+
 @pytest.mark.parametrize(
     ("ascent_every", "radius_every", "steps", "takes_d"),
     [

@@ -289,20 +289,46 @@ def test_rule_buffers_are_saved_under_the_model_states_names_whatever_wraps_the_
         assert rule_names(model) == expected == set(get_model_state_dict(model)) - {"lm_head.weight"}
 
 
-def test_a_shard_missing_only_its_last_byte_is_refused_and_a_complete_one_passes(corpus, tmp_path):
-    """The shard check reads the end of every item a shard file holds (offset + length, the largest): a file one
-    byte short of its last item is damaged; the same file whole is not."""
-    run_dir, _ = _stopped_run(corpus, tmp_path, rule="tram-prev")
-    state = run_dir / "checkpoints" / "step-00000004" / "state"
-    ckpt_files.check_shard_files(state)  # complete: passes
-    for shard in sorted(state.glob("*.distcp")):
-        whole = shard.read_bytes()
-        shard.write_bytes(whole[:-1])
-        with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated or missing \({len(whole) - 1} of "
-                                                      rf"{len(whole)} bytes\)"):  # fmt: skip
-            ckpt_files.check_shard_files(state)
-        shard.write_bytes(whole)
-    ckpt_files.check_shard_files(state)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process, no group
+def test_a_shard_missing_only_its_last_byte_is_refused_and_a_complete_one_passes(tmp_path):
+    """The shard check (run on every resume, before the collective load) reads the end of every item a shard file
+    holds (offset + length, the largest): a file one byte short of its last item is damaged; the same file whole is
+    not. A distributed checkpoint written here: two tensors in one shard file, the second at an offset."""
+    import torch.distributed.checkpoint as dcp
+
+    state = tmp_path / "state"
+    dcp.save({"a": torch.arange(10.0), "b": torch.ones(3, 4, dtype=torch.float64)}, checkpoint_id=str(state))
+    (shard,) = state.glob("*.distcp")
+    ckpt_files.check_state_files(tmp_path)  # complete: passes
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:-1])
+    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated or missing \({len(whole) - 1} of "
+                                                  rf"{len(whole)} bytes\)"):  # fmt: skip
+        ckpt_files.check_state_files(tmp_path)
+    shard.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=rf"{shard.name} is truncated or missing \(missing of "):
+        ckpt_files.check_state_files(tmp_path)
+    shard.write_bytes(whole)
+    ckpt_files.check_state_files(tmp_path)
+
+
+def test_a_resume_names_what_differs_the_rule_the_base_optimizer_or_the_examples_per_step(tmp_path):
+    """The checks a resume runs on meta.json, each on its own (the run-level test below goes through train): the
+    rule and its base optimizer compared by name, the global batch compared whatever its split."""
+    meta = {"step": 2, "world_size": 2, "optimizer": "tram-prev", "optimizer_base": "adam", "rule_state": ["prev"],
+            "global_batch": 12, "micro_batch_size": 2, "accumulate": 3}  # fmt: skip
+    ckpt_files.check_same_optimizer(meta, {"name": "tram-prev", "base": "adam"}, tmp_path)
+    for config, differs in (
+        ({"name": "tram-prev", "base": "sgd"}, "optimizer.base: checkpoint 'adam' vs config 'sgd'"),
+        ({"name": "asam", "base": "adam"}, "optimizer.name: checkpoint 'tram-prev' vs config 'asam'"),
+    ):
+        with pytest.raises(ckpt.CheckpointError, match=rf"another optimizer \({differs}\), whose state .*prev"):
+            ckpt_files.check_same_optimizer(meta, config, tmp_path)
+    ckpt_files.check_global_batch(meta, 12, "4 × 3 × 1 process", tmp_path)  # another split of the same 12
+    with pytest.raises(ckpt.CheckpointError, match=r"trained with 12 examples per optimizer step \(2 × 3 × 2 "
+                                                   r"process\(es\)\); this run takes 8 \(2 × 2 × 2\)"):  # fmt: skip
+        ckpt_files.check_global_batch(meta, 8, "2 × 2 × 2", tmp_path)
+    ckpt_files.check_global_batch({k: v for k, v in meta.items() if k != "global_batch"}, 8, "", tmp_path)  # format 1
 
 
 def test_meta_json_holds_each_field_resume_and_export_read_and_resume_compares_rule_and_base(corpus, tmp_path):

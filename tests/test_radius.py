@@ -2,6 +2,7 @@
 k = 1 vs 4 and resume mid- and after calibration, exactly (float64). 1 vs 2 processes: tests/test_distributed.py."""
 
 import csv
+import io
 import json
 import math
 from types import SimpleNamespace
@@ -67,6 +68,29 @@ def test_measurement_schedule_of_radius_every():
     assert [s for s in range(1, 17) if fixed.measures(s)] == [1, 5, 9, 13]
     fixed(1, d(0.25))
     assert float(fixed(2, None)) == 0.25  # reused between measurements
+
+
+@pytest.mark.parametrize("stop", [2, 5])
+def test_a_radius_restored_from_its_state_continues_as_the_uninterrupted_one(stop):
+    """The radius's state through torch.save/load (as a checkpoint holds it), stopped mid-calibration (2 of 4
+    steps) or after it (step 6 then reuses step 5's radius under radius_every=2): every later radius equals the
+    uninterrupted policy's. The run-level resume tests below go through the engine."""
+    values = [2e-4, 1e-4, 4e-4, 3e-4, 5e-4, 6e-4, 3.6e-4, 8e-4]  # the scale: 0.5 / median(2e-4, 1e-4, 4e-4, 3e-4)
+
+    def run(policy, steps):
+        return [float(policy(s, d(values[s - 1]) if policy.measures(s) else None)) for s in steps]
+
+    full = TrustRegionRadius(radius_config(radius_every=2))
+    expected = run(full, range(1, len(values) + 1))
+    stopped = TrustRegionRadius(radius_config(radius_every=2))
+    run(stopped, range(1, stop + 1))
+    saved = io.BytesIO()
+    torch.save(stopped.state_dict(), saved)
+    saved.seek(0)
+    resumed = TrustRegionRadius(radius_config(radius_every=2))
+    resumed.load_state_dict(torch.load(saved, weights_only=True), torch.device("cpu"))
+    assert expected[4:] == pytest.approx([1.25, 1.25, 0.9, 0.9])  # steps 6 and 8 reuse the radius before
+    assert run(resumed, range(stop + 1, len(values) + 1)) == expected[stop:]
 
 
 def test_the_default_cap_is_radius_target_under_auto_and_holds_on_every_step_after_calibration():

@@ -197,6 +197,37 @@ def test_a_sweep_groups_its_runs(corpus, tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
 
+def test_a_resume_gives_the_loggers_the_tracked_run_its_folder_keeps_and_a_new_run_none(tmp_path):
+    """What the W&B and MLflow loggers are told to continue (the run-level test above reads both back): the id kept
+    in RUN/logs/ when resuming; none for a new run, or a folder that keeps none."""
+    from fabric_tram.engine.tracking import id_file, saved_id
+
+    for backend, kept in (("wandb", "a1b2c3d4"), ("mlflow", "0123456789abcdef")):
+        assert id_file(tmp_path, backend) == tmp_path / "logs" / f"{backend}-run-id"
+        assert saved_id(tmp_path, backend, resuming=True) is None
+        id_file(tmp_path, backend).parent.mkdir(parents=True, exist_ok=True)
+        id_file(tmp_path, backend).write_text(kept + "\n")
+        assert saved_id(tmp_path, backend, resuming=True) == kept
+        assert saved_id(tmp_path, backend, resuming=False) is None
+
+
+def test_a_sweep_gives_its_runs_the_sweeps_name_as_wandb_group_unless_one_is_set(tmp_path):
+    """The overrides a sweep adds to each run for W&B (the run-level test above reads the groups back, and MLflow's
+    parent run): its name as the group; a group the user set is kept; nothing without the wandb logger."""
+    from types import SimpleNamespace
+
+    from fabric_tram.engine.tracking import sweep_overrides
+    from fabric_tram.tracking_config import MLflowSettings, WandbSettings
+
+    def config(loggers, group=None):
+        return SimpleNamespace(trainer=SimpleNamespace(loggers=loggers, wandb=WandbSettings(group=group),
+                                                       mlflow=MLflowSettings()))  # fmt: skip
+
+    assert sweep_overrides(config(["csv", "wandb"]), "lr-sweep", tmp_path) == ["trainer.wandb.group=lr-sweep"]
+    assert sweep_overrides(config(["csv", "wandb"], group="mine"), "lr-sweep", tmp_path) == []
+    assert sweep_overrides(config(["csv", "tensorboard"]), "lr-sweep", tmp_path) == []
+
+
 @pytest.mark.parametrize("backend", ["wandb", "mlflow"])
 def test_a_backend_that_cannot_start_is_one_line_before_anything_is_written(corpus, tmp_path, backend):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path / "home"), "WANDB_DIR": str(tmp_path),

@@ -82,14 +82,14 @@ MUTATIONS = (  # fmt: skip
         "a checkpoint resumed with another number of examples per step (the data position then shifts)",
         (("fabric_tram/engine/checkpoint_files.py", "    if saved is None or saved == global_batch:", "    if True:"),),
         (
-            "tests/test_checkpoint.py::test_resume_with_another_split_of_the_same_global_batch_and_refuse_another_global_batch",
+            "tests/test_checkpoint.py::test_a_resume_names_what_differs_the_rule_the_base_optimizer_or_the_examples_per_step",
         ),
     ),
     Mutation(
         "checkpoint-shards-unchecked",
         "a truncated shard of a distributed checkpoint passes the checks (resume=auto cannot fall back past it)",
         (("fabric_tram/engine/checkpoint_files.py", "    if state.is_dir():\n        check_shard_files(state)", ""),),
-        ("tests/test_checkpoint.py::test_a_damaged_checkpoint_named_for_resume_is_a_clear_error",),
+        ("tests/test_checkpoint.py::test_a_shard_missing_only_its_last_byte_is_refused_and_a_complete_one_passes",),
     ),
     Mutation(
         "lora-export-unmerged",
@@ -208,7 +208,7 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         (
-            "tests/test_checkpoint.py::test_meta_json_holds_each_field_resume_and_export_read_and_resume_compares_rule_and_base",
+            "tests/test_checkpoint.py::test_a_resume_names_what_differs_the_rule_the_base_optimizer_or_the_examples_per_step",
         ),
     ),
     Mutation(
@@ -300,14 +300,14 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         (
-            "tests/test_tracking.py::test_both_backends_hold_the_config_and_every_metric_at_its_step_and_a_resume_continues_one_run",
+            "tests/test_tracking.py::test_a_resume_gives_the_loggers_the_tracked_run_its_folder_keeps_and_a_new_run_none",
         ),
     ),
     Mutation(
         "sweep-runs-not-grouped",
         "a sweep's runs carry no W&B group",
         (("fabric_tram/engine/tracking.py", 'out.append(f"trainer.wandb.group={name}")', "pass"),),
-        ("tests/test_tracking.py::test_a_sweep_groups_its_runs",),
+        ("tests/test_tracking.py::test_a_sweep_gives_its_runs_the_sweeps_name_as_wandb_group_unless_one_is_set",),
     ),
     Mutation(
         "preflight-skipped-in-silence",

@@ -146,7 +146,7 @@ MUTATIONS = (  # fmt: skip
                 "        # pickled",
             ),
         ),
-        ("tests/test_bad_input.py::test_a_checkpoint_folder_with_only_pickled_weights_is_one_line",),
+        ("tests/test_bad_input.py::test_a_checkpoint_folder_with_only_pickled_weights_is_one_line[hf]",),
     ),
     Mutation(
         "hf-head-that-does-not-fit-the-task",

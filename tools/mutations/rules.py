@@ -235,7 +235,7 @@ MUTATIONS = (  # fmt: skip
                 "pass",
             ),
         ),
-        ("tests/test_radius.py::test_resume_mid_and_after_calibration_continues_exactly[4]",),  # after calibration
+        ("tests/test_radius.py::test_a_radius_restored_from_its_state_continues_as_the_uninterrupted_one",),
     ),
     Mutation(
         "radius-every-schedule-shifted",
@@ -384,11 +384,7 @@ MUTATIONS = (  # fmt: skip
                 "        return self.geometry is not None and (self.seen - 1) % self.ascent_every == 0",
             ),
         ),
-        (
-            # k = 3, stopped at step 2: the only variant whose phase a resume at step 2 would shift
-            "tests/test_ascent_schedule.py::test_a_schedule_is_the_same_with_accumulation_and_after_a_resume_mid_schedule"
-            "[tram-prev-every-3]",
-        ),
+        ("tests/test_ascent_schedule.py::test_the_ascent_phase_is_a_function_of_the_step_so_a_resumed_run_keeps_it",),
     ),
     Mutation(
         "previous-iterate-stale-between-ascents",
