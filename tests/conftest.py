@@ -2,7 +2,7 @@
 
 - a small corpus of documents of very unequal lengths, and the small equivalence set-up of docs/design.md: a
   model with tied embeddings, parameters in the root FSDP group (wte, wpe, ln_f) and dimensions not divisible
-  by 2 (n_embd = 33, vocabulary 50257: FSDP pads its shards); documents padded, not packed, so micro-batches
+  by 2 (n_embd = 33, vocabulary 4,099: FSDP pads its shards); documents padded, not packed, so micro-batches
   and ranks hold unequal token counts;
 - tolerances, 2-process launches with one retry, fp16 gradient poisoning, page-fault counting.
 """
@@ -95,6 +95,10 @@ def corpus(tmp_path) -> Path:
 
 # ------------------------------------------------------------------------------------------- the small set-up
 
+# for the tests about GPT-2's own ids (export to transformers, generate's end of text): its tokenizer and a model
+# of its 50,257 rows in place of the small set-up's 4,099 over the demo tokenizer
+GPT2_IDS = ["task.tokenizer=gpt2", "model.vocab_size=50257"]
+
 SMALL_MODEL = [
     "model.name=gpt2",
     "model.preset=tiny",
@@ -102,6 +106,7 @@ SMALL_MODEL = [
     "model.n_head=3",
     "model.n_embd=33",
     "model.n_positions=48",
+    "model.vocab_size=4099",
     "model.dropout=0.0",
 ]
 
@@ -166,6 +171,7 @@ LLAMA_MODEL = [
     "model.n_kv_head=2",
     "model.n_embd=32",
     "model.intermediate_size=48",
+    "model.vocab_size=4099",
 ]
 
 
@@ -176,7 +182,7 @@ def hf_checkpoints(root: Path, corpus: Path, write: bool = True) -> dict:
     from fabric_tram.models import build_model
     from fabric_tram.models.hf_folder import save_hf_folder
 
-    lm = ["task.name=lm", f"task.data_dir={corpus}", "task.packing=false", "task.block_size=32"]
+    lm = ["task.name=lm", f"task.data_dir={corpus}", "task.packing=false", "task.block_size=32", "task.tokenizer=demo"]
     nli = ["task.name=nli", "task.data_dir=nli-sample", "task.tokenizer=nli-sample", "task.max_length=48"]
     bert = ["model.name=encoder", "model.variant=bert", "model.type_vocab_size=2", "model.layer_norm_eps=1e-12"]
     out = {}
@@ -242,6 +248,7 @@ def small_config(
             f"task.data_dir={data_dir}",
             "task.packing=false",
             "task.block_size=32",
+            "task.tokenizer=demo",
             f"optimizer.name={optimizer}",
             f"optimizer.lr={lr}",
             "schedule.name=constant",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_smoke_config, small_config
+from conftest import GPT2_IDS, recipe_smoke_config, small_config
 
 from fabric_tram.config import load_config
 from fabric_tram.data.tokenizer import load_tokenizer
@@ -118,7 +118,7 @@ def test_greedy_generation_through_the_kv_cache_equals_transformers_generate(nam
 
 def test_export_and_generate_commands_from_a_run(corpus, tmp_path):
     run = train(small_config(corpus, tmp_path / "run", "tram-prev", steps=2, precision="32-true",
-                             extra=["task.tokenizer=gpt2", "optimizer.calibration_steps=1",
+                             extra=[*GPT2_IDS, "optimizer.calibration_steps=1",
                                     "optimizer.radius_scale=1"]))  # fmt: skip
     cli = [sys.executable, "-m", "fabric_tram.cli"]
     out = subprocess.run([*cli, "export", str(tmp_path / "run"), str(tmp_path / "hf")], capture_output=True,
@@ -260,7 +260,7 @@ def chat_like_gpt2_base(corpus, folder: Path) -> Path:
     bos 1, eos 2 in config.json and eos [2, 50256] in generation_config.json, as SmolLM2-Instruct's 1/2 ≠ its
     ``<|endoftext|>`` 0."""
     torch.manual_seed(0)
-    model = GPT2(small_config(corpus, folder / "unused", extra=["task.tokenizer=gpt2"]).model)
+    model = GPT2(small_config(corpus, folder / "unused", extra=GPT2_IDS).model)
     save_hf_folder(model, folder, extra_config={"bos_token_id": 1, "eos_token_id": 2})
     generation = {"bos_token_id": 1, "eos_token_id": [2, 50256], "max_new_tokens": 7}
     (folder / "generation_config.json").write_text(json.dumps(generation))
@@ -307,7 +307,7 @@ def test_generate_stops_on_the_end_token_and_prints_it(corpus, tmp_path):
     """A model whose every next token is <|endoftext|> (the final norm's output is its bias, which the
     embedding row of <|endoftext|> points along): generation stops after one token, and prints it."""
     torch.manual_seed(0)
-    model = GPT2(small_config(corpus, tmp_path / "unused", extra=["task.tokenizer=gpt2"]).model)
+    model = GPT2(small_config(corpus, tmp_path / "unused", extra=GPT2_IDS).model)
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.copy_(torch.randn(33))

@@ -181,7 +181,7 @@ def test_a_tokenizer_with_more_ids_than_the_embedding_table_is_refused_before_tr
     from fabric_tram.engine.trainer import train
 
     config = small_config(corpus, tmp_path / "run", model=[*LLAMA_MODEL, "model.vocab_size=97"])
-    with pytest.raises(ConfigError, match="'gpt2' has 50257 tokens but the model's embedding table has 97 rows"):
+    with pytest.raises(ConfigError, match="'demo' has 4096 tokens but the model's embedding table has 97 rows"):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -70,7 +70,7 @@ def test_select_best_evaluates_the_lowest_validation_loss_checkpoint(corpus, tmp
         "sgd",
         steps=5,
         extra=[
-            "optimizer.lr=60",
+            "optimizer.lr=20",
             "trainer.eval_every=1",
             "trainer.select_best=true",
             "trainer.save_every=1",
