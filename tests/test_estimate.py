@@ -72,6 +72,53 @@ def test_activation_terms_follow_the_graphs_and_output_sized_tensors_of_each_rul
     assert acts["sam"] == acts["adam"] and acts["tram-prev"] - acts["adam"] == output
 
 
+@pytest.mark.parametrize(("precision", "logit_bytes"), [("bf16-mixed", 2), ("32-true", 4)])
+def test_the_chunked_cross_entropy_is_counted_at_its_logits_alone(precision, logit_bytes):
+    """Per graph, the plain cross-entropy keeps float32 logits and log-probabilities (8 bytes an output), the chunked
+    one the logits in the model's dtype: r3f's two graphs save twice the difference; nothing else changes."""
+    config = load_config("recipes/gpt2_s2orc.py")
+    outputs = config.trainer.micro_batch_size * config.task.block_size * 50257
+    for rule, graphs in (("adam", 1), ("tram-prev", 1), ("r3f", 2)):
+        e = {ce: estimate(load_config("recipes/gpt2_s2orc.py", [f"optimizer.name={rule}", f"task.cross_entropy={ce}",
+                                                                f"trainer.precision={precision}"]), devices=1)
+             for ce in ("plain", "chunked")}  # fmt: skip
+        plain, chunked = e["plain"]["bytes"], e["chunked"]["bytes"]
+        assert plain["activations"] - chunked["activations"] == graphs * (8 - logit_bytes) * outputs, rule
+        assert {k: v for k, v in plain.items() if k != "activations"} == {
+            k: v for k, v in chunked.items() if k != "activations"
+        }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_what_each_cross_entropy_saves_for_its_backward_is_what_the_estimate_counts(dtype):
+    """Measured: the tensors autograd saves between a loss's forward and its backward (saved_tensors_hooks), other
+    than the logits the model hands over. The plain loss saves float32 log-probabilities, 4 bytes an output (with
+    the float32 logits alive, the estimate's 8; bf16 logits make it 6, so 8 is a bound there); the chunked one
+    nothing output-sized: what it keeps is the logits themselves, as the estimate counts."""
+    from fabric_tram.loss import IGNORE_INDEX, chunked_cross_entropy_sum, cross_entropy_sum
+
+    logits = torch.randn(4, 16, 1000, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, 1000, (4, 16))
+    labels[0, :5] = IGNORE_INDEX
+    rows, outputs = labels.numel(), logits.numel()
+    for name, loss in (("plain", cross_entropy_sum), ("chunked", chunked_cross_entropy_sum)):
+        saved = {}
+
+        def pack(tensor, saved=saved):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = loss(logits, labels)
+        extra = sum(n for ptr, n in saved.items() if ptr != logits.untyped_storage().data_ptr())
+        small = rows * (8 + 8 + 1 + 4)  # labels, their in-range copy, the mask, one value a row
+        if name == "plain":
+            assert 4 * outputs <= extra <= 4 * outputs + small
+        else:
+            assert logits.untyped_storage().data_ptr() in saved and extra <= small
+        out.loss_sum.backward()  # what was saved is what the backward needs: it runs
+
+
 def test_an_amortised_radius_counts_a_fraction_of_the_target_forward():
     every = {
         n: estimate(

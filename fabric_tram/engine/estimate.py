@@ -5,8 +5,9 @@ Parameters, gradients, base-optimizer state and update-rule buffers are counted 
 family's count of the values a block keeps for its backward (``activation_elements_per_token``: GPT-2 17·C,
 Korthikanti et al. 2022 without the attention scores that fused attention does not store; Llama 8·C + 2·kv + 4·I
 for its GQA projections and SwiGLU), only the block inputs under activation checkpointing, plus the float32
-logits and log-probabilities, plus a target forward's log-probabilities for the rules that run one, plus the
-divergence's output-sized gradients for the regularisers; r3f holds two graphs.
+logits and log-probabilities (only the logits, in their own dtype, under ``task.cross_entropy=chunked``), plus a
+target forward's log-probabilities for the rules that run one, plus the divergence's output-sized gradients for the
+regularisers; r3f holds two graphs.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def rule_declarations(name: str, section=None) -> dict:
     }
 
 
+def cross_entropy_of(task_config) -> str:
+    """The task's cross-entropy (``task.cross_entropy``: plain or chunked); plain for a task without the setting
+    (a classifier's outputs are one row a sequence: no vocabulary-sized tensor to save)."""
+    return getattr(task_config, "cross_entropy", "plain")
+
+
 def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
     model = meta_model(config)
     t = config.trainer
@@ -128,7 +135,10 @@ def estimate(config: Config, devices: int, num_nodes: int = 1) -> dict:
         "without_checkpointing": graphs * L * block_full,
         "with_checkpointing": graphs * (L * B * T * C * act_bytes + block_full),
     }
-    logits = (2 * graphs + (1 if nograd else 0) + rule["divergence_gradients"]) * outputs * 4
+    # what each graph's cross-entropy keeps: the plain one float32 logits and log-probabilities (2 × 4 bytes an
+    # output); task.cross_entropy=chunked only the logits, in the dtype the model hands them (and a value a row)
+    loss_bytes = act_bytes if cross_entropy_of(config.task) == "chunked" else 2 * 4
+    logits = graphs * loss_bytes * outputs + ((1 if nograd else 0) + rule["divergence_gradients"]) * outputs * 4
     parts = {
         "parameters": n_params * param_bytes / shards,
         "gradients": n_trained * param_bytes / shards,

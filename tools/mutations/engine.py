@@ -351,4 +351,16 @@ MUTATIONS = (  # fmt: skip
         ),  # fmt: skip
         ("tests/test_checkpoint.py::test_stop_after_step_2_and_resume_equals_uninterrupted",),
     ),
+    Mutation(
+        "estimate-ignores-the-chunked-cross-entropy",
+        "the estimate counts float32 logits and log-probabilities under task.cross_entropy=chunked too",
+        (
+            (
+                "fabric_tram/engine/estimate.py",
+                'loss_bytes = act_bytes if cross_entropy_of(config.task) == "chunked" else 2 * 4',
+                "loss_bytes = 2 * 4",
+            ),
+        ),
+        ("tests/test_estimate.py::test_the_chunked_cross_entropy_is_counted_at_its_logits_alone",),
+    ),
 )

@@ -255,4 +255,16 @@ MUTATIONS = (  # fmt: skip
             "tests/test_registry_config.py::test_the_optimizer_registry_knows_each_entrys_kind_and_refuses_a_config_that_says_otherwise",
         ),
     ),
+    Mutation(
+        "chunked-cross-entropy-saves-float32-logits",
+        "the chunked cross-entropy saves a float32 copy of bf16 logits for its backward (the memory it exists to save)",
+        (
+            (
+                "fabric_tram/loss.py",
+                "ctx.save_for_backward(logits, safe, valid, lse)",
+                "ctx.save_for_backward(logits.to(dtype), safe, valid, lse)",
+            ),
+        ),
+        ("tests/test_estimate.py::test_what_each_cross_entropy_saves_for_its_backward_is_what_the_estimate_counts",),
+    ),
 )
