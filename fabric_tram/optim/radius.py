@@ -28,6 +28,7 @@ import math
 import torch
 
 from fabric_tram.config import ConfigError
+from fabric_tram.optim.ascent_schedule import next_perturbing_step, perturbs
 
 RADIUS_TRANSFORMS = ("linear", "sqrt")
 
@@ -68,10 +69,9 @@ def takes_d(step: int, calibrated_after: int, every: int, ascent_every: int = 1)
     def scheduled(t: int) -> bool:
         return (t - calibrated_after - 1) % every == 0
 
-    if not scheduled(step) or (step - 1) % ascent_every == 0:
+    if not scheduled(step) or perturbs(step, ascent_every):
         return scheduled(step)
-    next_ascent = step + ascent_every - (step - 1) % ascent_every
-    return not any(scheduled(t) for t in range(step + 1, next_ascent + 1))
+    return not any(scheduled(t) for t in range(step + 1, next_perturbing_step(step, ascent_every) + 1))
 
 
 def unread_d_schedule(config) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from fabric_tram.config import base_optimizer_name
 from fabric_tram.distributed import is_dtensor
+from fabric_tram.optim.ascent_schedule import perturbs
 from fabric_tram.optim.geometry import EPS, Geometry, climb, scale_gradients, scale_parts
 from fabric_tram.optim.momentum import direction_groups, momentum_key, momentum_vectors
 from fabric_tram.optim.noise import InputNoise
@@ -101,7 +102,7 @@ class UpdateRule:
     def ascends(self, step: int) -> bool:
         """Whether optimizer step ``step`` perturbs the weights: every step of a rule with a geometry, or one in
         ``ascent_every`` (steps 1, 1 + N, 1 + 2N, ...: a function of the step, so a resumed run keeps the phase)."""
-        return self.geometry is not None and (step - 1) % self.ascent_every == 0
+        return self.geometry is not None and perturbs(step, self.ascent_every)
 
     def keep_radius_current(self, ctx: StepContext, d: torch.Tensor) -> None:
         """A step that measured d without using a radius (a step that does not perturb): what a rule whose radius

@@ -379,9 +379,9 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/update_rule.py",
-                "        return self.geometry is not None and (step - 1) % self.ascent_every == 0",
+                "        return self.geometry is not None and perturbs(step, self.ascent_every)",
                 "        self.seen = getattr(self, 'seen', 0) + 1\n"
-                "        return self.geometry is not None and (self.seen - 1) % self.ascent_every == 0",
+                "        return self.geometry is not None and perturbs(self.seen, self.ascent_every)",
             ),
         ),
         ("tests/test_ascent_schedule.py::test_the_ascent_phase_is_a_function_of_the_step_so_a_resumed_run_keeps_it",),
@@ -408,7 +408,7 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "    if not scheduled(step) or (step - 1) % ascent_every == 0:",
+                "    if not scheduled(step) or perturbs(step, ascent_every):",
                 "    if True:",
             ),
         ),
@@ -423,7 +423,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/radius.py",
-                "    return not any(scheduled(t) for t in range(step + 1, next_ascent + 1))",
+                "    return not any(scheduled(t) for t in range(step + 1, "
+                "next_perturbing_step(step, ascent_every) + 1))",
                 "    return False",
             ),
         ),
