@@ -207,6 +207,7 @@ class UpdateRule:
             with perturbed(self.params, self.backup):  # backup ← w here; w ← backup on leaving, bit-exact
                 # climb to the local maximum w + e(w)
                 stats["e_norm"] = climb(self.geometry, parts, self.params, radius / (norm + EPS))
+                del parts  # e was formed in the ascent gradients' memory: freed before the descent makes its own
                 ctx.zero_grad()
                 ctx.forward_backward(self.descent_objective(ctx))  # the sharpness-aware gradient, at w + e(w)
         self.target.before_base_step(restored=ascending)

@@ -463,4 +463,18 @@ MUTATIONS = (  # fmt: skip
         (("fabric_tram/optim/momentum.py", '    "Adam": "exp_avg",', '    "Adam": "exp_avg_sq",'),),
         ("tests/test_ascent_schedule.py::test_asam_along_adams_first_moment",),
     ),
+    Mutation(
+        "ascent-gradients-held-through-the-descent",
+        "the ascent gradients (where e was formed) stay referenced through the descent pass: two gradient-sized "
+        "buffers at once",
+        (
+            (
+                "fabric_tram/optim/update_rule.py",
+                "                del parts  # e was formed in the ascent gradients' memory: freed before the descent "
+                "makes its own\n",
+                "",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_the_ascent_gradients_are_freed_before_the_descent_pass_makes_its_own",),
+    ),
 )
