@@ -178,4 +178,21 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_lora.py::test_lora_without_target_modules_adapts_pefts_default_for_the_architecture",),
     ),
+    Mutation(
+        "causal-attention-by-a-mask-tensor",
+        "the decoders' causal attention given as a lower-triangular mask tensor (a GPU can then not take "
+        "FlashAttention), not by is_causal",
+        (
+            (
+                "fabric_tram/models/kv_cache.py",
+                "    return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, "
+                "is_causal=causal, **kwargs)",
+                "    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril() if causal "
+                "else None\n"
+                "    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, "
+                "dropout_p=dropout_p, **kwargs)",
+            ),
+        ),
+        ("tests/test_attention_kernels.py::test_the_decoders_attend_causally_by_flag_with_no_mask",),
+    ),
 )
