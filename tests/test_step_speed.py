@@ -118,6 +118,43 @@ def test_the_ascent_gradients_are_freed_before_the_descent_pass_makes_its_own(ru
     assert len(backwards) == 2 and descent == [[False] * len(backwards[0])], descent
 
 
+@pytest.mark.parametrize("rule", ["sam", "asam", "tram-prev"])
+def test_along_the_momentum_the_copies_e_is_formed_in_are_freed_before_the_pass(rule, monkeypatch):
+    """ascent_direction=momentum forms e in float32 copies of the base optimizer's first moment; they are dropped
+    once θ + e is set, before the step's one pass allocates its gradients (weak references to their storage,
+    read when the pass's forward starts, on step 2: step 1 has no moment yet)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import fabric_tram.optim.update_rule as update_rule
+
+    copies, seen = [], []
+    original = update_rule.direction_groups
+
+    def recording(params, vectors):
+        parts = original(params, vectors)
+        copies.extend(StorageWeakRef(x.untyped_storage()) for _, group, _ in parts for x in group)
+        return parts
+
+    monkeypatch.setattr(update_rule, "direction_groups", recording)
+    torch.manual_seed(0)
+    model = Tiny(2)
+
+    def loss(m, b, **kw):
+        seen.append([not ref.expired() for ref in copies])
+        return cross_entropy_sum(m(b["x"], **kw), b["y"])
+
+    hyper = (
+        {"ascent_direction": "momentum", "radius_scale": 1.0}
+        if rule == "tram-prev"
+        else {"ascent_direction": "momentum"}
+    )
+    rule_loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-3), loss, **hyper)
+    micro, n = batches(1)
+    for _ in range(2):
+        rule_loop.step(None, micro_batches=micro, n_targets=n)
+    assert copies and seen[-1] == [False] * len(copies), seen[-1]
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_a_step_waits_on_the_device_only_for_its_skip_decisions(rule):
     """One transfer to decide whether to skip before the base step, one more after a sharpness-aware ascent;

@@ -477,4 +477,10 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_step_speed.py::test_the_ascent_gradients_are_freed_before_the_descent_pass_makes_its_own",),
     ),
+    Mutation(
+        "momentum-copies-held-through-the-pass",
+        "along the momentum, the copies of v that e was formed in stay referenced through the step's pass",
+        (("fabric_tram/optim/update_rule.py", "                del parts, vectors\n", ""),),
+        ("tests/test_step_speed.py::test_along_the_momentum_the_copies_e_is_formed_in_are_freed_before_the_pass",),
+    ),
 )
