@@ -4,9 +4,11 @@ test that guards something new, in the file of the part it breaks."""
 
 from __future__ import annotations
 
-from . import engine, inputs, models, rules
+from . import engine, inputs, models, rules, schedules, step
 from .mutation import Mutation
 
-MUTATIONS: tuple[Mutation, ...] = rules.MUTATIONS + engine.MUTATIONS + models.MUTATIONS + inputs.MUTATIONS
+MUTATIONS: tuple[Mutation, ...] = (
+    rules.MUTATIONS + step.MUTATIONS + schedules.MUTATIONS + engine.MUTATIONS + models.MUTATIONS + inputs.MUTATIONS
+)
 
 __all__ = ["MUTATIONS", "Mutation"]
