@@ -195,4 +195,31 @@ MUTATIONS = (  # fmt: skip
         ),
         ("tests/test_attention_kernels.py::test_the_decoders_attend_causally_by_flag_with_no_mask",),
     ),
+    Mutation(
+        "encoder-attention-ignores-padding",
+        "the encoder's attention called without its padding mask (padded positions attended to)",
+        (
+            (
+                "fabric_tram/models/encoder.py",
+                "y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)",
+                "y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)",
+            ),
+        ),
+        ("tests/test_attention_kernels.py::test_the_encoder_hands_its_padding_mask_to_the_kernel",),
+    ),
+    Mutation(
+        "hf-attention-eager-by-default",
+        "model.name=hf loads transformers models with eager attention unless told otherwise (no fused kernel)",
+        (
+            (
+                "fabric_tram/models/hf.py",
+                '        kwargs["attn_implementation"] = config.attn_implementation\n',
+                '        kwargs["attn_implementation"] = config.attn_implementation\n'
+                '    else:\n        kwargs["attn_implementation"] = "eager"\n',
+            ),
+        ),
+        (
+            "tests/test_attention_kernels.py::test_a_transformers_model_runs_transformers_sdpa_attention_unless_told_otherwise",
+        ),
+    ),
 )
