@@ -45,20 +45,57 @@ def test_keeping_freed_cpu_memory_removes_the_page_faults_of_each_step():
 @pytest.mark.slow
 def test_step_cost(tmp_path):
     variant = "tram-prev:ascent_every=2:radius_every=2"  # timed over blocks of 2 steps
-    rules = ["sam", "tram-prev", "r3f", variant, "asam:ascent_direction=momentum"]
+    rules = ["sam", "tram-prev", "r3f", "trpo", variant, "asam:ascent_direction=momentum"]
     text, result = bench(tmp_path, "step_cost", "--size", "tiny", "--repeats", "1", "--rules", ",".join(rules))
     assert "| tram-prev |" in text
     assert result["allocator"] == ("glibc, freed memory kept (no mmap, no trim)" if GLIBC else "system")
     # the floors are the rules' declared passes priced at the recorded pass times: algebra, never a timed bound
     passes = {name: r["passes"] for name, r in result["rules"].items()}
     assert passes == {"sam": [2, 0, 2], "tram-prev": [2, 1, 2], "r3f": [2, 0, 2],  # r3f: one pass, two graphs
-                      variant: [1.5, 0.5, 1.5], "asam:ascent_direction=momentum": [1, 0, 1]}  # fmt: skip
+                      "trpo": [1, 1, 1], variant: [1.5, 0.5, 1.5],
+                      "asam:ascent_direction=momentum": [1, 0, 1]}  # fmt: skip
+    # each rule's divergences per step, priced at the divergences' own recorded times
+    divergences = {name: r["divergences"] for name, r in result["rules"].items()}
+    assert divergences == {"sam": {}, "tram-prev": {"kl (no gradient)": 1}, "r3f": {"kl-sym (gradient: both)": 1},
+                           "trpo": {"kl (gradient: current)": 1}, variant: {"kl (no gradient)": 0.5},
+                           "asam:ascent_direction=momentum": {}}  # fmt: skip
+    kinds = {"kl (no gradient)", "kl-sym (gradient: both)", "kl (gradient: current)"}
+    assert set(result["divergence_seconds"]) == kinds
     t_fb, t_f = result["fwd_bwd_seconds"], result["no_grad_fwd_seconds"]
     for name, r in result["rules"].items():
         fwd, nograd, _ = r["passes"]
         assert r["floor"] == pytest.approx((fwd * t_fb + nograd * t_f) / t_fb, rel=1e-12), name
         assert r["ratio_to_adam"] == pytest.approx(r["seconds"] / result["adam_seconds"], rel=1e-12), name
         assert r["over_floor"] == pytest.approx(r["ratio_to_adam"] / r["floor"], rel=1e-12), name
+        priced = sum(count * result["divergence_seconds"][label] for label, count in r["divergences"].items())
+        assert r["floor_with_divergences"] == pytest.approx(r["floor"] + priced / t_fb, rel=1e-12), name
+        assert r["over_floor_with_divergences"] == pytest.approx(
+            r["ratio_to_adam"] / r["floor_with_divergences"], rel=1e-12
+        ), name
+
+
+def test_each_rule_declares_the_divergences_a_step_computes():
+    """What step_cost prices beside the passes: TRAM's d without a gradient on each target forward, a
+    regulariser's term with its gradient once per gradient pass (both branches for r3f)."""
+    from fabric_tram.bench.common import divergence_kinds, make_model
+    from fabric_tram.optim.api import UpdateRuleLoop
+    from fabric_tram.registry import load_builtins
+
+    load_builtins()
+    expected = {
+        **dict.fromkeys(["sam", "asam", "fsam", "tram-fisher"], {}),
+        **dict.fromkeys(["tram-prev", "tram-init", "tram-x"], {("kl", "none"): 1}),
+        **dict.fromkeys(["trpo", "mesa"], {("kl", "current"): 1}),
+        **dict.fromkeys(["asam+trpo", "asam+mesa"], {("kl", "current"): 2}),
+        "r3f": {("kl-sym", "both"): 1},
+        "asam+r3f": {("kl-sym", "both"): 2},
+    }
+    assert sorted(expected) == sorted(RULES)
+    for name in RULES:
+        model = make_model("tiny", "cpu")
+        rule = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters()), None).rule
+        forward, no_grad, _ = type(rule).mean_passes(rule.config)
+        assert divergence_kinds(rule, forward, no_grad) == expected[name], name
 
 
 def test_a_pass_floor_prices_each_pass_at_its_time():
@@ -125,6 +162,15 @@ def test_gpu_suite_path_on_cpu(tmp_path):
     for name, r in result["rules"].items():
         fwd, nograd, _ = rule_class(name).passes
         assert r["floor"] == pytest.approx(fwd + nograd * t_f_over_t_fb, rel=1e-12), name
+    # beside it, the floor with each rule's divergences priced (kinds as test_each_rule_declares_...)
+    seconds = result["divergence_seconds"]
+    assert set(seconds) == {"kl (no gradient)", "kl (gradient: current)", "kl-sym (gradient: both)"}
+    assert result["rules"]["sam"]["floor_with_divergences"] == result["rules"]["sam"]["floor"]
+    extra = {name: r["floor_with_divergences"] - r["floor"] for name, r in result["rules"].items()}
+    assert extra["asam+trpo"] == pytest.approx(2 * extra["trpo"], rel=1e-9)  # one term per gradient pass
+    assert extra["asam+r3f"] == pytest.approx(2 * extra["r3f"], rel=1e-9)
+    ratio = seconds["kl-sym (gradient: both)"] / seconds["kl (no gradient)"]
+    assert extra["r3f"] / extra["tram-prev"] == pytest.approx(ratio, rel=1e-9)
     xl = result["xl"]
     assert xl["tram_over_adam"] == pytest.approx(xl["tram-prev"]["seconds"] / xl["adam"]["seconds"], rel=1e-12)
     for name in ("adam", "tram-prev"):  # one device, the micro-batch the estimator fits within the global batch 4

@@ -104,6 +104,49 @@ def pass_floors(size: str, device: str, loss, batch: dict) -> dict:
     return {"fwd+bwd": forward_backward, "no-grad fwd": forward_only}
 
 
+def divergence_kinds(rule, forward: float, no_grad: float) -> dict[tuple[str, str], float]:
+    """A rule's divergences per step as {(divergence, branches with a gradient): count}: TRAM's d without a
+    gradient on each target forward; a regulariser's term with its gradient through the current branch once per
+    gradient pass, or through both (r3f's noised and clean forwards, one pass with two graphs)."""
+    if rule.meter is None:
+        return {}
+    if rule.divergence_gradients == 0:
+        return {(rule.meter.name, "none"): no_grad}
+    branches = "both" if rule.graphs_per_pass == 2 else "current"
+    return {(rule.meter.name, branches): forward / rule.graphs_per_pass}
+
+
+def divergence_work(kinds, size: str, device: str, loss, batch: dict) -> dict:
+    """A candidate per divergence kind: its value and, through the branches named, its gradient at the size's
+    output (log-probabilities of two forwards, as the loss hands them over): compute the pass floor does not
+    count, priced so that what a step adds beyond its passes and its divergences is the engine's own."""
+    from fabric_tram.optim.divergences import divergence_sum
+
+    probe = make_model(size, device)
+    with torch.no_grad():
+        target = loss(probe, batch)
+        probe.eval()  # another dropout draw: a current output near, not equal to, the target
+        current = loss(probe, batch)
+    candidates = {}
+    for name, branches in kinds:
+
+        def run(name=name, branches=branches):
+            t = target.log_probs.detach().requires_grad_(branches == "both")
+            c = current.log_probs.detach().requires_grad_(branches != "none")
+            with torch.set_grad_enabled(branches != "none"):
+                total, _ = divergence_sum(name, t, c, current.mask, normalized=(True, True))
+            if branches != "none":
+                torch.autograd.grad(total, [c, t] if branches == "both" else [c])
+
+        candidates[divergence_label((name, branches))] = run
+    return candidates
+
+
+def divergence_label(kind: tuple[str, str]) -> str:
+    name, branches = kind
+    return f"{name} ({'no gradient' if branches == 'none' else 'gradient: ' + branches})"
+
+
 def pass_floor(forward: int, nograd: float, t_fb: float, t_f: float) -> float:
     """A step's floor in units of one forward + backward: ``forward`` gradient passes at ``t_fb`` seconds each and
     ``nograd`` no-grad forwards at ``t_f`` (fractional when a rule runs one every N steps)."""

@@ -8,6 +8,8 @@ position. :func:`divergence_sum` applies one over the valid positions in chunks,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fabric_tram.loss import chunk_rows
@@ -62,30 +64,58 @@ def _as_log_probs(scores: torch.Tensor, normalized: bool, dtype: torch.dtype) ->
     return scores.to(dtype) if normalized else torch.log_softmax(scores.to(dtype), -1)
 
 
-def _kl_chunk(lp: torch.Tensor, lq: torch.Tensor, name: str, need_t: bool = False, need_c: bool = False):
-    """Per-row KL-family values of one chunk and, where asked, their gradients with respect to the log-probabilities
-    as free variables (p = e^log p, q = e^log q, δ = log p − log q), each as (tensor, sign):
-      KL(p‖q) = Σ p δ:    d/dlog q = −p,         d/dlog p = p (1 + δ)
-      KL(q‖p) = −Σ q δ:   d/dlog q = q (1 − δ),  d/dlog p = −q
-    Sums over the vocabulary are dot products (reads, no temporaries); a sign is left to the caller's weighting.
-    """
+def _weighted_dot(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Σ_rows w_r Σ_v x_rv y_rv; ``w`` None: every row weighs 1, and the sum is one dot product over the chunk
+    (a read of both, no temporary), where per-row weights need a product per row first."""
+    if w is None:
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return torch.dot(torch.linalg.vecdot(x, y), w)
+
+
+class KLChunk(NamedTuple):
+    g_t: tuple[torch.Tensor, int] | None  # d/dlog p and its sign, where the target branch needs a gradient
+    g_c: tuple[torch.Tensor, int] | None  # d/dlog q and its sign, where the current branch needs one
+    value: tuple[torch.Tensor, int]  # (v, sign): the chunk's divergence is sign · Σ v δ per row
+    delta: torch.Tensor  # δ = log p − log q
+    p: torch.Tensor | None  # the probabilities, where computed (the log-softmax of logits inputs reuses them)
+    q: torch.Tensor | None
+
+
+def _kl_chunk(lp: torch.Tensor, lq: torch.Tensor, name: str, need_t: bool = False, need_c: bool = False) -> KLChunk:
+    """The KL-family gradients of one chunk with respect to the log-probabilities as free variables (p = e^log p,
+    q = e^log q, δ = log p − log q), each as (tensor, sign), where asked:
+      KL(p‖q) = Σ p δ:        d/dlog q = −p,             d/dlog p = p (1 + δ)
+      KL(q‖p) = −Σ q δ:       d/dlog q = q (1 − δ),      d/dlog p = −q
+      the sum, m = p − q:     d/dlog q = −(m + q δ),     d/dlog p = m + p δ,     value Σ m δ
+    the value's factor v with its sign (value = sign Σ v δ), δ, p and q; a sign is left to the caller's weighting.
+    δ is taken elementwise first: Σ p log p − Σ p log q would cancel (both near the entropy; their difference is
+    the KL, 1e-4 a position late in a run)."""
     forward, reverse = name in ("kl", "kl-sym"), name in ("kl-reverse", "kl-sym")
     p = lp.exp() if forward else None
     q = lq.exp() if reverse else None
-    rows = torch.linalg.vecdot(p, lp) - torch.linalg.vecdot(p, lq) if forward else 0
-    if reverse:
-        rows = rows + torch.linalg.vecdot(q, lq) - torch.linalg.vecdot(q, lp)
-    delta = lp - lq if (need_t and forward) or (need_c and reverse) else None
-    g_t = g_c = None
-    if need_c:
-        g_c = (torch.addcmul(q, q, delta, value=-1), 1) if reverse else (p, -1)
-        if forward and reverse:
-            g_c = (g_c[0].sub_(p), 1)
-    if need_t:
-        g_t = (torch.addcmul(p, p, delta), 1) if forward else (q, -1)
-        if forward and reverse:
-            g_t = (g_t[0].sub_(q), 1)
-    return rows, g_t, g_c, p, q
+    delta = lp - lq
+    if forward and reverse:
+        m = p - q
+        g_t = (torch.addcmul(m, p, delta), 1) if need_t else None
+        g_c = (torch.addcmul(m, q, delta), -1) if need_c else None
+        return KLChunk(g_t, g_c, (m, 1), delta, p, q)
+    if forward:
+        g_t = (torch.addcmul(p, p, delta), 1) if need_t else None
+        return KLChunk(g_t, (p, -1) if need_c else None, (p, 1), delta, p, q)
+    g_c = (torch.addcmul(q, q, delta, value=-1), 1) if need_c else None
+    return KLChunk((q, -1) if need_t else None, g_c, (q, -1), delta, p, q)
+
+
+def _kl_total(value, delta, w, gradients) -> torch.Tensor:
+    """Σ_rows w_r KL-family(row) of one chunk, ``value`` = (v, sign) from :func:`_kl_chunk`. Where a gradient is
+    ±v itself (−p: KL(p‖q) through the current branch, as trpo and mesa take it; −q: KL(q‖p) through the
+    target), its weighted form G = ±w·v already holds the weights: the sum is one dot product of G with δ, no
+    per-row product written. ``gradients``: ((g, sign), G) of each branch that has one."""
+    v, v_sign = value
+    for (g, g_sign), weighted in gradients:
+        if g is v:  # G = g_sign · w · v, so Σ w v δ = g_sign · G·δ
+            return v_sign * g_sign * torch.dot(weighted.reshape(-1), delta.reshape(-1))
+    return v_sign * _weighted_dot(v, delta, w)
 
 
 class ChunkedKL(torch.autograd.Function):
@@ -98,10 +128,21 @@ class ChunkedKL(torch.autograd.Function):
     (through the log-softmax, g − softmax · Σ g, for logits inputs); the backward only scales them by the
     incoming gradient. So each input needing a gradient holds one tensor of its size from forward to backward,
     and the inputs themselves are not kept (a regulariser's no-grad target is freed right after the forward).
+    ``uniform``: every row weighs 1 (no mask), so the value's sums need no per-row products.
     """
 
     @staticmethod
-    def forward(ctx, target, current, weight, name: str, chunk: int, dtype: torch.dtype, normalized: tuple[bool, bool]):
+    def forward(
+        ctx,
+        target,
+        current,
+        weight,
+        name: str,
+        chunk: int,
+        dtype: torch.dtype,
+        normalized: tuple[bool, bool],
+        uniform: bool = False,
+    ):
         need_t, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grads = [torch.empty_like(x) if need else None for x, need in ((target, need_t), (current, need_c))]
         total = current.new_zeros((), dtype=dtype)
@@ -109,27 +150,37 @@ class ChunkedKL(torch.autograd.Function):
             w = weight[s : s + chunk]
             lp = _as_log_probs(target[s : s + chunk], normalized[0], dtype)
             lq = _as_log_probs(current[s : s + chunk], normalized[1], dtype)
-            rows, g_t, g_c, p, q = _kl_chunk(lp, lq, name, need_t, need_c)
-            total = total + torch.dot(rows, w)
-            for grad, g_sign, probs, log_probs, is_log_probs in (
-                (grads[0], g_t, p, lp, normalized[0]),
-                (grads[1], g_c, q, lq, normalized[1]),
+            kl_chunk = _kl_chunk(lp, lq, name, need_t, need_c)
+            weighted = []  # (g, sign) and w · sign · g, before the log-softmax: in the grad's chunk where dtypes agree
+            for grad, g_sign in ((grads[0], kl_chunk.g_t), (grads[1], kl_chunk.g_c)):
+                if grad is None:
+                    weighted.append(None)
+                    continue
+                g, sign = g_sign
+                scale = (sign * w).unsqueeze(-1)
+                out = torch.mul(g, scale, out=grad[s : s + chunk]) if g.dtype == grad.dtype else g * scale
+                weighted.append((g_sign, out))
+            pairs = [x for x in weighted if x is not None]
+            total = total + _kl_total(kl_chunk.value, kl_chunk.delta, None if uniform else w, pairs)
+            for grad, pair, probs, log_probs, is_log_probs in (
+                (grads[0], weighted[0], kl_chunk.p, lp, normalized[0]),
+                (grads[1], weighted[1], kl_chunk.q, lq, normalized[1]),
             ):
-                if grad is not None:
-                    g, sign = g_sign
-                    if not is_log_probs:  # through the log-softmax of logits
-                        g = g - (probs if probs is not None else log_probs.exp()) * g.sum(-1, keepdim=True)
-                    if g.dtype == grad.dtype:
-                        torch.mul(g, (sign * w).unsqueeze(-1), out=grad[s : s + chunk])
-                    else:
-                        grad[s : s + chunk] = g * (sign * w).unsqueeze(-1)
+                if grad is None:
+                    continue
+                wg = pair[1]
+                if not is_log_probs:  # through the log-softmax of logits: wg − softmax · Σ wg
+                    softmax = probs if probs is not None else log_probs.exp()
+                    wg = wg.addcmul_(softmax, wg.sum(-1, keepdim=True), value=-1)
+                if wg.data_ptr() != grad[s : s + chunk].data_ptr():
+                    grad[s : s + chunk] = wg
         ctx.grads = grads
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         # out of place: a graph kept with retain_graph=True may run this backward again
-        return *(g * grad_total.to(g.dtype) if g is not None else None for g in ctx.grads), None, None, None, None, None
+        return *(g * grad_total.to(g.dtype) if g is not None else None for g in ctx.grads), *(None,) * 6
 
 
 def check_divergence(name: str) -> None:
@@ -163,7 +214,9 @@ def divergence_sum(
         weight = (
             mask.reshape(-1).to(dtype) if mask is not None else current_flat.new_ones(current_flat.size(0), dtype=dtype)
         )
-        total = ChunkedKL.apply(target_flat, current_flat, weight, name, chunk_size, dtype, tuple(normalized))
+        total = ChunkedKL.apply(
+            target_flat, current_flat, weight, name, chunk_size, dtype, tuple(normalized), mask is None
+        )
         count = (
             weight.sum().round().long()
             if mask is not None

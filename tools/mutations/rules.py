@@ -13,6 +13,36 @@ MUTATIONS = (  # fmt: skip
         (CLOSED_FORM + "::test_regularisers_three_steps",),
     ),
     Mutation(
+        "kl-value-from-gradient-sign",
+        "a KL value read off its weighted gradient (g_c = -w p for trpo/mesa) with the gradient's sign lost",
+        (
+            (
+                "fabric_tram/optim/divergences.py",
+                "return v_sign * g_sign * torch.dot(weighted.reshape(-1), delta.reshape(-1))",
+                "return v_sign * torch.dot(weighted.reshape(-1), delta.reshape(-1))",
+            ),
+        ),
+        ("tests/test_divergences.py",),
+    ),
+    Mutation(
+        "kl-value-cancels",
+        "the KL value summed as Σ p log p − Σ p log q (two numbers near the entropy whose difference is the KL)",
+        (
+            (
+                "fabric_tram/optim/divergences.py",
+                "return v_sign * _weighted_dot(v, delta, w)",
+                "return v_sign * (_weighted_dot(v, delta - v.log(), w) + _weighted_dot(v, v.log(), w))",
+            ),
+        ),
+        ("tests/test_divergences.py",),
+    ),
+    Mutation(
+        "kl-masked-rows-weigh-one",
+        "the KL value summed as if no row were masked (the unweighted dot products with a mask)",
+        (("fabric_tram/optim/divergences.py", "tuple(normalized), mask is None", "tuple(normalized), True"),),
+        ("tests/test_divergences.py",),
+    ),
+    Mutation(
         "asam-original-inverted",
         "asam_like_original: T on the parameters not named 'weight'",
         (
