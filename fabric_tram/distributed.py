@@ -47,7 +47,8 @@ def sum_of_squares(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    shards = [local(t).detach() for t in tensors]
+    shards = [local(t) for t in tensors]  # gradients: no graph to detach from (a detach is a new tensor each)
+    shards = [t.detach() if t.requires_grad else t for t in shards]
     widened = [t if t.dtype == dtype else t.to(dtype) for t in shards]
     total = torch.stack(torch._foreach_norm(widened)).pow(2).sum()
     return shard_sum(total, tensors)  # the sharded originals name the group to complete the sum over

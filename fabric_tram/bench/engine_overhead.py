@@ -44,10 +44,11 @@ def main() -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
     autocast = args.precision == "bf16-mixed"
     state = {"engine": 0, "loop": 0}
+    batches = StepBatches(run.task, sampler)  # once, as the trainer's step_batches builds it
 
     def engine_step():
         state["engine"] += 1
-        training_step(run, StepBatches(run.task, sampler)[state["engine"] - 1], state["engine"])
+        training_step(run, batches[state["engine"] - 1], state["engine"])
 
     def loop_step():
         state["loop"] += 1

@@ -174,10 +174,11 @@ def through_trainer(config, args) -> tuple[float, object]:
     t = config.trainer
     sampler = StepSampler(len(run.task.train_set), t.micro_batch_size, t.accumulate, 1, 0)
     state = {"step": 0}
+    batches = StepBatches(run.task, sampler)  # once, as the trainer's step_batches builds it
 
     def step():
         state["step"] += 1
-        training_step(run, StepBatches(run.task, sampler)[state["step"] - 1], state["step"])
+        training_step(run, batches[state["step"] - 1], state["step"])
 
     return timed_steps(step, args.steps, args.device), run
 
@@ -360,7 +361,8 @@ def context(rule_loop: UpdateRuleLoop, batch: dict):
     n = batch["labels"].ne(IGNORE_INDEX).sum().double()
     return StepContext(fabric=rule_loop.fabric, model=rule_loop.model, optimizer=rule_loop.optimizer,
                        loss_fn=rule_loop.loss_fn, micro_batches=[batch], step=rule_loop.step_count, n_global=n,
-                       n_local=n, grad_clip=1.0, compute_dtype=torch.bfloat16)  # fmt: skip
+                       n_local=n, grad_clip=1.0, compute_dtype=torch.bfloat16,
+                       params=rule_loop.rule.params)  # fmt: skip
 
 
 if __name__ == "__main__":

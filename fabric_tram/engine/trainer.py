@@ -184,6 +184,7 @@ def training_step(run: Run, micro_batches: list[dict], step: int) -> dict:
         grad_clip=t.grad_clip,
         scaler=run.scaler,
         compute_dtype=MIXED_PRECISION_DTYPES.get(t.precision),
+        params=run.rule.params,
     )
     stats = run.rule.step(ctx)
     inputs = [b["input_ids"] for b in micro_batches if "input_ids" in b]

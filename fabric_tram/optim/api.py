@@ -154,6 +154,7 @@ class UpdateRuleLoop:
             n_global=n_global,
             grad_clip=self.grad_clip,
             scaler=self.scaler,
+            params=self.rule.params,
         )
         stats = {**self.rule.step(ctx), **{f"passes/{k}": v for k, v in ctx.passes.items()}}
         to_host([stats])  # a plain loop wants numbers; the step itself never waited on the device for them

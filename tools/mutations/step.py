@@ -19,6 +19,12 @@ MUTATIONS = (  # fmt: skip
         (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
     ),
     Mutation(
+        "trainer-norm-of-one-parameter",
+        "the trainer's step context handed a partial parameter list: clipping and the norm see one tensor",
+        (("fabric_tram/engine/trainer.py", "        params=run.rule.params,", "        params=run.rule.params[:1],"),),
+        ("tests/test_engine_modes.py::test_trainer_clips_the_final_gradient_to_grad_clip",),
+    ),
+    Mutation(
         "clip-the-ascent-gradient",
         "clipping applied at another point of the step: to the ascent gradient, not the final one",
         (
