@@ -97,12 +97,14 @@ def asam_geometry(config, names: list[str]) -> ASAMGeometry:
     return ASAMGeometry(eta, [not original or "weight" in name for name in names])
 
 
+@torch.no_grad()
 def ascent_gradients(params, loss_scale: float = 1.0) -> list[tuple[list, list, list]]:
     """Groups of (weights, gradients to form e in, parameter indices) of the parameters with a gradient: local
-    shards, the true gradient (unscaled in place), in at least float32 (bf16 gradients are widened, a copy)."""
+    shards, the true gradient (unscaled in place), in at least float32 (bf16 gradients are widened, a copy).
+    The weights are the parameters' own tensors (written under ``torch.no_grad()``, not detached: optim/weights.py)."""
     index = [i for i, p in enumerate(params) if p.grad is not None]
-    weights = [local(params[i]).detach() for i in index]
-    grads = [local(params[i].grad).detach() for i in index]
+    weights = [local(params[i]) for i in index]
+    grads = [local(params[i].grad) for i in index]
     if any(g.dtype in (torch.bfloat16, torch.float16) for g in grads):  # bf16-true: e is formed in float32
         grads = [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
     if loss_scale != 1.0:

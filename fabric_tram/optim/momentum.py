@@ -51,10 +51,16 @@ def momentum_vectors(optimizer, params, key: str) -> list[torch.Tensor] | None:
     return vectors
 
 
+@torch.no_grad()
 def direction_groups(params, vectors) -> list[tuple[list, list, list]]:
     """Groups of (weights, a float32-or-wider copy of v to form e in, parameter indices), local shards: e is formed
-    in these copies (never in the optimizer's state), which are dropped once e is applied."""
+    in these copies (never in the optimizer's state), which are dropped once e is applied. The weights are the
+    parameters' own tensors, written under ``torch.no_grad()`` (optim/weights.py)."""
     index = list(range(len(params)))
-    weights = [local(p).detach() for p in params]
-    copies = [local(v).detach().to(torch.promote_types(v.dtype, torch.float32), copy=True) for v in vectors]
+    weights = [local(p) for p in params]
+    moments = [local(v) for v in vectors]
+    if all(v.dtype in (torch.float32, torch.float64) for v in moments):
+        copies = torch._foreach_mul(moments, 1.0)  # one multi-tensor copy (v · 1 is v for every float)
+    else:  # bf16/fp16 moments: widened to float32, a tensor at a time
+        copies = [v.to(torch.promote_types(v.dtype, torch.float32), copy=True) for v in moments]
     return list(groups(weights, copies, index))

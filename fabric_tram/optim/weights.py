@@ -32,13 +32,18 @@ def groups(*lists: list[torch.Tensor]):
         yield tuple(lst[start:] for lst in lists)
 
 
+@torch.no_grad()
 def locals_of(params) -> list[torch.Tensor]:
-    return [local(p).detach() for p in params]
+    """The tensors each parameter holds on this rank, themselves: written in place, under ``torch.no_grad()``
+    (every function here runs under it), where a leaf's in-place write is allowed. No ``detach()``: that is one
+    operator per tensor, and a two-pass step walked the parameters this way five to seven times (about 1,000
+    operators of host time a step on GPT-2's 148 tensors)."""
+    return [local(p) for p in params]
 
 
 @torch.no_grad()
 def clone_weights(params, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    return [local(p).detach().clone().to(dtype or local(p).dtype) for p in params]
+    return [local(p).clone().to(dtype or local(p).dtype) for p in params]
 
 
 @torch.no_grad()

@@ -25,6 +25,30 @@ MUTATIONS = (  # fmt: skip
         ("tests/test_engine_modes.py::test_trainer_clips_the_final_gradient_to_grad_clip",),
     ),
     Mutation(
+        "weights-detached-per-tensor",
+        "each walk of the parameters detaches every tensor again (an operator per tensor, per walk, per step)",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "    return [local(p) for p in params]",
+                "    return [local(p).detach() for p in params]",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_per_parameter_work_runs_as_many_host_operators_for_10_or_100_tensors",),
+    ),
+    Mutation(
+        "momentum-copied-per-tensor",
+        "the momentum direction's float32 copies made a tensor at a time",
+        (
+            (
+                "fabric_tram/optim/momentum.py",
+                "    if all(v.dtype in (torch.float32, torch.float64) for v in moments):",
+                "    if False:",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_per_parameter_work_runs_as_many_host_operators_for_10_or_100_tensors",),
+    ),
+    Mutation(
         "clip-the-ascent-gradient",
         "clipping applied at another point of the step: to the ascent gradient, not the final one",
         (
