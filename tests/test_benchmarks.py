@@ -61,6 +61,8 @@ def test_step_cost(tmp_path):
                            "asam:ascent_direction=momentum": {}}  # fmt: skip
     kinds = {"kl (no gradient)", "kl-sym (gradient: both)", "kl (gradient: current)"}
     assert set(result["divergence_seconds"]) == kinds
+    # host work counted, not timed: every rule dispatches more operators a step than adam's one pass
+    assert all(r["operators_per_step"] > result["adam_operators_per_step"] > 100 for r in result["rules"].values())
     t_fb, t_f = result["fwd_bwd_seconds"], result["no_grad_fwd_seconds"]
     for name, r in result["rules"].items():
         fwd, nograd, _ = r["passes"]
@@ -127,6 +129,19 @@ def test_memory_held_by_rules_is_at_target(tmp_path):
 def test_engine_overhead(tmp_path):
     _, result = bench(tmp_path, "engine_overhead", "--size", "tiny", "--repeats", "1")
     assert result["engine_over_loop_tokens_per_s"] > 0
+    operators = result["operators_per_step"]  # counted: the same model's forward and backward in both, and more
+    assert operators["engine"] > operators["loop"] > 100
+
+
+def test_operators_are_counted_with_the_backward_and_metadata_apart():
+    from fabric_tram.bench.common import operators_per_call
+
+    x = torch.ones(4, requires_grad=True)
+    assert operators_per_call(lambda: x.detach()) == (1, 1)
+    assert operators_per_call(lambda: torch.mul(x.detach(), 2.0)) == (2, 1)
+    forward, _ = operators_per_call(lambda: (x * 3.0).sum())
+    with_backward, _ = operators_per_call(lambda: (x * 3.0).sum().backward())
+    assert forward == 2 and with_backward > forward  # the backward's operators are dispatched in the same call
 
 
 @pytest.mark.slow

@@ -147,6 +147,31 @@ def divergence_label(kind: tuple[str, str]) -> str:
     return f"{name} ({'no gradient' if branches == 'none' else 'gradient: ' + branches})"
 
 
+def operators_per_call(fn) -> tuple[int, int]:
+    """(operators, of which metadata) that one call of ``fn`` dispatches to ATen, backward included: host work
+    counted without a clock, so a change that adds some shows on any machine, noise-free. Metadata operators
+    (views, ``detach``) launch no GPU kernel but cost host time all the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"all": 0, "metadata": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["all"] += 1
+            counts["metadata"] += func.overloadpacket.__name__ in METADATA_OPERATORS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counts["all"], counts["metadata"]
+
+
+METADATA_OPERATORS = frozenset(
+    {"view", "_unsafe_view", "t", "transpose", "detach", "alias", "expand", "split", "slice", "select", "unsqueeze",
+     "squeeze", "as_strided", "permute", "unbind", "split_with_sizes", "_reshape_alias", "lift_fresh"}
+)  # fmt: skip
+
+
 def pass_floor(forward: int, nograd: float, t_fb: float, t_f: float) -> float:
     """A step's floor in units of one forward + backward: ``forward`` gradient passes at ``t_fb`` seconds each and
     ``nograd`` no-grad forwards at ``t_f`` (fractional when a rule runs one every N steps)."""

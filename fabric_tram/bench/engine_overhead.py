@@ -7,7 +7,15 @@ import copy
 
 import torch
 
-from fabric_tram.bench.common import SIZES, arguments, interleave, table, trainer_model_settings, write_json
+from fabric_tram.bench.common import (
+    SIZES,
+    arguments,
+    interleave,
+    operators_per_call,
+    table,
+    trainer_model_settings,
+    write_json,
+)
 from fabric_tram.config import load_config
 from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import StepSampler
@@ -65,13 +73,20 @@ def main() -> dict:
 
     median = interleave({"engine": engine_step, "loop": loop_step}, args.device, args.repeats)
     ratio = median["loop"] / median["engine"]  # tokens/s ratio: same tokens per step
+    operators = {name: operators_per_call(fn)[0] for name, fn in (("engine", engine_step), ("loop", loop_step))}
     print(f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}")
     print(
         table(
-            ["", "step (ms)", "tokens/s vs loop", f">= {TARGET}"],
+            ["", "step (ms)", "tokens/s vs loop", f">= {TARGET}", "operators / step"],
             [
-                ["hand-written loop", median["loop"] * 1e3, 1.0, ""],
-                ["fabric_tram (adam)", median["engine"] * 1e3, ratio, "yes" if ratio >= TARGET else "no"],
+                ["hand-written loop", median["loop"] * 1e3, 1.0, "", f"{operators['loop']:,}"],
+                [
+                    "fabric_tram (adam)",
+                    median["engine"] * 1e3,
+                    ratio,
+                    "yes" if ratio >= TARGET else "no",
+                    f"{operators['engine']:,}",
+                ],
             ],
         )
     )
@@ -83,6 +98,7 @@ def main() -> dict:
         "engine_seconds": median["engine"],
         "loop_seconds": median["loop"],
         "engine_over_loop_tokens_per_s": ratio,
+        "operators_per_step": operators,
     }
     print(f"written: {write_json(args.out, 'engine_overhead', payload)}")
     return payload

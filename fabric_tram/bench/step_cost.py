@@ -33,6 +33,7 @@ from fabric_tram.bench.common import (
     loss_fn,
     make_batch,
     make_model,
+    operators_per_call,
     pass_floor,
     pass_floors,
     table,
@@ -92,6 +93,7 @@ def main() -> dict:
     for spec, loop in loops.items():
         candidates[spec] = (lambda rule_loop, n: lambda: [rule_loop.step(batch) for _ in range(n)])(loop, blocks[spec])
     block_median = interleave(candidates, args.device, args.repeats)
+    operators = {spec: operators_per_call(candidates[spec]) for spec in loops}  # one more block each, counted
     median = {spec: block_median[spec] / blocks.get(spec, 1) for spec in block_median}  # seconds per step
     t_fb, t_f = median["fwd+bwd"], median["no-grad fwd"]
     rows, results = [], {}
@@ -114,6 +116,8 @@ def main() -> dict:
             "passes": [fwd, nograd, bwd],
             "seconds": median[name],
             "divergences": {divergence_label(kind): count for kind, count in kinds[name].items()},
+            "operators_per_step": operators[name][0] / blocks[name],
+            "metadata_operators_per_step": operators[name][1] / blocks[name],
             "floor_with_divergences": floor_with_divergences,
             "over_floor_with_divergences": ratio / floor_with_divergences,
         }
@@ -128,6 +132,7 @@ def main() -> dict:
                 f"{100 * (over_seconds - 1):+.1f}%",
                 floor_with_divergences,
                 f"{100 * (ratio / floor_with_divergences - 1):+.1f}%",
+                f"{operators[name][0] / blocks[name]:,.0f}",
             ]
         )
     print(
@@ -136,7 +141,8 @@ def main() -> dict:
         f"fwd+bwd {t_fb * 1e3:.1f} ms, no-grad fwd {t_f * 1e3:.1f} ms (medians of {args.repeats} interleaved rounds)"
     )
     headers = ["rule", "step / adam", "floor", "over floor", "within 5%", "step / floor in seconds"]
-    print(table([*headers, "floor + divergences", "over it"], rows))
+    print(table([*headers, "floor + divergences", "over it", "operators / step"], rows))
+    print(f"adam: {operators['adam'][0] / blocks['adam']:,.0f} operators a step (counted, not timed)")
     print(
         "divergences, each its value and gradient at the size's output: "
         + ", ".join(f"{label} {median[label] * 1e3:.2f} ms" for label in divergences)
@@ -147,6 +153,7 @@ def main() -> dict:
         "precision": args.precision,
         "allocator": args.allocator,
         "adam_seconds": median["adam"],
+        "adam_operators_per_step": operators["adam"][0] / blocks["adam"],
         "fwd_bwd_seconds": t_fb,
         "no_grad_fwd_seconds": t_f,
         "divergence_seconds": {label: median[label] for label in divergences},
