@@ -205,6 +205,17 @@ def test_profile_step_places_each_rules_time_by_kind(tmp_path):
     assert result["tram-prev"]["kernels"] > result["adam"]["kernels"]  # the target forward's operators
 
 
+def test_every_benchmark_script_is_a_bench_command():
+    """benchmarks/X.py and `fabric-tram bench X` are the same program (cross_entropy and lora_cost were missing)."""
+    from fabric_tram.cli.commands import BENCHMARKS
+
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    modules = {p.stem for p in (ROOT / "fabric_tram" / "bench").glob("*.py")} - {"__init__", "common"}
+    assert scripts == modules == set(BENCHMARKS)
+    for name in BENCHMARKS:  # each script runs its module's main
+        assert f"from fabric_tram.bench.{name} import main" in (ROOT / "benchmarks" / f"{name}.py").read_text()
+
+
 def test_bench_command_passes_help_to_the_benchmark():
     from click.testing import CliRunner
 

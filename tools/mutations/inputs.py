@@ -174,7 +174,13 @@ MUTATIONS = (  # fmt: skip
     Mutation(
         "generate-hides-special-tokens",
         "fabric-tram generate prints the text without its special tokens (where it stopped is invisible)",
-        (("fabric_tram/cli.py", "decode(ids, skip_special_tokens=False)", "decode(ids, skip_special_tokens=True)"),),
+        (
+            (
+                "fabric_tram/cli/commands.py",
+                "decode(ids, skip_special_tokens=False)",
+                "decode(ids, skip_special_tokens=True)",
+            ),
+        ),
         ("tests/test_export.py::test_generate_stops_on_the_end_token_and_prints_it",),
     ),
     Mutation(

@@ -1,13 +1,6 @@
-"""``fabric-tram``: train, run, evaluate, export, generate, sweep, report, estimate, bench, list, sharpness, cka,
-convert-gguf.
-
-fabric-tram train recipes/tiny_sample.py optimizer.lr=1e-3 trainer.max_steps=50
-fabric-tram evaluate runs/tiny/checkpoints/step-00000050
-fabric-tram list
-fabric-tram sweep recipes/demo.py optimizer.name=adam,asam asam:optimizer.rho=0.1,0.5 trainer.seed=0,1
-fabric run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp     # several processes
-fabric-tram run --devices 2 recipes/tiny_sample.py trainer.strategy=fsdp # the same, its port checked first
-"""
+"""The ``fabric-tram`` group and its commands but ``sweep`` (fabric_tram/cli/sweep.py): train, run, evaluate,
+export, generate, report, sharpness, cka, convert-gguf, estimate, bench, list; and ``run_recipe``, the entry of
+``python recipes/X.py``."""
 
 from __future__ import annotations
 
@@ -20,7 +13,6 @@ from pathlib import Path
 import click
 
 from fabric_tram.config import load_config, merge, parse_overrides, resolve
-from fabric_tram.config_compare import refuse_another_run
 from fabric_tram.contracts import headline_metric, train_domains
 from fabric_tram.engine.reporting import reported_errors
 from fabric_tram.registry import REGISTRIES, load_plugins
@@ -229,93 +221,6 @@ def estimate(source, overrides, devices, num_nodes, plugins):
         click.echo(format_estimate(config, run_estimate(config, devices, num_nodes)))
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("source")
-@click.argument("grid", nargs=-1, required=True)
-@click.option("--out", default=None, help="folder of the sweep's runs and its report (default: runs/sweep-RECIPE)")
-@click.option("--parallel", default=1, show_default=True, help="runs at once, each in its own process")
-@click.option("--report-only", is_flag=True, help="summarise the finished runs, train nothing")
-@plugin_option
-def sweep(source, grid, out, parallel, report_only, plugins):
-    """Train a grid of runs from SOURCE and select each rule's setting on validation.
-
-    GRID: KEY=V1,V2,... (every run), RULE:KEY=V1,V2,... (that rule's runs only), a single value sets it in every
-    run; trainer.seed=0,1,2 gives each setting its seeds. Each run has its own folder under --out; an
-    interrupted sweep resumes unfinished runs and skips finished ones. Writes OUT/sweep/: selection.md (every
-    setting's validation loss), selected.md (the selected settings' test table, mean ± std and 95% CI over
-    seeds), sweep.png, figure2.png and curves.png.
-    """
-    from fabric_tram.analysis import sweep as grid_search
-    from fabric_tram.analysis.results import report as make_report
-
-    with reported_errors():
-        load_plugins(plugins)
-        if parallel < 1:
-            raise ValueError(f"--parallel must be >= 1, got {parallel}")
-        out = Path(out or f"runs/sweep-{Path(source).stem}")
-        points = grid_search.expand(grid_search.parse_grid(grid), load_config(source).optimizer.name)
-        configs = [load_config(source, point_overrides(p, out)) for p in points]  # every bad key/value, up front
-        if "validation" not in configs[0].trainer.eval_splits:
-            raise ValueError("a sweep selects on the validation split: add validation to trainer.eval_splits")
-        if not report_only:
-            from fabric_tram.engine.tracking import sweep_overrides
-
-            tracked = sweep_overrides(configs[0], out.name, out)  # the tracking backends show the sweep together
-            configs = [load_config(source, point_overrides(p, out, tracked)) for p in points]
-            run_points(source, points, configs, out, parallel, plugins, tracked)
-        click.echo(grid_search.summarise(points, out))
-        selected = grid_search.selected_run_dirs(points, out)
-        click.echo(make_report(selected, out / "sweep"))
-    click.echo(f"written: {out / 'sweep'}/(selection.md, selected.md, sweep.png, report.md, figure2.png, curves.png)")
-
-
-def point_overrides(point, out: Path, tracked: list[str] = ()) -> list[str]:
-    run_dir = point.run_dir(out)
-    resume = ["trainer.resume=auto"] if (run_dir / "config.yaml").is_file() else []  # interrupted: continue
-    return [*point.overrides, *tracked, f"trainer.run_dir={run_dir}", *resume]
-
-
-def run_points(source, points, configs, out: Path, parallel: int, plugins, tracked: list[str] = ()) -> None:
-    """Train the points without results yet: in this process one after another, or ``parallel`` at a time in
-    processes of their own (threads shared out among them); progress says how many remain."""
-    finished = [(p, c) for p, c in zip(points, configs, strict=True) if (p.run_dir(out) / "results.json").is_file()]
-    for point, config in finished:  # a finished run is reused only if it is this point's run
-        refuse_another_run(point.run_dir(out), config)
-    todo = [(p, c) for p, c in zip(points, configs, strict=True) if not (p.run_dir(out) / "results.json").is_file()]
-    click.echo(f"sweep: {len(points)} runs, {len(points) - len(todo)} finished, {len(todo)} to train -> {out}")
-    if parallel == 1:
-        for i, (point, config) in enumerate(todo, start=1):
-            click.echo(f"== [{i}/{len(todo)}] {point.label} ({len(todo) - i} remaining after it)")
-            train_job(config)
-        return
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
-    plugin_args = [a for m in plugins for a in ("--plugin", m)]
-    running, failed, done = [], [], 0
-    queue = list(todo)
-    while queue or running:
-        while queue and len(running) < parallel:
-            point, _ = queue.pop(0)
-            log = out / "logs" / f"{point.label}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "fabric_tram.cli", "train", source, *point_overrides(point, out, tracked)]
-            with open(log, "w") as fh:
-                process = subprocess.Popen([*command, *plugin_args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            running.append((point, process, log))
-            click.echo(f"== started {point.label} (log: {log})")
-        time.sleep(1.0)
-        for entry in [r for r in running if r[1].poll() is not None]:
-            running.remove(entry)
-            done += 1
-            point, process, log = entry
-            if process.returncode != 0:
-                failed.append(f"{point.label} (exit {process.returncode}; see {log})")
-            click.echo(f"== [{done}/{len(todo)}] {point.label} ended ({len(todo) - done} remaining)")
-    if failed:
-        raise ChildProcessError("sweep runs failed: " + "; ".join(failed) + ". Rerun the sweep to retry them")
-
-
 BENCHMARKS = (
     "step_cost",
     "radius_every",
@@ -325,6 +230,8 @@ BENCHMARKS = (
     "gpu_suite",
     "images",
     "profile_step",
+    "cross_entropy",
+    "lora_cost",
 )
 
 
@@ -407,7 +314,3 @@ def run_recipe(recipe: dict, argv: list[str] | None = None, smoke: dict | None =
     with reported_errors():
         load_plugins(plugins)
         return train_job(resolve(merge(recipe, parse_overrides(overrides))))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
