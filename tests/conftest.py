@@ -4,20 +4,14 @@
   model with tied embeddings, parameters in the root FSDP group (wte, wpe, ln_f) and dimensions not divisible
   by 2 (n_embd = 33, vocabulary 4,099: FSDP pads its shards); documents padded, not packed, so micro-batches
   and ranks hold unequal token counts;
-- tolerances, 2-process launches with one retry, fp16 gradient poisoning, page-fault counting.
+- tolerances and fp16 gradient poisoning. Launching 2 processes or 2 nodes: tests/launch.py; page faults
+  and saved activations: tests/memory_probes.py.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import random
-import re
-import shutil
-import socket
-import subprocess
-import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -308,76 +302,6 @@ def assert_histories_match(a: list[dict], b: list[dict], keys, rel=EXACT_REL, ab
                 assert x[key] == pytest.approx(y[key], rel=tolerance, abs=abs_), f"{label} step {step}: {key}"
 
 
-# ------------------------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_processes(args: list[str], fresh: tuple[Path, ...] = (), cwd=None, timeout=600, check=True):
-    """``fabric run --devices 2 --accelerator cpu ARGS``; asserts success (unless ``check`` is false) and returns
-    the finished process.
-
-    A launch killed by a signal is retried once, after removing the ``fresh`` folders, and reported with the
-    output lines that may name the cause (the whole output is kept beside them). The SIGABRT seen about once in
-    thirty launches is a rank aborting at exit, after all its work ("terminate called without an active
-    exception": gloo threads meeting interpreter finalization, pytorch/pytorch#190489).
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):
-        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--devices", "2", "--accelerator", "cpu"]
-        proc = subprocess.run(
-            [*cmd, "--main-port", str(free_port()), *args], env=env, cwd=cwd, capture_output=True, text=True,
-            timeout=timeout,
-        )  # fmt: skip
-        killed = "SIGABRT" in proc.stderr or "SIGSEGV" in proc.stderr
-        if proc.returncode == 0 or not killed or attempt == 1:
-            break
-        output = proc.stdout + proc.stderr
-        pattern = r"abort|malloc|terminate|what\(\)|corrupt|gloo|Connection"
-        clues = [line for line in output.splitlines() if re.search(pattern, line, re.IGNORECASE)]
-        kept = Path(fresh[0] if fresh else ".").resolve().parent / "killed-launch-output.txt"
-        kept.write_text(output)
-        warnings.warn(
-            "2-process launch killed by a signal, retrying once; lines that may name the cause:\n"
-            + "\n".join(clues[:30]) + f"\n(whole output in {kept})",
-            stacklevel=2,
-        )  # fmt: skip
-        for folder in fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def launch_two_nodes(args: list[str], node_dirs: list[Path], node_env: list[dict], timeout=600) -> list:
-    """Two "nodes" on this machine: ``fabric run --accelerator cpu --devices 1 --num-nodes 2 --node-rank R
-    --main-address 127.0.0.1 --main-port P ARGS``, one process per node, started together, each in its own
-    working folder with its own environment (``node_env[R]``: node-local caches). Returns the two finished
-    processes (returncode, stdout, stderr), node 0 first."""
-    port = free_port()
-    procs = []
-    for rank, (folder, env) in enumerate(zip(node_dirs, node_env, strict=True)):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "lightning.fabric.cli", "--accelerator", "cpu", "--devices", "1",
-               "--num-nodes", "2", "--node-rank", str(rank), "--main-address", "127.0.0.1", "--main-port", str(port),
-               *args]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-    finished = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        finished.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return finished
-
-
 # ------------------------------------------------------------------------------------------- fp16 poisoning
 
 
@@ -409,59 +333,3 @@ def poison_gradients(monkeypatch):
         return passes
 
     return install
-
-
-# ------------------------------------------------------------------------------------------- page faults
-
-GLIBC = platform.libc_ver()[0] == "glibc"
-# A step of the page-fault probe frees and reallocates 64 MiB tensors (16,384 pages each): without freed memory
-# kept, each step faults at least two of them back in (measured ~65,000); kept, measured 0 or 1 per step, and
-# once in a while a few thousand when the machine reclaims memory. A quarter of one tensor separates the two.
-FEW_FAULTS, MANY_FAULTS = 16384 // 4, 2 * 16384
-_FAULTS = """
-import resource, torch
-from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
-from fabric_tram.models.gpt2 import GPT2, GPT2Config
-from fabric_tram.optim.api import UpdateRuleLoop
-from fabric_tram.loss import cross_entropy_sum
-{setup}
-torch.manual_seed(0)
-model = GPT2(GPT2Config(preset="tiny", n_layer=1, n_head=2, n_embd=32, n_positions=256, vocab_size=32768, dropout=0.0))
-loss = lambda m, b: cross_entropy_sum(m(b["x"]), b["y"])  # noqa: E731
-loop = UpdateRuleLoop("adam", model, torch.optim.Adam(model.parameters()), loss)
-ids = torch.randint(0, 32768, (2, 257))
-faults = []
-for _ in range(7):  # logits and log-probabilities of 2 x 256 x 32768 floats: 64 MiB each
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    loop.step({{"x": ids[:, :-1], "y": ids[:, 1:]}})
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults[2:])[2])  # the median step once the heap has grown to its working size
-"""
-
-
-def page_faults_per_step(setup: str) -> tuple[str, float]:
-    """In a fresh process: run ``setup`` (its printed lines come back first), then count the page faults of a
-    training step whose logits and log-probabilities are 64 MiB each (the median of five steps after two)."""
-    out = subprocess.run(
-        [sys.executable, "-c", _FAULTS.format(setup=setup)], capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    *printed, faults = out.stdout.split()
-    return " ".join(printed), float(faults)
-
-
-def saved_elements_per_token(run_block, keep_out, tokens: int) -> float:
-    """Elements of the tensors autograd saves while ``run_block()`` runs, per token: what `fabric-tram estimate`
-    counts for activations (``keep_out``: parameters and tables; per-token statistics, < 16 per token, left out)."""
-    skip = {t.untyped_storage().data_ptr() for t in keep_out}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip and storage.nbytes() // t.element_size() >= tokens * 16:
-            saved[storage.data_ptr()] = storage.nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run_block()
-    return sum(saved.values()) / tokens

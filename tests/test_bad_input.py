@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import launch_two_processes, small_config
+from conftest import small_config
+from launch import launch_two_processes
 
 from fabric_tram.config import ConfigError, load_config
 from fabric_tram.engine.trainer import NonFiniteError, train
@@ -214,7 +215,7 @@ def test_two_runs_on_one_machine_with_fabric_tram_run(tmp_path):
     taken port given on the command line is one line naming a free one, before anything starts."""
     import socket
 
-    from conftest import free_port
+    from launch import free_port
 
     with socket.socket() as other, socket.socket() as given:
         try:

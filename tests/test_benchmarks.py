@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
+from memory_probes import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
 from fabric_tram.bench.common import pass_floor
 from fabric_tram.bench.step_cost import RULES

@@ -15,7 +15,6 @@ from conftest import (
     assert_histories_match,
     dist_rule,
     hf_checkpoints,
-    launch_two_processes,
     max_param_diff,
     measure_run,
     rule_extra,
@@ -26,6 +25,7 @@ from conftest import (
     write_corpus,
     xnli_smoke_config,
 )
+from launch import launch_two_processes
 
 from fabric_tram.engine.checkpoint import CheckpointError
 from fabric_tram.engine.trainer import train

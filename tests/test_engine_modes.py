@@ -5,18 +5,8 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import (
-    EXACT_ABS,
-    EXACT_REL,
-    FEW_FAULTS,
-    GLIBC,
-    MANY_FAULTS,
-    initial_params,
-    max_param_diff,
-    page_faults_per_step,
-    small_config,
-    trajectory,
-)
+from conftest import EXACT_ABS, EXACT_REL, initial_params, max_param_diff, small_config, trajectory
+from memory_probes import FEW_FAULTS, GLIBC, MANY_FAULTS, page_faults_per_step
 
 from fabric_tram.cli import main
 from fabric_tram.config import ConfigError, TrainerConfig

@@ -5,7 +5,7 @@ FSDP2 equivalence of a Llama runs in tests/test_distributed.py (one launch for e
 
 import pytest
 import torch
-from conftest import saved_elements_per_token
+from memory_probes import saved_elements_per_token
 
 from fabric_tram.bench.common import loss_fn
 from fabric_tram.bench.step_cost import RULES

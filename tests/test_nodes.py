@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXACT_ABS, assert_histories_match, launch_two_nodes
+from conftest import EXACT_ABS, assert_histories_match
+from launch import launch_two_nodes
 
 from fabric_tram.config import load_config
 from fabric_tram.engine.export import export

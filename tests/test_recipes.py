@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import launch_two_processes, small_config
+from conftest import small_config
+from launch import launch_two_processes
 
 from fabric_tram.cli import train_job
 from fabric_tram.config import load_config

@@ -112,7 +112,7 @@ def test_a_stop_signal_that_reaches_one_rank_stops_both_after_the_same_step(corp
     anyway, both save step 2 and stop, each saying how to continue; nothing after step 2 is written."""
     from pathlib import Path
 
-    from conftest import launch_two_processes
+    from launch import launch_two_processes
 
     tests = Path(__file__).resolve().parent
     monkeypatch.setenv("PYTHONPATH", f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

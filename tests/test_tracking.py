@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import launch_two_processes, small_config
+from conftest import small_config
+from launch import launch_two_processes
 
 from fabric_tram.config import to_dict
 from fabric_tram.engine.trainer import train

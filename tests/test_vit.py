@@ -5,7 +5,7 @@ stepping on it, a new head for another label count, and clear errors for checkpo
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import saved_elements_per_token
+from memory_probes import saved_elements_per_token
 
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.loss import LossOutput
