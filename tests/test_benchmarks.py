@@ -184,6 +184,7 @@ def test_gpu_suite_path_on_cpu(tmp_path):
     extra = {name: r["floor_with_divergences"] - r["floor"] for name, r in result["rules"].items()}
     assert extra["asam+trpo"] == pytest.approx(2 * extra["trpo"], rel=1e-9)  # one term per gradient pass
     assert extra["asam+r3f"] == pytest.approx(2 * extra["r3f"], rel=1e-9)
+    assert all(r["operators_per_step"] > result["adam_operators_per_step"] > 100 for r in result["rules"].values())
     ratio = seconds["kl-sym (gradient: both)"] / seconds["kl (no gradient)"]
     assert extra["r3f"] / extra["tram-prev"] == pytest.approx(ratio, rel=1e-9)
     xl = result["xl"]

@@ -37,6 +37,7 @@ from fabric_tram.bench.common import (
     loss_fn,
     make_batch,
     make_model,
+    operators_per_call,
     pass_floor,
     pass_floors,
     synchronize,
@@ -247,7 +248,7 @@ def main() -> dict:
     loss = loss_fn("bf16-mixed")
     passes = pass_floors(args.size, args.device, loss, batch)
     t_fb, t_f = (timed_steps(passes[name], args.steps, args.device) for name in ("fwd+bwd", "no-grad fwd"))
-    steps, kinds = {}, {}
+    steps, kinds, operators = {}, {}, {}
     for name in ["adam", *RULES]:
         model = make_model(args.size, args.device)
         params = list(model.parameters())
@@ -255,6 +256,7 @@ def main() -> dict:
             name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss, grad_clip=1.0
         )
         steps[name] = timed_steps(lambda lp=loop: lp.rule.step(context(lp, batch)), args.steps, args.device)
+        operators[name] = operators_per_call(lambda lp=loop: lp.rule.step(context(lp, batch)))[0]  # one more step
         passes: Passes = rule_class(name).passes
         kinds[name] = divergence_kinds(loop.rule, passes.forward, passes.no_grad_forward)
         progress(f"rule {name}", steps[name])
@@ -264,6 +266,7 @@ def main() -> dict:
                            loss, batch)  # fmt: skip
     divergence_seconds = {label: timed_steps(run, args.steps, args.device) for label, run in work.items()}
     results["divergence_seconds"] = divergence_seconds
+    results["adam_operators_per_step"] = operators["adam"]
     rule_rows = []
     for name in RULES:
         passes = rule_class(name).passes
@@ -277,6 +280,7 @@ def main() -> dict:
             "over_floor": ratio / floor,
             "floor_with_divergences": with_divergences,
             "over_floor_with_divergences": ratio / with_divergences,
+            "operators_per_step": operators[name],
         }
         rule_rows.append(
             [
@@ -286,6 +290,7 @@ def main() -> dict:
                 f"{100 * (ratio / floor - 1):+.1f}%",
                 with_divergences,
                 f"{100 * (ratio / with_divergences - 1):+.1f}%",
+                f"{operators[name]:,}",
             ]
         )
 
@@ -336,7 +341,9 @@ def main() -> dict:
           f"{args.steps} timed steps; peak {peak or float('nan'):.3g} FLOP/s")  # fmt: skip
     print(table(["what", "rows x tokens", "tokens/s", "MFU", "vs bare eager loop"], rows))
     print(f"T_fb {t_fb * 1e3:.2f} ms, T_f {t_f * 1e3:.2f} ms, adam step {steps['adam'] * 1e3:.2f} ms")
-    print(table(["rule", "step / adam", "floor", "over floor", "floor + divergences", "over it"], rule_rows))
+    headers = ["rule", "step / adam", "floor", "over floor", "floor + divergences", "over it", "operators / step"]
+    print(table(headers, rule_rows))
+    print(f"adam: {operators['adam']:,} operators a step")
     if memory:
         print(f"peak of one step above the memory before it: adam {memory['adam'] / 2**30:.2f} GiB, tram-prev "
               f"{memory['tram-prev'] / 2**30:.2f} GiB (+{(memory['tram-prev'] - memory['adam']) / 2**30:.2f} GiB; "
