@@ -40,15 +40,17 @@ def shard_sum(local_total: torch.Tensor, like: Iterable[torch.Tensor]) -> torch.
     return local_total
 
 
+@torch.no_grad()
 def sum_of_squares(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
     """Σ t² over every element of every tensor, across all shards, in float32 (float64 for float64 tensors);
-    the same on every rank. One multi-tensor norm kernel (per dtype) and one all-reduce; nothing leaves the device."""
+    the same on every rank. One multi-tensor norm kernel (per dtype) and one all-reduce; nothing leaves the device.
+    Under no_grad: nothing to differentiate, no ``detach`` per tensor, and a DTensor's ``to_local()`` hands back its
+    local tensor without an autograd function per tensor."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.zeros(())
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    shards = [local(t) for t in tensors]  # gradients: no graph to detach from (a detach is a new tensor each)
-    shards = [t.detach() if t.requires_grad else t for t in shards]
+    shards = [local(t) for t in tensors]
     widened = [t if t.dtype == dtype else t.to(dtype) for t in shards]
     total = torch.stack(torch._foreach_norm(widened)).pow(2).sum()
     return shard_sum(total, tensors)  # the sharded originals name the group to complete the sum over

@@ -181,9 +181,10 @@ class StepContext:
         norm = self.grad_norm()
         if self.grad_clip > 0:
             factor = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            grads = [local(g) for g in self.grads() if g is not None]
-            for group in groups(grads):
-                torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))
+            with torch.no_grad():  # a DTensor's to_local() then hands back its shard without an autograd function
+                grads = [local(g) for g in self.grads() if g is not None]
+                for group in groups(grads):
+                    torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))
         return norm
 
     def clip_and_step(self, *also_finite: torch.Tensor) -> dict:

@@ -12,8 +12,8 @@ MUTATIONS = (  # fmt: skip
         (
             (
                 "fabric_tram/optim/step.py",
-                "                torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))",
-                "                pass",
+                "                    torch._foreach_mul_(group[0], factor.to(group[0][0].dtype))",
+                "                    pass",
             ),
         ),
         (CLOSED_FORM + "::test_gradient_clipping_of_the_final_gradient",),
@@ -47,6 +47,29 @@ MUTATIONS = (  # fmt: skip
             ),
         ),
         ("tests/test_step_speed.py::test_per_parameter_work_runs_as_many_host_operators_for_10_or_100_tensors",),
+    ),
+    Mutation(
+        "norm-in-grad-mode",
+        "the gradient norm reaches every shard with grad enabled (an autograd function per DTensor, every step)",
+        (("fabric_tram/distributed.py", "@torch.no_grad()\ndef sum_of_squares(", "def sum_of_squares("),),
+        ("tests/test_step_speed.py::test_a_sharded_step_reaches_its_shards_without_an_autograd_function_per_tensor",),
+    ),
+    Mutation(
+        "restore-in-grad-mode",
+        "the restore point written back with grad enabled (each shard reached through an autograd function)",
+        (
+            (
+                "fabric_tram/optim/weights.py",
+                "@torch.no_grad()\ndef locals_of(params)",
+                "def locals_of(params)",
+            ),
+            (
+                "fabric_tram/optim/weights.py",
+                "    return [local(p) for p in params]",
+                "    return [local(p).detach() for p in params]",
+            ),
+        ),
+        ("tests/test_step_speed.py::test_a_sharded_step_reaches_its_shards_without_an_autograd_function_per_tensor",),
     ),
     Mutation(
         "clip-the-ascent-gradient",
