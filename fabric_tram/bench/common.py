@@ -116,19 +116,20 @@ def divergence_kinds(rule, forward: float, no_grad: float) -> dict[tuple[str, st
     return {(rule.meter.name, branches): forward / rule.graphs_per_pass}
 
 
-def divergence_work(kinds, size: str, device: str, loss, batch: dict) -> dict:
-    """A candidate per divergence kind: its value and, through the branches named, its gradient at the size's
-    output (log-probabilities of two forwards, as the loss hands them over): compute the pass floor does not
-    count, priced so that what a step adds beyond its passes and its divergences is the engine's own."""
+def divergence_work(kinds_by_rule: dict[str, dict], size: str, device: str, loss, batch: dict) -> dict:
+    """A candidate per divergence kind any rule of ``kinds_by_rule`` (``divergence_kinds`` of each) computes: its
+    value and, through the branches named, its gradient at the size's output (log-probabilities of two forwards,
+    as the loss hands them over): compute the pass floor does not count, priced so that what a step adds beyond
+    its passes and its divergences is the engine's own."""
     from fabric_tram.optim.divergences import divergence_sum
 
     probe = make_model(size, device)
     with torch.no_grad():
         target = loss(probe, batch)
-        probe.eval()  # another dropout draw: a current output near, not equal to, the target
+        probe.eval()  # without dropout: a current output near, not equal to, the target's
         current = loss(probe, batch)
     candidates = {}
-    for name, branches in kinds:
+    for name, branches in sorted({kind for kinds in kinds_by_rule.values() for kind in kinds}):
 
         def run(name=name, branches=branches):
             t = target.log_probs.detach().requires_grad_(branches == "both")
@@ -145,6 +146,12 @@ def divergence_work(kinds, size: str, device: str, loss, batch: dict) -> dict:
 def divergence_label(kind: tuple[str, str]) -> str:
     name, branches = kind
     return f"{name} ({'no gradient' if branches == 'none' else 'gradient: ' + branches})"
+
+
+def divergence_seconds(kinds: dict[tuple[str, str], float], seconds: dict[str, float]) -> float:
+    """Seconds a step spends in its divergences: each kind's count (``divergence_kinds``) at its measured time
+    (``seconds``, by ``divergence_label``)."""
+    return sum(count * seconds[divergence_label(kind)] for kind, count in kinds.items())
 
 
 def operators_per_call(fn) -> tuple[int, int]:

@@ -32,7 +32,7 @@ import torch
 from fabric_tram.bench.common import (
     SIZES,
     divergence_kinds,
-    divergence_label,
+    divergence_seconds,
     divergence_work,
     loss_fn,
     make_batch,
@@ -262,18 +262,16 @@ def main() -> dict:
         progress(f"rule {name}", steps[name])
         del loop, model, params
     # the divergences' own compute over the output, which the pass floor does not count (step_cost.py)
-    work = divergence_work(sorted({k for per_rule in kinds.values() for k in per_rule}), args.size, args.device,
-                           loss, batch)  # fmt: skip
-    divergence_seconds = {label: timed_steps(run, args.steps, args.device) for label, run in work.items()}
-    results["divergence_seconds"] = divergence_seconds
+    work = divergence_work(kinds, args.size, args.device, loss, batch)
+    seconds_of = {label: timed_steps(run, args.steps, args.device) for label, run in work.items()}
+    results["divergence_seconds"] = seconds_of
     results["adam_operators_per_step"] = operators["adam"]
     rule_rows = []
     for name in RULES:
         passes = rule_class(name).passes
         floor = pass_floor(passes.forward, passes.no_grad_forward, t_fb, t_f)
         ratio = steps[name] / steps["adam"]
-        priced = sum(count * divergence_seconds[divergence_label(kind)] for kind, count in kinds[name].items())
-        with_divergences = floor + priced / t_fb
+        with_divergences = floor + divergence_seconds(kinds[name], seconds_of) / t_fb
         results.setdefault("rules", {})[name] = {
             "ratio_to_adam": ratio,
             "floor": floor,

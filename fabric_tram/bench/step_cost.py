@@ -28,6 +28,7 @@ from fabric_tram.bench.common import (
     arguments,
     divergence_kinds,
     divergence_label,
+    divergence_seconds,
     divergence_work,
     interleave,
     loss_fn,
@@ -86,9 +87,7 @@ def main() -> dict:
         spec: divergence_kinds(loop.rule, *type(loop.rule).mean_passes(loop.rule.config)[:2])
         for spec, loop in loops.items()
     }
-    divergences = divergence_work(
-        sorted({kind for per_rule in kinds.values() for kind in per_rule}), args.size, args.device, loss, batch
-    )
+    divergences = divergence_work(kinds, args.size, args.device, loss, batch)
     candidates.update(divergences)
     for spec, loop in loops.items():
         candidates[spec] = (lambda rule_loop, n: lambda: [rule_loop.step(batch) for _ in range(n)])(loop, blocks[spec])
@@ -102,10 +101,8 @@ def main() -> dict:
         fwd, nograd, bwd = type(loop.rule).mean_passes(loop.rule.config)
         floor = pass_floor(fwd, nograd, t_fb, t_f)
         ratio = median[name] / median["adam"]
-        divergence_seconds = sum(
-            count * median[divergence_label(kind)] for kind, count in kinds[name].items()
-        )  # its divergences' own compute, priced in the same run
-        floor_with_divergences = floor + divergence_seconds / t_fb
+        # its divergences' own compute, priced in the same run
+        floor_with_divergences = floor + divergence_seconds(kinds[name], median) / t_fb
         # the same floor in seconds, without adam as the unit (a noisy adam median moves every ratio at once)
         over_seconds = median[name] / (fwd * t_fb + nograd * t_f)
         results[name] = {

@@ -151,24 +151,21 @@ class ChunkedKL(torch.autograd.Function):
             lp = _as_log_probs(target[s : s + chunk], normalized[0], dtype)
             lq = _as_log_probs(current[s : s + chunk], normalized[1], dtype)
             kl_chunk = _kl_chunk(lp, lq, name, need_t, need_c)
-            weighted = []  # (g, sign) and w · sign · g, before the log-softmax: in the grad's chunk where dtypes agree
-            for grad, g_sign in ((grads[0], kl_chunk.g_t), (grads[1], kl_chunk.g_c)):
-                if grad is None:
-                    weighted.append(None)
-                    continue
-                g, sign = g_sign
+            branches = [  # (its grad, (g, sign), its probabilities, its log-probabilities, normalized) needing one
+                branch
+                for branch in (
+                    (grads[0], kl_chunk.g_t, kl_chunk.p, lp, normalized[0]),
+                    (grads[1], kl_chunk.g_c, kl_chunk.q, lq, normalized[1]),
+                )
+                if branch[0] is not None
+            ]
+            weighted = []  # w · sign · g before the log-softmax, in the grad's own chunk where the dtypes agree
+            for grad, (g, sign), *_ in branches:
                 scale = (sign * w).unsqueeze(-1)
-                out = torch.mul(g, scale, out=grad[s : s + chunk]) if g.dtype == grad.dtype else g * scale
-                weighted.append((g_sign, out))
-            pairs = [x for x in weighted if x is not None]
+                weighted.append(torch.mul(g, scale, out=grad[s : s + chunk]) if g.dtype == grad.dtype else g * scale)
+            pairs = [(branch[1], wg) for branch, wg in zip(branches, weighted, strict=True)]
             total = total + _kl_total(kl_chunk.value, kl_chunk.delta, None if uniform else w, pairs)
-            for grad, pair, probs, log_probs, is_log_probs in (
-                (grads[0], weighted[0], kl_chunk.p, lp, normalized[0]),
-                (grads[1], weighted[1], kl_chunk.q, lq, normalized[1]),
-            ):
-                if grad is None:
-                    continue
-                wg = pair[1]
+            for (grad, _, probs, log_probs, is_log_probs), wg in zip(branches, weighted, strict=True):
                 if not is_log_probs:  # through the log-softmax of logits: wg − softmax · Σ wg
                     softmax = probs if probs is not None else log_probs.exp()
                     wg = wg.addcmul_(softmax, wg.sum(-1, keepdim=True), value=-1)
