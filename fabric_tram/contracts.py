@@ -141,6 +141,17 @@ def unwrap(model):
     return model
 
 
+OPTIMIZER_WRAPPERS = ("_FabricOptimizer", "_LocalOptimizer")  # each holds the torch optimizer as ``.optimizer``
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside Fabric's wrapper or the user-loop API's (``optim/api.py``), or ``optimizer``
+    itself. Fabric's wrapper is a class made per optimizer (``FabricAdam`` derives from ``_FabricOptimizer`` and
+    ``Adam``), so wrappers are known by their bases."""
+    wrapped = any(base.__name__ in OPTIMIZER_WRAPPERS for base in type(optimizer).__mro__)
+    return optimizer.optimizer if wrapped else optimizer
+
+
 def loss_scaler(fabric):
     """The fp16 loss scaler of Fabric's precision plugin (``16-mixed``), or None."""
     return getattr(fabric.strategy.precision, "scaler", None)

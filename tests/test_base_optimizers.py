@@ -42,3 +42,46 @@ def test_adamw_decay_is_decoupled_not_adams_l2():
     section = load_config(None, ["model.name=gpt2", "task.name=lm", "optimizer.name=adamw", "optimizer.lr=0.01",
                                  "optimizer.weight_decay=0.1"]).optimizer  # fmt: skip
     assert (stepped(lambda p: build_base_optimizer(section, p)) - adam).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_base_optimizers_take_torchs_fused_kernels_on_a_cpu_and_stay_its_default_elsewhere(name):
+    """Fused on a CPU as on a GPU (one kernel for all parameters: 4-7x faster than torch's per-tensor CPU default,
+    docs/benchmarks.md); their steps differ from the per-tensor ones by rounding only."""
+    setting = "optimizer.momentum=0.9" if name == "sgd" else "optimizer.weight_decay=0.1"
+    section = load_config(None, ["model.name=gpt2", "task.name=lm", f"optimizer.name={name}", "optimizer.lr=0.01",
+                                 setting]).optimizer  # fmt: skip
+    w = torch.nn.Parameter(torch.ones(3))
+    assert build_base_optimizer(section, [w]).defaults["fused"] is True
+    on_meta = torch.nn.Parameter(torch.ones(3, device="meta"))  # the estimator's models: no kernels at all
+    assert not build_base_optimizer(section, [on_meta]).defaults.get("fused")
+    torch.manual_seed(0)
+    start = torch.randn(4, 7, dtype=torch.float64)
+    walked = []
+    for fused in (True, False):
+        w = torch.nn.Parameter(start.clone())
+        kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+        optimizer = kind([w], lr=0.01, **({"momentum": 0.9} if name == "sgd" else {}), fused=fused)
+        for s in range(20):
+            optimizer.zero_grad()
+            ((w - s) ** 2 * torch.arange(7.0)).sum().backward()
+            optimizer.step()
+        walked.append(w.detach())
+    assert (walked[0] - walked[1]).abs().max() < 1e-13
+
+
+def test_a_loaded_state_keeps_this_runs_kernels_not_the_saving_runs():
+    """A checkpoint carries its run's kernel choice in each param group; resumed where that kernel does not exist
+    (one CPU process's fused SGD, resumed by FSDP2 processes: no DTensor rule for it) it must not come back."""
+    from fabric_tram.engine.checkpoint_parts import optimizer_part
+
+    model = torch.nn.Linear(3, 2, dtype=torch.float64)
+    saving = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    saving.step()
+    state = optimizer_part(model, saving).state_dict()
+    resuming = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)  # what FSDP2 builds
+    optimizer_part(model, resuming).load_state_dict(state)
+    assert resuming.param_groups[0]["fused"] is None and resuming.param_groups[0]["foreach"] is False
+    buffer = resuming.state[model.weight]["momentum_buffer"]  # and the state itself is the saved one
+    assert torch.equal(buffer, saving.state[model.weight]["momentum_buffer"])

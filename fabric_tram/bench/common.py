@@ -13,6 +13,7 @@ import torch
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 from fabric_tram.loss import cross_entropy_sum
 from fabric_tram.models.gpt2 import GPT2, GPT2Config
+from fabric_tram.optim.base import implementation
 
 SIZES = {  # (n_layer, n_head, n_embd, vocab, block, batch)
     "tiny": (2, 2, 64, 4096, 64, 4),
@@ -70,6 +71,13 @@ def make_model(size: str, device: str, seed: int = 0) -> GPT2:
         preset="tiny", n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=block, vocab_size=vocab, dropout=0.1
     )
     return GPT2(config).to(device)
+
+
+def engine_optimizer(params, kind=torch.optim.Adam, **settings) -> torch.optim.Optimizer:
+    """A torch optimizer in the implementation the engine builds (fused kernels where torch has them:
+    optim/base.py), so that a benchmark's loop times the engine's base step, not torch's per-tensor CPU default."""
+    params = list(params)
+    return kind(params, **settings, **implementation(params))
 
 
 def make_batch(size: str, device: str, seed: int = 0, rows: int | None = None) -> dict:

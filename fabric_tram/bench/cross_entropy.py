@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fabric_tram.bench.common import SIZES, interleave, make_batch, make_model, table, write_json
+from fabric_tram.bench.common import SIZES, engine_optimizer, interleave, make_batch, make_model, table, write_json
 from fabric_tram.engine.cpu_memory import keep_freed_cpu_memory
 from fabric_tram.loss import IGNORE_INDEX, chunked_cross_entropy_sum, cross_entropy_sum
 
@@ -78,7 +78,7 @@ def rule_steps(args) -> dict:
     for rule in args.rules.split(","):
         for mode, cross_entropy in LOSSES.items():
             model = make_model(args.step_size, args.device)
-            loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-5),
+            loop = UpdateRuleLoop(rule, model, engine_optimizer(model.parameters(), lr=1e-5),
                                   loss_with(cross_entropy, args.precision))  # fmt: skip
             candidates[(rule, mode)] = lambda lp=loop: lp.step(batch)
     seconds = interleave(candidates, args.device, args.repeats)

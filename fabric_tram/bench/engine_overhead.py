@@ -1,5 +1,11 @@
 """Engine overhead: adam through fabric_tram's training step vs a minimal hand-written PyTorch loop on the same
-model, data and precision, interleaved; reported as the engine's tokens/s over the loop's (target >= 0.97)."""
+model, data and precision, interleaved; reported as the engine's tokens/s over the loop's (target >= 0.97).
+
+The loop steps the Adam the engine builds (fused kernels where torch has them, optim/base.py), so the ratio is
+what the engine adds; a third row, the loop with torch's default Adam (per-tensor on a CPU), shows what the
+engine's choice of kernels gives a user who would have written that loop; a fourth, the loop with nanoGPT's and
+llm.c's `clip_grad_norm_` every step, prices the gradient norm, which the engine takes every step too (for its
+non-finite guard and clipping)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from fabric_tram.bench.common import (
     SIZES,
     arguments,
+    engine_optimizer,
     interleave,
     operators_per_call,
     table,
@@ -23,6 +30,7 @@ from fabric_tram.engine.batches import StepBatches
 from fabric_tram.engine.setup import setup
 from fabric_tram.engine.trainer import training_step
 from fabric_tram.loss import IGNORE_INDEX
+from fabric_tram.optim.base import implementation
 
 TARGET = 0.97
 
@@ -49,18 +57,22 @@ def main() -> dict:
     run = setup(config, training=True)
     sampler = StepSampler(len(run.task.train_set), batch, 1, 1, 0)
     model = copy.deepcopy(unwrap(run.model)).to(args.device)  # the same weights, no engine
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    optimizer = engine_optimizer(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    default_model = copy.deepcopy(model)
+    default_optimizer = torch.optim.Adam(default_model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    clipped_model = copy.deepcopy(model)
+    clipped_optimizer = engine_optimizer(clipped_model.parameters(), lr=1e-4, betas=(0.9, 0.99))
     autocast = args.precision == "bf16-mixed"
-    state = {"engine": 0, "loop": 0}
+    state = {"engine": 0, "loop": 0, "default": 0, "clipped": 0}
     batches = StepBatches(run.task, sampler)  # once, as the trainer's step_batches builds it
 
     def engine_step():
         state["engine"] += 1
         training_step(run, batches[state["engine"] - 1], state["engine"])
 
-    def loop_step():
-        state["loop"] += 1
-        idx = sampler.step_indices(state["loop"] - 1)[0]
+    def loop_step(which: str = "loop", model=model, optimizer=optimizer, clip: bool = False):
+        state[which] += 1
+        idx = sampler.step_indices(state[which] - 1)[0]
         b = run.task.collate([run.task.train_set[i] for i in idx], idx)
         ids, labels = b["input_ids"].to(args.device), b["labels"].to(args.device)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -68,18 +80,41 @@ def main() -> dict:
         torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
         ).backward()
+        if clip:  # nanoGPT's and llm.c's step: the gradient norm every step, clipped at 1.0
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    median = interleave({"engine": engine_step, "loop": loop_step}, args.device, args.repeats)
+    def default_loop_step():
+        loop_step("default", default_model, default_optimizer)
+
+    def clipped_loop_step():
+        loop_step("clipped", clipped_model, clipped_optimizer, clip=True)
+
+    candidates = {"engine": engine_step, "loop": loop_step, "default": default_loop_step, "clipped": clipped_loop_step}
+    median = interleave(candidates, args.device, args.repeats)
     ratio = median["loop"] / median["engine"]  # tokens/s ratio: same tokens per step
-    operators = {name: operators_per_call(fn)[0] for name, fn in (("engine", engine_step), ("loop", loop_step))}
+    operators = {name: operators_per_call(fn)[0] for name, fn in candidates.items()}
     print(f"size {args.size}, {args.device}, {args.precision}, allocator: {args.allocator}")
     print(
         table(
             ["", "step (ms)", "tokens/s vs loop", f">= {TARGET}", "operators / step"],
             [
                 ["hand-written loop", median["loop"] * 1e3, 1.0, "", f"{operators['loop']:,}"],
+                [
+                    "hand-written loop, torch's default Adam",
+                    median["default"] * 1e3,
+                    median["loop"] / median["default"],
+                    "",
+                    f"{operators['default']:,}",
+                ],
+                [
+                    "hand-written loop with clip_grad_norm_",
+                    median["clipped"] * 1e3,
+                    median["loop"] / median["clipped"],
+                    "",
+                    f"{operators['clipped']:,}",
+                ],
                 [
                     "fabric_tram (adam)",
                     median["engine"] * 1e3,
@@ -97,6 +132,9 @@ def main() -> dict:
         "allocator": args.allocator,
         "engine_seconds": median["engine"],
         "loop_seconds": median["loop"],
+        "loop_default_adam_seconds": median["default"],
+        "loop_clipped_seconds": median["clipped"],
+        "base_optimizer": dict(implementation(list(model.parameters()))) or "torch default",
         "engine_over_loop_tokens_per_s": ratio,
         "operators_per_step": operators,
     }

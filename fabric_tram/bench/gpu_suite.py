@@ -34,6 +34,7 @@ from fabric_tram.bench.common import (
     divergence_kinds,
     divergence_seconds,
     divergence_work,
+    engine_optimizer,
     loss_fn,
     make_batch,
     make_model,
@@ -57,7 +58,6 @@ from fabric_tram.engine.setup import compile_blocks, setup
 from fabric_tram.engine.trainer import training_step
 from fabric_tram.loss import IGNORE_INDEX
 from fabric_tram.optim.api import UpdateRuleLoop
-from fabric_tram.optim.base import implementation
 from fabric_tram.optim.update_rule import Passes, rule_class
 
 
@@ -104,7 +104,7 @@ def bare_loop(args, batch: dict, compiled: bool) -> float:
     if compiled:
         compile_blocks(model, args.compile_backend)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **implementation(params))
+    optimizer = engine_optimizer(params, torch.optim.AdamW, lr=1e-5)
     loss = loss_fn("bf16-mixed")
 
     def step():
@@ -252,9 +252,7 @@ def main() -> dict:
     for name in ["adam", *RULES]:
         model = make_model(args.size, args.device)
         params = list(model.parameters())
-        loop = UpdateRuleLoop(
-            name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss, grad_clip=1.0
-        )
+        loop = UpdateRuleLoop(name, model, engine_optimizer(params, lr=1e-5), loss, grad_clip=1.0)
         steps[name] = timed_steps(lambda lp=loop: lp.rule.step(context(lp, batch)), args.steps, args.device)
         operators[name] = operators_per_call(lambda lp=loop: lp.rule.step(context(lp, batch)))[0]  # one more step
         passes: Passes = rule_class(name).passes
@@ -298,7 +296,7 @@ def main() -> dict:
         for name in ("adam", "tram-prev"):
             model = make_model(args.size, args.device)
             params = list(model.parameters())
-            loop = UpdateRuleLoop(name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss)
+            loop = UpdateRuleLoop(name, model, engine_optimizer(params, lr=1e-5), loss)
             loop.rule.step(context(loop, batch))
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fabric_tram.bench.common import synchronize, table, write_json
+from fabric_tram.bench.common import engine_optimizer, synchronize, table, write_json
 from fabric_tram.config import load_config
 from fabric_tram.contracts import unwrap
 from fabric_tram.data.batching import StepSampler
@@ -70,7 +70,7 @@ def main() -> dict:
         task = run.task
         sampler = StepSampler(len(task.train_set), args.batch, 1, 1, 0)
         model = unwrap(run.model)
-        bare_optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        bare_optimizer = engine_optimizer(model.parameters(), torch.optim.SGD, lr=0.01)
         device = str(next(model.parameters()).device)
         position = {"step": 0}
         # one stream of steps per trainer candidate, as fit() has one: its worker processes start once

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from fabric_tram.bench.common import arguments, loss_fn, make_batch, make_model, table, write_json
+from fabric_tram.bench.common import arguments, engine_optimizer, loss_fn, make_batch, make_model, table, write_json
 from fabric_tram.bench.step_cost import RULES
 from fabric_tram.optim.api import UpdateRuleLoop
 from fabric_tram.registry import OPTIMIZERS, load_builtins
@@ -38,7 +38,7 @@ def peak_of_one_step(rule: str, size: str, device: str, precision: str) -> int:
     """Run in a child process: peak bytes during two steps of ``rule`` above what the process held before them
     (CUDA: the allocator's peak; CPU: the resident high-water mark, reset through /proc/self/clear_refs)."""
     model = make_model(size, device)
-    loop = UpdateRuleLoop(rule, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(precision))
+    loop = UpdateRuleLoop(rule, model, engine_optimizer(model.parameters(), lr=1e-5), loss_fn(precision))
     batch = make_batch(size, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -70,7 +70,7 @@ def main() -> dict:
     for name in RULES:
         model = make_model(args.size, args.device)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        loop = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss_fn(args.precision))
+        loop = UpdateRuleLoop(name, model, engine_optimizer(model.parameters(), lr=1e-5), loss_fn(args.precision))
         loop.step(batch)
         factor = held_bytes(loop) / param_bytes
         target = OPTIMIZERS.get(name).target.held_per_param_byte(model.transformer.wte.weight.element_size())

@@ -18,9 +18,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fabric_tram.bench.common import loss_fn, make_batch, make_model, synchronize, table, write_json
+from fabric_tram.bench.common import engine_optimizer, loss_fn, make_batch, make_model, synchronize, table, write_json
 from fabric_tram.optim.api import UpdateRuleLoop
-from fabric_tram.optim.base import implementation
 
 KINDS = (  # (kind, substrings of a kernel's or operator's lowercased name), the first match wins
     ("attention", ("flash", "attention", "fmha", "efficient")),
@@ -52,7 +51,7 @@ def arguments() -> argparse.Namespace:
 def profile_rule(name: str, args, batch: dict, loss) -> dict:
     model = make_model(args.size, args.device)
     params = list(model.parameters())
-    loop = UpdateRuleLoop(name, model, torch.optim.Adam(params, lr=1e-5, **implementation(params)), loss, grad_clip=1.0)
+    loop = UpdateRuleLoop(name, model, engine_optimizer(params, lr=1e-5), loss, grad_clip=1.0)
     for _ in range(3):
         loop.step(batch)
     synchronize(args.device)

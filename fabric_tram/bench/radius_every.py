@@ -8,10 +8,9 @@ with adam, asam and the passes the floor is made of; the table divides by N.
 
 from __future__ import annotations
 
-import torch
-
 from fabric_tram.bench.common import (
     arguments,
+    engine_optimizer,
     interleave,
     loss_fn,
     make_batch,
@@ -47,7 +46,7 @@ def main() -> dict:
 
     def loop(name, **hyper):
         model = make_model(args.size, args.device)
-        return UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss, **hyper)
+        return UpdateRuleLoop(name, model, engine_optimizer(model.parameters(), lr=1e-5), loss, **hyper)
 
     candidates = pass_floors(args.size, args.device, loss, batch)
     candidates["adam"] = block_of_steps(loop("adam"), batch, 1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import yaml
 
 from fabric_tram.bench.common import (
@@ -30,6 +29,7 @@ from fabric_tram.bench.common import (
     divergence_label,
     divergence_seconds,
     divergence_work,
+    engine_optimizer,
     interleave,
     loss_fn,
     make_batch,
@@ -80,7 +80,7 @@ def main() -> dict:
     for spec in ["adam", *rules]:
         name, settings = parse_rule(spec)
         model = make_model(args.size, args.device)
-        loops[spec] = UpdateRuleLoop(name, model, torch.optim.Adam(model.parameters(), lr=1e-5), loss, **settings)
+        loops[spec] = UpdateRuleLoop(name, model, engine_optimizer(model.parameters(), lr=1e-5), loss, **settings)
         blocks[spec] = math.lcm(settings.get("ascent_every", 1), settings.get("radius_every", 1))
     candidates = pass_floors(args.size, args.device, loss, batch)
     kinds = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fabric_tram.contracts import unwrap_optimizer
 from fabric_tram.engine.checkpoint_errors import CheckpointError
 from fabric_tram.engine.checkpoint_parts import scaler_part, set_rng_state
+from fabric_tram.optim.base import implementation_kept
 
 FORMAT_1_RANK_KEYS = {"rng", "rule"}  # what each rank-<r>.pt holds (and the loss scaler, None without one)
 
@@ -45,7 +47,8 @@ def load_format_1(fabric, path: Path, meta: dict, target, per_rank: dict | None,
         return int(meta["step"])
     remainder: dict = {}
     state = {"model": target.model, "optimizer": target.optimizer}
-    loading(lambda: remainder.update(fabric.load(path / "state", state)))
+    with implementation_kept(unwrap_optimizer(target.optimizer)):
+        loading(lambda: remainder.update(fabric.load(path / "state", state)))
     rank_file = path / f"rank-{fabric.global_rank}.pt"
     restore(rank_file, lambda: set_rng_state(per_rank["rng"]))
     restore(rank_file, lambda: target.rule.load_state_dict(per_rank["rule"]))

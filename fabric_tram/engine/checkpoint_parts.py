@@ -28,8 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from fabric_tram.contracts import loss_scaler
+from fabric_tram.contracts import loss_scaler, unwrap_optimizer
 from fabric_tram.engine.checkpoint_state import rule_tensors, unwrapped
+from fabric_tram.optim.base import implementation_kept
 
 SHARDED, SHARED, PER_RANK = "state", "global.pt", "rank-<r>.pt"
 
@@ -90,14 +91,13 @@ def model_part(model) -> Part:
 
 def optimizer_part(model, optimizer) -> Part:
     module = unwrapped(model)
-    torch_optimizer = optimizer.optimizer if type(optimizer).__name__ == "_FabricOptimizer" else optimizer
-    return Part(
-        "optim",
-        SHARDED,
-        lambda: get_optimizer_state_dict(module, torch_optimizer),
-        lambda state: set_optimizer_state_dict(module, torch_optimizer, state),
-        complete=False,
-    )
+    torch_optimizer = unwrap_optimizer(optimizer)
+
+    def load(state: dict) -> None:
+        with implementation_kept(torch_optimizer):
+            set_optimizer_state_dict(module, torch_optimizer, state)
+
+    return Part("optim", SHARDED, lambda: get_optimizer_state_dict(module, torch_optimizer), load, complete=False)
 
 
 def rule_buffers_part(rule, model) -> Part:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fabric_tram.contracts import unwrap_optimizer
 from fabric_tram.distributed import local
 from fabric_tram.optim.weights import groups
 
@@ -28,7 +29,7 @@ MOMENTUM_BASES = "adam, adamw, or sgd with momentum > 0"
 def momentum_key(optimizer) -> str:
     """The state entry of ``optimizer`` (a torch optimizer, or Fabric's wrapper of one) that holds its first
     moment; refused where it keeps none (plain SGD, or an optimizer this does not know)."""
-    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # Fabric's _FabricOptimizer wraps it
+    torch_optimizer = unwrap_optimizer(optimizer)
     name = type(torch_optimizer).__name__
     key = MOMENTUM_STATE.get(name)
     if key is None or (name == "SGD" and not torch_optimizer.defaults.get("momentum")):

@@ -21,6 +21,7 @@ from functools import cached_property
 
 import torch
 
+from fabric_tram.contracts import unwrap_optimizer
 from fabric_tram.distributed import all_reduce_sum, global_norm, local
 from fabric_tram.loss import LossOutput
 from fabric_tram.optim.forwards import Forwards, zero_counts
@@ -195,7 +196,7 @@ class StepContext:
         one the step is skipped and marked ``nonfinite``. Deciding this is the step's one host synchronisation.
         """
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer.optimizer)  # the unwrapped optimizer: unscaled exactly once
+            self.scaler.unscale_(unwrap_optimizer(self.optimizer))  # the unwrapped optimizer: unscaled exactly once
         norm = self.clip_gradients()
         finite = all_finite(norm, *also_finite)
         if finite or self.scaler is not None:

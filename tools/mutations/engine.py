@@ -6,6 +6,18 @@ from .mutation import Mutation
 
 MUTATIONS = (  # fmt: skip
     Mutation(
+        "resume-takes-the-saving-runs-kernels",
+        "a resumed optimizer keeps the checkpoint's fused/foreach flags (a CPU run's fused SGD under FSDP2 fails)",
+        (
+            (
+                "fabric_tram/engine/checkpoint_parts.py",
+                "        with implementation_kept(torch_optimizer):\n",
+                "        if True:\n",
+            ),
+        ),
+        ("tests/test_base_optimizers.py::test_a_loaded_state_keeps_this_runs_kernels_not_the_saving_runs",),
+    ),
+    Mutation(
         "logs-not-flushed-at-checkpoints",
         "the CSV log is not flushed with a checkpoint (a kill -9 then loses the steps before it)",
         (

@@ -172,6 +172,12 @@ MUTATIONS = (  # fmt: skip
         ("tests/test_base_optimizers.py",),
     ),
     Mutation(
+        "cpu-base-optimizer-not-fused",
+        "the base optimizer on a CPU is torch's per-tensor default (4-7x slower step) instead of its fused kernels",
+        (("fabric_tram/optim/base.py", 'FUSED_DEVICE_TYPES = ("cuda", "cpu")', 'FUSED_DEVICE_TYPES = ("cuda",)'),),
+        ("tests/test_base_optimizers.py",),
+    ),
+    Mutation(
         "rules-touch-frozen-parameters",
         "an update rule takes every parameter, frozen ones (LoRA's base weights) included",
         (
