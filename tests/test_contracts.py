@@ -134,16 +134,16 @@ NOT_A_CONTRACT_READ = {
 
 
 def test_optional_members_and_wrappers_are_read_through_one_accessor_each():
-    """An optional member of a model or a task, a wrapper's module or the loss scaler is read in contracts.py, one
-    accessor each with its default (unwrap, loss_scaler, train_domains, block_classes, ...), and nowhere else by a
-    raw getattr/hasattr: a new read of one elsewhere fails here until it goes through its accessor."""
+    """An optional member of a model or a task, a wrapper's module or optimizer, or the loss scaler is read in
+    contracts.py, one accessor each with its default (unwrap, unwrap_optimizer, loss_scaler, train_domains, ...),
+    and nowhere else by a raw getattr/hasattr: a new read of one elsewhere fails here until it goes through it."""
     import re
     from pathlib import Path
 
     from fabric_tram.contracts import MODEL_OPTIONAL, TASK_OPTIONAL
 
     root = Path(__file__).resolve().parents[1]
-    members = {*TASK_OPTIONAL, *MODEL_OPTIONAL, "module", "scaler", "_orig_mod", "_original_module"}
+    members = {*TASK_OPTIONAL, *MODEL_OPTIONAL, "module", "scaler", "_orig_mod", "_original_module", "optimizer"}
     raw = re.compile(r'(?:getattr|hasattr)\(([^,()]+(?:\([^()]*\))?),\s*"(' + "|".join(sorted(members)) + r')"')
     found = set()
     for path in sorted((root / "fabric_tram").rglob("*.py")):

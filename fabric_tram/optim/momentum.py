@@ -43,7 +43,7 @@ def momentum_key(optimizer) -> str:
 
 def momentum_vectors(optimizer, params, key: str) -> list[torch.Tensor] | None:
     """v of each parameter (its local shard), or None before the base optimizer has stepped (no state yet)."""
-    state = getattr(optimizer, "optimizer", optimizer).state
+    state = unwrap_optimizer(optimizer).state
     vectors = [state[p].get(key) if p in state else None for p in params]
     if all(v is None for v in vectors):
         return None
