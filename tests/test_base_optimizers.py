@@ -85,3 +85,32 @@ def test_a_loaded_state_keeps_this_runs_kernels_not_the_saving_runs():
     assert resuming.param_groups[0]["fused"] is None and resuming.param_groups[0]["foreach"] is False
     buffer = resuming.state[model.weight]["momentum_buffer"]  # and the state itself is the saved one
     assert torch.equal(buffer, saving.state[model.weight]["momentum_buffer"])
+
+
+SHARDED_BASE_STEP = """
+import socket, torch
+from torch.distributed.fsdp import fully_shard
+from fabric_tram.config import load_config
+from fabric_tram.optim.update_rule import build_base_optimizer
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+for name in ("sgd", "adam", "adamw"):
+    model = torch.nn.Linear(4, 3)
+    fully_shard(model)
+    section = load_config(None, ["model.name=gpt2", "task.name=lm", f"optimizer.name={name}", "optimizer.momentum=0.9"
+                                 if name == "sgd" else "optimizer.lr=0.01"]).optimizer
+    optimizer = build_base_optimizer(section, model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()  # torch has no DTensor rule for fused SGD: this step would raise
+    print(name, bool(optimizer.defaults.get("fused")))
+"""
+
+
+def test_on_fsdp2s_sharded_parameters_sgd_steps_unfused_and_adam_fused():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHARDED_BASE_STEP], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["sgd", "False", "adam", "True", "adamw", "True"]

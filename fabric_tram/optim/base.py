@@ -14,7 +14,7 @@ from fabric_tram.registry import register_optimizer
 # torch's fused optimizer kernels: one kernel over every parameter (and on a CPU a vectorised loop instead of
 # about 9 operators per tensor). Measured on this package's CPU benchmark sizes (torch 2.13, Adam step alone):
 # tiny 1.78 -> 0.24 ms, small 14.7 -> 3.2 ms, many-tensors 23.5 -> 5.5 ms against torch's CPU default.
-FUSED_DEVICE_TYPES = ("cuda", "cpu")
+FUSED_DEVICE_TYPES = frozenset({"cuda", "cpu"})
 
 
 def implementation(params: list, sharded: bool = True) -> dict:
@@ -23,7 +23,7 @@ def implementation(params: list, sharded: bool = True) -> dict:
     ``sharded=False``: the optimizer's fused kernel has no DTensor rule (torch 2.13: SGD's), so FSDP2's sharded
     parameters take the default."""
     devices = {p.device.type for p in params}
-    fused = len(devices) == 1 and devices <= set(FUSED_DEVICE_TYPES) and all(p.is_floating_point() for p in params)
+    fused = len(devices) == 1 and devices <= FUSED_DEVICE_TYPES and all(p.is_floating_point() for p in params)
     if not sharded and any(isinstance(p, DTensor) for p in params):
         fused = False
     return {"fused": True} if fused else {}

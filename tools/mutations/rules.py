@@ -172,9 +172,15 @@ MUTATIONS = (  # fmt: skip
         ("tests/test_base_optimizers.py",),
     ),
     Mutation(
+        "sgd-fused-on-sharded-parameters",
+        "SGD takes its fused kernel on FSDP2's DTensors too (torch has no sharding rule for it: the first step fails)",
+        (("fabric_tram/optim/base.py", "**implementation(params, sharded=False),", "**implementation(params),"),),
+        ("tests/test_base_optimizers.py::test_on_fsdp2s_sharded_parameters_sgd_steps_unfused_and_adam_fused",),
+    ),
+    Mutation(
         "cpu-base-optimizer-not-fused",
         "the base optimizer on a CPU is torch's per-tensor default (4-7x slower step) instead of its fused kernels",
-        (("fabric_tram/optim/base.py", 'FUSED_DEVICE_TYPES = ("cuda", "cpu")', 'FUSED_DEVICE_TYPES = ("cuda",)'),),
+        (("fabric_tram/optim/base.py", 'frozenset({"cuda", "cpu"})', 'frozenset({"cuda"})'),),
         ("tests/test_base_optimizers.py",),
     ),
     Mutation(
